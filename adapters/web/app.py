@@ -1,0 +1,470 @@
+"""The aiohttp application: the chat REST API, the admin API and the error contract."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from adapters.web import schemas
+from chatgateway.config import ServerConfig, format_loc
+from chatgateway.errors import (
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
+from chatgateway.models import (
+    Conversation,
+    ConversationKind,
+    NormalizedMessage,
+    Platform,
+    Session,
+    SessionId,
+    User,
+)
+from chatgateway.pipeline import Pipeline
+from chatgateway.store.base import SessionStore
+from chatgateway.tenants import TenantRegistry, TenantRuntime
+
+log = structlog.get_logger("chatgateway.web")
+
+B = TypeVar("B", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: The tenant that may run without a key on a loopback address when configured so.
+ANONYMOUS_TENANT = "default"
+
+
+@dataclass
+class WebContext:
+    """What the web adapter needs from the daemon."""
+
+    pipeline: Pipeline
+    tenants: TenantRegistry
+    store: SessionStore
+    server: ServerConfig
+    admin_token: SecretStr | None
+    loopback: bool
+    #: Extra routes (health, metrics, status, chat page) added by other parts of the daemon.
+    extra_routes: list[web.RouteDef] = field(default_factory=list)
+
+
+CONTEXT = web.AppKey("context", WebContext)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a tenant (from its API key), optionally narrowed to one user."""
+
+    tenant: TenantRuntime
+    user_id: str | None = None
+
+
+class ApiError(web.HTTPException):
+    """An error answered as {"error": {"code", "message"}} with the given status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status_code = status
+        super().__init__(
+            text=json.dumps({"error": {"code": code, "message": message}}),
+            content_type="application/json",
+        )
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every failure as JSON; never let a traceback reach the client."""
+    try:
+        return await handler(request)
+    except ApiError:
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "error")
+        message = exc.reason
+        if exc.status == 413:
+            limit = request.app[CONTEXT].server.max_body_bytes
+            message = f"request body is larger than {limit} bytes"
+        raise ApiError(exc.status, code, message) from None
+    except NotFoundError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    except OverloadedError as exc:
+        raise ApiError(429, "too_many_requests", str(exc)) from None
+    except UnavailableError as exc:
+        raise ApiError(503, "unavailable", str(exc)) from None
+    except Exception:
+        log.exception("web_handler_failed", path=request.path, method=request.method)
+        raise ApiError(500, "internal_error", "internal error; see the gateway's log") from None
+
+
+# Request helpers -------------------------------------------------------------------------
+
+
+async def read_json(request: web.Request, model: type[B]) -> B:
+    """Read and validate a JSON body, answering 415/413/400 with the reason."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+    return validate(model, data)
+
+
+def validate(model: type[B], data: Any) -> B:
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_body", "body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_body", validation_message(exc)) from None
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = format_loc(tuple(err["loc"])) or "body"
+        what = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {what}")
+    return "; ".join(parts)
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "Authorization must be 'Bearer <api key>'")
+    return token.strip()
+
+
+#: Resolves a bearer token that is not an API key (e.g. a visitor token) to a principal.
+TokenResolver = Callable[[web.Request, str], Awaitable[Principal | None]]
+TOKEN_RESOLVERS = web.AppKey("token_resolvers", list[TokenResolver])
+
+
+async def authenticate(request: web.Request) -> Principal:
+    """The caller's tenant comes from its credential, never from the request body."""
+    ctx = request.app[CONTEXT]
+    token = bearer(request)
+    if token is None:
+        tenant = ctx.tenants.get(ANONYMOUS_TENANT)
+        if tenant is not None and tenant.config.web.anonymous and ctx.loopback:
+            return Principal(tenant)
+        raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer <key>)")
+    tenant = await ctx.tenants.authenticate(token)
+    if tenant is not None:
+        return Principal(tenant)
+    for resolver in request.app.get(TOKEN_RESOLVERS, []):
+        principal = await resolver(request, token)
+        if principal is not None:
+            return principal
+    raise ApiError(401, "unauthorized", "invalid API key")
+
+
+def check_tenant_claim(principal: Principal, claimed: str | None) -> None:
+    if claimed is not None and claimed != principal.tenant.id:
+        raise ApiError(403, "forbidden", "tenantId does not match the API key's tenant")
+
+
+def require_web(principal: Principal) -> None:
+    if not principal.tenant.config.web.enabled:
+        raise ApiError(403, "forbidden", "web chat is disabled for this tenant")
+
+
+def session_summary(session: Session) -> dict[str, Any]:
+    return {
+        "sessionId": session.id,
+        "tenantId": session.tenant_id,
+        "userId": session.user_id,
+        "userName": session.user_name,
+        "platform": session.platform.value,
+        "conversationId": session.key.conversation_id,
+        "threadId": session.key.thread_id or None,
+        "createdAt": session.created_at,
+        "lastActive": session.last_active,
+        "messageCount": session.message_count,
+    }
+
+
+def web_message(principal: Principal, body: schemas.ChatRequest) -> NormalizedMessage:
+    """Translate a web chat request into the normalized message."""
+    return NormalizedMessage(
+        tenant_id=principal.tenant.id,
+        platform=Platform.WEB,
+        conversation=Conversation(id=body.userId, kind=ConversationKind.WEB),
+        user=User(id=body.userId, display_name=body.userName),
+        text=body.message,
+        message_id=uuid.uuid4().hex,
+        timestamp=time.time(),
+        metadata=body.metadata,
+    )
+
+
+async def visible_session(request: web.Request, principal: Principal) -> Session:
+    """The session named in the path, if this caller may see it (else 404, never 403)."""
+    ctx = request.app[CONTEXT]
+    session_id = SessionId(request.match_info["session_id"])
+    session = await ctx.store.get_session(principal.tenant.id, session_id)
+    user_id = principal.user_id or request.query.get("userId")
+    if session is None or (user_id is not None and session.user_id != user_id):
+        raise ApiError(404, "not_found", f"no session {session_id!r}")
+    return session
+
+
+# Chat API --------------------------------------------------------------------------------
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/api/chat")
+async def chat(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    require_web(principal)
+    body = await read_json(request, schemas.ChatRequest)
+    check_tenant_claim(principal, body.tenantId)
+    if principal.user_id is not None and body.userId != principal.user_id:
+        raise ApiError(403, "forbidden", "userId does not match the visitor token")
+    reply = await request.app[CONTEXT].pipeline.handle(
+        web_message(principal, body),
+        session_id=SessionId(body.sessionId) if body.sessionId else None,
+        new_session=body.newSession,
+        dedup=False,
+    )
+    assert reply.session is not None
+    return web.json_response({"sessionId": reply.session.id, "response": reply.text})
+
+
+def _page(request: web.Request) -> tuple[int, int]:
+    try:
+        limit = int(request.query.get("limit", "100"))
+        offset = int(request.query.get("offset", "0"))
+    except ValueError:
+        raise ApiError(400, "invalid_query", "limit and offset must be integers") from None
+    if not 1 <= limit <= 1000 or offset < 0:
+        raise ApiError(400, "invalid_query", "limit must be 1-1000 and offset >= 0")
+    return limit, offset
+
+
+@routes.get("/api/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    check_tenant_claim(principal, request.query.get("tenantId"))
+    limit, offset = _page(request)
+    platform = request.query.get("platform")
+    if platform is not None and platform not in {p.value for p in Platform}:
+        raise ApiError(400, "invalid_query", "platform must be web, slack or discord")
+    sessions = await request.app[CONTEXT].store.list_sessions(
+        principal.tenant.id,
+        user_id=principal.user_id or request.query.get("userId"),
+        platform=Platform(platform) if platform else None,
+        limit=limit,
+        offset=offset,
+    )
+    return web.json_response([session_summary(s) for s in sessions])
+
+
+@routes.get("/api/sessions/{session_id}")
+async def get_session(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    check_tenant_claim(principal, request.query.get("tenantId"))
+    session = await visible_session(request, principal)
+    turns = await request.app[CONTEXT].store.history(
+        principal.tenant.id, session.id, principal.tenant.config.sessions.max_turns
+    )
+    detail = session_summary(session)
+    detail["transcript"] = [
+        {"role": t.role.value, "text": t.text, "timestamp": t.timestamp} for t in turns
+    ]
+    return web.json_response(detail)
+
+
+@routes.delete("/api/sessions/{session_id}")
+async def delete_session(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    check_tenant_claim(principal, request.query.get("tenantId"))
+    session = await visible_session(request, principal)
+    await request.app[CONTEXT].store.delete_session(principal.tenant.id, session.id)
+    return web.Response(status=204)
+
+
+@routes.get("/api/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    from adapters.web.openapi import openapi_document
+
+    return web.json_response(openapi_document())
+
+
+# Admin API -------------------------------------------------------------------------------
+
+
+def require_admin(request: web.Request) -> None:
+    token = request.app[CONTEXT].admin_token
+    if token is None:
+        raise ApiError(403, "forbidden", "the admin API is disabled (set admin.token)")
+    presented = bearer(request)
+    if presented is None:
+        raise ApiError(401, "unauthorized", "missing admin token")
+    if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "invalid admin token")
+
+
+def tenant_info(runtime: TenantRuntime) -> dict[str, Any]:
+    config = runtime.config
+    return {
+        "id": config.id,
+        "name": config.name,
+        "source": runtime.source,
+        "agent": config.agent.url or f"builtin:{config.agent.builtin}",
+        "web": config.web.enabled,
+        "slackApps": [a.name for a in config.slack.apps],
+        "discordBots": [b.name for b in config.discord.bots],
+    }
+
+
+async def _admin_body(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    try:
+        data = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_body", "body must be a JSON object")
+    return data
+
+
+def _config_error(exc: ConfigError) -> ApiError:
+    return ApiError(
+        400, "invalid_tenant", "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+    )
+
+
+@routes.get("/admin/tenants")
+async def admin_list_tenants(request: web.Request) -> web.Response:
+    require_admin(request)
+    tenants = sorted(request.app[CONTEXT].tenants.all(), key=lambda t: t.id)
+    return web.json_response([tenant_info(t) for t in tenants])
+
+
+@routes.post("/admin/tenants")
+async def admin_create_tenant(request: web.Request) -> web.Response:
+    require_admin(request)
+    spec = await _admin_body(request)
+    try:
+        runtime = await request.app[CONTEXT].tenants.create(spec)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    except ConflictError as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    return web.json_response(tenant_info(runtime), status=201)
+
+
+def _admin_tenant(request: web.Request) -> TenantRuntime:
+    tenant_id = request.match_info["tenant_id"]
+    runtime = request.app[CONTEXT].tenants.get(tenant_id)
+    if runtime is None:
+        raise ApiError(404, "not_found", f"no tenant {tenant_id!r}")
+    return runtime
+
+
+@routes.get("/admin/tenants/{tenant_id}")
+async def admin_get_tenant(request: web.Request) -> web.Response:
+    require_admin(request)
+    return web.json_response(tenant_info(_admin_tenant(request)))
+
+
+@routes.put("/admin/tenants/{tenant_id}")
+async def admin_update_tenant(request: web.Request) -> web.Response:
+    require_admin(request)
+    spec = await _admin_body(request)
+    tenant_id = request.match_info["tenant_id"]
+    if "id" in spec and spec["id"] != tenant_id:
+        raise ApiError(400, "invalid_tenant", "id in the body differs from the path")
+    try:
+        runtime = await request.app[CONTEXT].tenants.update(tenant_id, spec)
+    except ConfigError as exc:
+        raise _config_error(exc) from None
+    except ConflictError as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    return web.json_response(tenant_info(runtime))
+
+
+@routes.delete("/admin/tenants/{tenant_id}")
+async def admin_delete_tenant(request: web.Request) -> web.Response:
+    require_admin(request)
+    try:
+        await request.app[CONTEXT].tenants.delete(request.match_info["tenant_id"])
+    except ConflictError as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    return web.Response(status=204)
+
+
+@routes.get("/admin/tenants/{tenant_id}/keys")
+async def admin_list_keys(request: web.Request) -> web.Response:
+    require_admin(request)
+    runtime = _admin_tenant(request)
+    keys = await request.app[CONTEXT].store.list_api_keys(runtime.id)
+    return web.json_response(
+        [{"keyId": k.key_id, "label": k.label, "createdAt": k.created_at} for k in keys]
+    )
+
+
+@routes.post("/admin/tenants/{tenant_id}/keys")
+async def admin_create_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    runtime = _admin_tenant(request)
+    body = (
+        validate(schemas.KeyCreateRequest, await _admin_body(request))
+        if request.can_read_body
+        else schemas.KeyCreateRequest()
+    )
+    record, key = await request.app[CONTEXT].tenants.create_key(runtime.id, body.label)
+    return web.json_response(
+        {"keyId": record.key_id, "key": key, "label": record.label}, status=201
+    )
+
+
+@routes.delete("/admin/tenants/{tenant_id}/keys/{key_id}")
+async def admin_delete_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    runtime = _admin_tenant(request)
+    await request.app[CONTEXT].tenants.delete_key(runtime.id, request.match_info["key_id"])
+    return web.Response(status=204)
+
+
+def create_app(context: WebContext) -> web.Application:
+    """Build the aiohttp application serving every tenant's web API."""
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=context.server.max_body_bytes
+    )
+    app[CONTEXT] = context
+    app[TOKEN_RESOLVERS] = []
+    app.add_routes(routes)
+    app.add_routes(context.extra_routes)
+    return app

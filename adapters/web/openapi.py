@@ -1,0 +1,261 @@
+"""The OpenAPI document, generated from the same pydantic models that validate requests."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pydantic import BaseModel
+
+from adapters.web import schemas
+from chatgateway import __version__
+
+_REF = "#/components/schemas/{model}"
+_MODELS: list[type[BaseModel]] = [
+    schemas.ChatRequest,
+    schemas.ChatResponse,
+    schemas.SessionSummary,
+    schemas.SessionDetail,
+    schemas.TranscriptTurn,
+    schemas.ErrorResponse,
+    schemas.ErrorDetail,
+    schemas.KeyCreateRequest,
+    schemas.KeyCreated,
+    schemas.KeyInfo,
+    schemas.TenantInfo,
+]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed JSON, wrong types or unknown fields",
+        401: "Missing or invalid credential",
+        403: "The credential may not do this (e.g. tenantId names another tenant)",
+        404: "No such resource for this caller",
+        409: "Conflicts with the current state",
+        413: "Body larger than server.max_body_bytes",
+        415: "Content-Type is not application/json",
+        429: "The tenant has too many messages in flight",
+    }
+    return {str(s): _json(_ref("ErrorResponse"), text[s]) for s in statuses}
+
+
+_TENANT_QUERY = {
+    "name": "tenantId",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "Optional; a value other than the key's tenant is refused with 403",
+}
+_SESSION_PATH = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_TENANT_PATH = {"name": "tenant_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_USER_QUERY = {
+    "name": "userId",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "Only this user's sessions",
+}
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """Build the OpenAPI 3.1 document of the chat and admin APIs."""
+    components: dict[str, Any] = {}
+    for model in _MODELS:
+        schema = model.model_json_schema(ref_template=_REF)
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    tenant_spec = {
+        "type": "object",
+        "description": "A tenant definition, as in the config "
+        "file's tenants[] (see docs/configuration.md)",
+    }
+    auth = [{"apiKey": []}]
+    admin = [{"adminToken": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "chatgateway", "version": __version__},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A tenant's API key (or a visitor token)",
+                },
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The gateway's admin.token",
+                },
+            },
+        },
+        "paths": {
+            "/api/chat": {
+                "post": {
+                    "summary": "Send a message to the tenant's agent and get its answer",
+                    "security": auth,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("ChatRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("ChatResponse"), "The agent's answer"),
+                        **_errors(400, 401, 403, 404, 413, 415, 429),
+                    },
+                }
+            },
+            "/api/sessions": {
+                "get": {
+                    "summary": "List the caller's tenant's sessions, most recent first",
+                    "security": auth,
+                    "parameters": [
+                        _TENANT_QUERY,
+                        _USER_QUERY,
+                        {
+                            "name": "platform",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "enum": ["web", "slack", "discord"]},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {
+                            "name": "offset",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {"type": "array", "items": _ref("SessionSummary")}, "Sessions"
+                        ),
+                        **_errors(400, 401, 403),
+                    },
+                }
+            },
+            "/api/sessions/{session_id}": {
+                "get": {
+                    "summary": "One session with its transcript",
+                    "security": auth,
+                    "parameters": [_SESSION_PATH, _TENANT_QUERY, _USER_QUERY],
+                    "responses": {
+                        "200": _json(_ref("SessionDetail"), "The session"),
+                        **_errors(401, 403, 404),
+                    },
+                },
+                "delete": {
+                    "summary": "Delete a session and its transcript",
+                    "security": auth,
+                    "parameters": [_SESSION_PATH, _TENANT_QUERY, _USER_QUERY],
+                    "responses": {"204": {"description": "Deleted"}, **_errors(401, 403, 404)},
+                },
+            },
+            "/admin/tenants": {
+                "get": {
+                    "summary": "List tenants",
+                    "security": admin,
+                    "responses": {
+                        "200": _json({"type": "array", "items": _ref("TenantInfo")}, "Tenants"),
+                        **_errors(401, 403),
+                    },
+                },
+                "post": {
+                    "summary": "Register a tenant at runtime (persisted)",
+                    "security": admin,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": tenant_spec}},
+                    },
+                    "responses": {
+                        "201": _json(_ref("TenantInfo"), "Created"),
+                        **_errors(400, 401, 403, 409, 415),
+                    },
+                },
+            },
+            "/admin/tenants/{tenant_id}": {
+                "get": {
+                    "summary": "One tenant",
+                    "security": admin,
+                    "parameters": [_TENANT_PATH],
+                    "responses": {
+                        "200": _json(_ref("TenantInfo"), "The tenant"),
+                        **_errors(401, 403, 404),
+                    },
+                },
+                "put": {
+                    "summary": "Replace a runtime tenant's definition",
+                    "security": admin,
+                    "parameters": [_TENANT_PATH],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": tenant_spec}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("TenantInfo"), "Updated"),
+                        **_errors(400, 401, 403, 404, 409, 415),
+                    },
+                },
+                "delete": {
+                    "summary": "Delete a runtime tenant with its keys and sessions",
+                    "security": admin,
+                    "parameters": [_TENANT_PATH],
+                    "responses": {"204": {"description": "Deleted"}, **_errors(401, 403, 404, 409)},
+                },
+            },
+            "/admin/tenants/{tenant_id}/keys": {
+                "get": {
+                    "summary": "List a tenant's API keys (ids and labels only)",
+                    "security": admin,
+                    "parameters": [_TENANT_PATH],
+                    "responses": {
+                        "200": _json({"type": "array", "items": _ref("KeyInfo")}, "Keys"),
+                        **_errors(401, 403, 404),
+                    },
+                },
+                "post": {
+                    "summary": "Create an API key; the key is in this answer only",
+                    "security": admin,
+                    "parameters": [_TENANT_PATH],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": _ref("KeyCreateRequest")}},
+                    },
+                    "responses": {
+                        "201": _json(_ref("KeyCreated"), "Created"),
+                        **_errors(400, 401, 403, 404, 415),
+                    },
+                },
+            },
+            "/admin/tenants/{tenant_id}/keys/{key_id}": {
+                "delete": {
+                    "summary": "Revoke an API key",
+                    "security": admin,
+                    "parameters": [
+                        _TENANT_PATH,
+                        {
+                            "name": "key_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {"204": {"description": "Revoked"}, **_errors(401, 403, 404)},
+                }
+            },
+        },
+    }

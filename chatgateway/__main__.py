@@ -1,0 +1,3 @@
+from chatgateway.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,327 @@
+"""Load and validate the gateway's YAML configuration, reporting every problem with its key path."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from chatgateway.errors import ConfigError, ConfigProblem
+
+#: Exit code of `run` and `check-config` for an invalid configuration (sysexits EX_CONFIG).
+EXIT_CONFIG = 78
+
+TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_SECRET_SOURCES = ("env", "file", "credential", "value")
+
+
+def _resolve_secret(value: Any, info: ValidationInfo) -> Any:
+    """Turn a secret reference ({env|file|credential|value: ...}) into its value."""
+    if isinstance(value, SecretStr):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            "must be a secret reference such as {env: NAME}, {file: PATH}, "
+            "{credential: NAME} or {value: TEXT}"
+        )
+    keys = [k for k in value if k in _SECRET_SOURCES]
+    unknown = [k for k in value if k not in _SECRET_SOURCES]
+    if unknown or len(keys) != 1:
+        raise ValueError(
+            "a secret reference has exactly one of the keys env, file, credential, value"
+        )
+    source = keys[0]
+    ref = value[source]
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"{source} must be a non-empty string")
+    context = info.context or {}
+    environ: Mapping[str, str] = context.get("environ", {})
+    if source == "value":
+        return SecretStr(ref)
+    if source == "env":
+        if ref not in environ:
+            raise ValueError(f"environment variable {ref} is not set")
+        return SecretStr(environ[ref])
+    if source == "credential":
+        directory = environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ValueError(
+                f"credential {ref}: CREDENTIALS_DIRECTORY is not set "
+                "(systemd sets it when the unit has LoadCredential=)"
+            )
+        path = Path(directory) / ref
+    else:
+        path = Path(ref)
+        if not path.is_absolute():
+            base = context.get("base_dir")
+            if base is not None:
+                path = Path(base) / path
+    try:
+        return SecretStr(path.read_text(encoding="utf-8").strip())
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+#: A secret given by reference; the resolved value's repr is masked.
+Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
+
+
+def _check_http_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _check_ws_url(value: str) -> str:
+    if not re.match(r"^wss?://[^/\s]+", value):
+        raise ValueError("must be a ws:// or wss:// URL")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+WsUrl = Annotated[str, AfterValidator(_check_ws_url)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryConfig(Model):
+    """Retries of connection errors and 5xx answers, always inside the call's deadline."""
+
+    attempts: int = Field(3, ge=1, le=10)
+    backoff_initial: float = Field(0.2, gt=0, le=30)
+    backoff_max: float = Field(2.0, gt=0, le=60)
+
+
+class AgentConfig(Model):
+    url: HttpUrl | None = None
+    builtin: Literal["echo"] | None = None
+    timeout: float = Field(30.0, gt=0, le=600, description="Deadline of one agent call, seconds")
+    secret: Secret | None = Field(None, description="HMAC-SHA256 key for the signature header")
+    bearer_token: Secret | None = Field(None, description="Sent as Authorization: Bearer ...")
+    headers: dict[str, str] = Field(default_factory=dict)
+    retry: RetryConfig = RetryConfig()
+    history_turns: int = Field(20, ge=0, le=500)
+    fallback_text: str = "Sorry, I can't answer right now. Please try again in a moment."
+    max_concurrency: int = Field(32, ge=1, le=10_000)
+    max_queue: int = Field(256, ge=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AgentConfig:
+        if (self.url is None) == (self.builtin is None):
+            raise ValueError("give exactly one of url (an HTTP agent) or builtin (e.g. echo)")
+        return self
+
+
+class SessionConfig(Model):
+    idle_timeout: float = Field(1800.0, gt=0, description="Seconds of silence that end a session")
+    retention_days: float = Field(30.0, gt=0, description="Delete sessions idle this long")
+    max_turns: int = Field(1000, ge=2, description="Turns kept per session transcript")
+
+
+class WebConfig(Model):
+    enabled: bool = True
+    api_keys: list[Secret] = Field(default_factory=list)
+    anonymous: bool = Field(
+        False, description="Allow calls without a key (only on a loopback listen address)"
+    )
+    public: bool = Field(False, description="Hand out visitor tokens to anyone (public web chat)")
+    allowed_origins: list[str] = Field(default_factory=list)
+    title: str | None = None
+
+
+class SlackAppConfig(Model):
+    name: str = "default"
+    bot_token: Secret
+    app_token: Secret
+    api_base_url: HttpUrl = "https://slack.com/api/"
+    slash_command: str | None = Field(None, pattern=r"^/[a-z0-9_-]{1,31}$")
+    working_indicator: Literal["reaction", "none"] = "reaction"
+    working_reaction: str = "hourglass_flowing_sand"
+
+
+class SlackConfig(Model):
+    apps: list[SlackAppConfig] = Field(default_factory=list)
+
+
+class DiscordBotConfig(Model):
+    name: str = "default"
+    token: Secret
+    api_base_url: HttpUrl = "https://discord.com/api/v10"
+    gateway_url: WsUrl = "wss://gateway.discord.gg"
+    message_content_intent: bool = True
+    channels: list[str] = Field(
+        default_factory=list, description="Channel ids where every message goes to the agent"
+    )
+    typing_indicator: bool = True
+
+
+class DiscordConfig(Model):
+    bots: list[DiscordBotConfig] = Field(default_factory=list)
+
+
+class TenantConfig(Model):
+    id: Annotated[str, Field(pattern=TENANT_ID_PATTERN)]
+    name: str = ""
+    agent: AgentConfig
+    sessions: SessionConfig = SessionConfig()
+    web: WebConfig = WebConfig()
+    slack: SlackConfig = SlackConfig()
+    discord: DiscordConfig = DiscordConfig()
+
+
+class ListenConfig(Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class StorageConfig(Model):
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: str = "var/chatgateway.db"
+    dsn: Secret | None = None
+
+    @model_validator(mode="after")
+    def _dsn_for_postgres(self) -> StorageConfig:
+        if self.backend == "postgres" and self.dsn is None:
+            raise ValueError("backend postgres needs dsn")
+        return self
+
+
+class LoggingConfig(Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class AdminConfig(Model):
+    token: Secret | None = Field(None, description="Bearer token of the /admin API")
+
+
+class ServerConfig(Model):
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    drain_seconds: float = Field(20.0, ge=0, le=600)
+    visitor_token_ttl: float = Field(7 * 86400.0, gt=0)
+    visitor_secret: Secret | None = None
+    public_url: HttpUrl | None = None
+
+
+class GatewayConfig(Model):
+    listen: ListenConfig = ListenConfig()
+    storage: StorageConfig = StorageConfig()
+    logging: LoggingConfig = LoggingConfig()
+    admin: AdminConfig = AdminConfig()
+    server: ServerConfig = ServerConfig()
+    tenants: list[TenantConfig] = Field(default_factory=list)
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """Render a pydantic error location as a key path like tenants[2].agent.url."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def problems_from_validation(
+    exc: ValidationError, file: str, prefix: str = ""
+) -> list[ConfigProblem]:
+    """Convert a pydantic ValidationError into path-precise problems."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        path = format_loc(tuple(err["loc"]))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        full = f"{prefix}.{path}" if prefix and path else (prefix or path)
+        problems.append(ConfigProblem(file=file, path=full, message=message))
+    return problems
+
+
+def validation_context(environ: Mapping[str, str], base_dir: Path | None) -> dict[str, Any]:
+    return {"environ": environ, "base_dir": base_dir}
+
+
+def parse_config(
+    data: Any, *, file: str, environ: Mapping[str, str], base_dir: Path | None = None
+) -> GatewayConfig:
+    """Validate already-parsed YAML data; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(file, "", "the top level must be a mapping")])
+    problems = _duplicate_tenant_ids(data.get("tenants"), file)
+    try:
+        config = GatewayConfig.model_validate(data, context=validation_context(environ, base_dir))
+    except ValidationError as exc:
+        raise ConfigError(problems_from_validation(exc, file) + problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _duplicate_tenant_ids(tenants: Any, file: str) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    if not isinstance(tenants, list):
+        return problems
+    seen: dict[str, int] = {}
+    for index, tenant in enumerate(tenants):
+        tenant_id = tenant.get("id") if isinstance(tenant, dict) else None
+        if not isinstance(tenant_id, str):
+            continue
+        if tenant_id in seen:
+            message = f"duplicate tenant id {tenant_id!r} (also tenants[{seen[tenant_id]}])"
+            problems.append(ConfigProblem(file, f"tenants[{index}].id", message))
+        else:
+            seen[tenant_id] = index
+    return problems
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str]) -> GatewayConfig:
+    """Read, parse and validate a configuration file."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigProblem(file, "", f"cannot read: {exc.strerror or exc}")]
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigProblem(file, where, f"invalid YAML: {problem}")]) from None
+    return parse_config(data, file=file, environ=environ, base_dir=Path(path).resolve().parent)
+
+
+def parse_tenant(data: Any, *, environ: Mapping[str, str], source: str = "request") -> TenantConfig:
+    """Validate one tenant definition (from the admin API or the store)."""
+    try:
+        return TenantConfig.model_validate(data, context=validation_context(environ, None))
+    except ValidationError as exc:
+        raise ConfigError(problems_from_validation(exc, source)) from None
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")

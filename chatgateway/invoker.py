@@ -1,0 +1,245 @@
+"""Call a tenant's agent: the agent protocol, request signing, retries inside a deadline.
+
+The wire format is documented in docs/agent-protocol.md; `agent_payload` is its only writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from chatgateway.config import AgentConfig
+from chatgateway.errors import AgentError
+from chatgateway.models import NormalizedMessage, SessionId, Turn
+
+PROTOCOL_VERSION = 1
+SIGNATURE_HEADER = "X-Chatgateway-Signature"
+TIMESTAMP_HEADER = "X-Chatgateway-Timestamp"
+NDJSON = "application/x-ndjson"
+
+#: Receives each text delta of a streaming answer as it arrives.
+DeltaSink = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRequest:
+    message: NormalizedMessage
+    session_id: SessionId
+    history: list[Turn]
+
+
+class AgentInvoker(Protocol):
+    """One tenant's agent. `invoke` returns the answer text ("" means send nothing)."""
+
+    async def invoke(self, request: AgentRequest, on_delta: DeltaSink | None = None) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+def agent_payload(request: AgentRequest) -> dict[str, Any]:
+    """Build the JSON body the agent receives (docs/agent-protocol.md)."""
+    msg = request.message
+    return {
+        "version": PROTOCOL_VERSION,
+        "tenant": msg.tenant_id,
+        "sessionId": request.session_id,
+        "platform": msg.platform.value,
+        "user": {"id": msg.user.id, "name": msg.user.display_name},
+        "conversation": {
+            "id": msg.conversation.id,
+            "type": msg.conversation.kind.value,
+            "threadId": msg.conversation.thread_id,
+        },
+        "message": {
+            "id": msg.message_id,
+            "text": msg.text,
+            "timestamp": msg.timestamp,
+            "attachments": [
+                {"name": a.name, "contentType": a.content_type, "size": a.size, "url": a.url}
+                for a in msg.attachments
+            ],
+        },
+        "history": [
+            {"role": t.role.value, "text": t.text, "timestamp": t.timestamp}
+            for t in request.history
+        ],
+        "metadata": msg.metadata,
+    }
+
+
+def idempotency_key(message: NormalizedMessage) -> str:
+    """Stable per platform message, so an agent can drop a repeated call."""
+    raw = f"{message.tenant_id}\x00{message.platform.value}\x00{message.message_id}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:40]
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The signature header value: v1=hex(HMAC-SHA256(secret, "v1:" + timestamp + ":" + body))."""
+    mac = hmac.new(secret, b"v1:" + timestamp.encode() + b":" + body, hashlib.sha256)
+    return "v1=" + mac.hexdigest()
+
+
+def verify_signature(
+    secret: bytes, timestamp: str, body: bytes, signature: str, *, tolerance: float = 300.0
+) -> bool:
+    """Check a request's signature as an agent would (also used by the test agents)."""
+    try:
+        age = abs(time.time() - float(timestamp))
+    except ValueError:
+        return False
+    return age <= tolerance and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+class _Retryable(Exception):
+    def __init__(self, cause: str, detail: str) -> None:
+        self.cause = cause
+        self.detail = detail
+        super().__init__(detail)
+
+
+class EchoAgent:
+    """The built-in `echo` agent: answers with the message text, no HTTP involved."""
+
+    async def invoke(self, request: AgentRequest, on_delta: DeltaSink | None = None) -> str:
+        text = f"echo: {request.message.text}"
+        if on_delta is not None:
+            await on_delta(text)
+        return text
+
+    async def close(self) -> None:
+        return None
+
+
+class HttpAgentInvoker:
+    """One tenant's HTTP agent with its own connection pool, deadline and concurrency cap."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        assert config.url is not None
+        self.config = config
+        self._url = config.url
+        self._secret = config.secret.get_secret_value().encode() if config.secret else None
+        self._headers = {"Content-Type": "application/json", **config.headers}
+        if config.bearer_token is not None:
+            self._headers["Authorization"] = f"Bearer {config.bearer_token.get_secret_value()}"
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.config.max_concurrency)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def invoke(self, request: AgentRequest, on_delta: DeltaSink | None = None) -> str:
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await self._slots.acquire()
+                try:
+                    return await self._call_with_retries(request, on_delta)
+                finally:
+                    self._slots.release()
+        except TimeoutError:
+            raise AgentError("timeout", f"no answer within {self.config.timeout:g}s") from None
+
+    async def _call_with_retries(self, request: AgentRequest, on_delta: DeltaSink | None) -> str:
+        body = json.dumps(agent_payload(request), separators=(",", ":")).encode()
+        headers = dict(self._headers)
+        headers["Idempotency-Key"] = idempotency_key(request.message)
+        headers["Accept"] = f"application/json, {NDJSON}" if on_delta else "application/json"
+        retry = self.config.retry
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(retry.attempts),
+            wait=wait_random_exponential(multiplier=retry.backoff_initial, max=retry.backoff_max),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._call_once(body, headers, on_delta)
+        except _Retryable as exc:
+            raise AgentError(exc.cause, exc.detail) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _call_once(
+        self, body: bytes, headers: dict[str, str], on_delta: DeltaSink | None
+    ) -> str:
+        if self._secret is not None:
+            timestamp = str(int(time.time()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(self._secret, timestamp, body)
+        try:
+            async with self._client().post(self._url, data=body, headers=headers) as resp:
+                if resp.status >= 500:
+                    raise _Retryable("http_5xx", f"agent answered HTTP {resp.status}")
+                if resp.status >= 400:
+                    raise AgentError("http_4xx", f"agent answered HTTP {resp.status}")
+                if resp.content_type == NDJSON:
+                    return await _read_stream(resp, on_delta)
+                try:
+                    data = await resp.json(content_type=None)
+                except (ValueError, aiohttp.ContentTypeError):
+                    raise AgentError("bad_response", "agent answer is not JSON") from None
+        except aiohttp.ClientConnectionError as exc:
+            raise _Retryable("connection_error", type(exc).__name__ + ": " + str(exc)) from None
+        except aiohttp.ClientPayloadError as exc:
+            raise _Retryable("connection_error", str(exc)) from None
+        text = data.get("response") if isinstance(data, dict) else None
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise AgentError("bad_response", "agent answer's 'response' is not a string")
+        if on_delta is not None and text:
+            await on_delta(text)
+        return text
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, on_delta: DeltaSink | None) -> str:
+    """Read an NDJSON answer: lines of {"delta": "..."}; an optional {"error": "..."} ends it."""
+    parts: list[str] = []
+    async for raw in resp.content:
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise AgentError("bad_response", "agent stream line is not JSON") from None
+        if not isinstance(item, dict):
+            raise AgentError("bad_response", "agent stream line is not an object")
+        if "error" in item:
+            raise AgentError("agent_error", str(item["error"])[:200])
+        delta = item.get("delta")
+        if isinstance(delta, str) and delta:
+            parts.append(delta)
+            if on_delta is not None:
+                await on_delta(delta)
+    return "".join(parts)
+
+
+def make_invoker(config: AgentConfig) -> AgentInvoker:
+    """Build the invoker a tenant's agent config asks for."""
+    if config.builtin == "echo":
+        return EchoAgent()
+    return HttpAgentInvoker(config)

@@ -1,0 +1,117 @@
+"""structlog configured once: JSON lines off a terminal, console on one, secrets scrubbed."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from pydantic import BaseModel, SecretStr
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+_MASK = "[redacted]"
+
+
+class SecretScrubber:
+    """A processor that replaces every known secret value in a log event with a mask."""
+
+    def __init__(self) -> None:
+        self._secrets: frozenset[str] = frozenset()
+
+    def update(self, secrets: Iterable[str]) -> None:
+        # Very short values would mask innocent text; real tokens are long.
+        self._secrets = frozenset(s for s in secrets if len(s) >= 6)
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, _MASK)
+        return text
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if not self._secrets:
+            return event
+        for key, value in event.items():
+            if isinstance(value, str):
+                event[key] = self.scrub(value)
+            elif not isinstance(value, int | float | bool | type(None)):
+                rendered = str(value)
+                scrubbed = self.scrub(rendered)
+                if scrubbed != rendered:
+                    event[key] = scrubbed
+        return event
+
+
+#: The one scrubber; `configure_logging` installs it and the daemon feeds it the config's secrets.
+scrubber = SecretScrubber()
+
+
+def secrets_in(model: Any) -> list[str]:
+    """Every SecretStr value inside a (nested) pydantic model."""
+    found: list[str] = []
+    if isinstance(model, SecretStr):
+        found.append(model.get_secret_value())
+    elif isinstance(model, BaseModel):
+        for name in type(model).model_fields:
+            found += secrets_in(getattr(model, name))
+    elif isinstance(model, list | tuple):
+        for item in model:
+            found += secrets_in(item)
+    elif isinstance(model, dict):
+        for item in model.values():
+            found += secrets_in(item)
+    return found
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog and route the standard library's logging through it."""
+    stream = stream or sys.stdout
+    json_lines = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrubber,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                scrubber,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[level])
+    # Libraries are chatty at INFO; their warnings still come through.
+    for noisy in ("aiohttp.access", "slack_bolt", "slack_sdk", "discord"):
+        logging.getLogger(noisy).setLevel(max(_LEVELS[level], logging.WARNING))

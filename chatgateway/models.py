@@ -1,0 +1,120 @@
+"""The normalized message and the other values that flow between adapters and the core."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+TenantId = NewType("TenantId", str)
+SessionId = NewType("SessionId", str)
+
+
+class Platform(enum.StrEnum):
+    WEB = "web"
+    SLACK = "slack"
+    DISCORD = "discord"
+
+
+class ConversationKind(enum.StrEnum):
+    DM = "dm"
+    CHANNEL = "channel"
+    WEB = "web"
+
+
+class Role(enum.StrEnum):
+    USER = "user"
+    AGENT = "agent"
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """Where a message was said: a DM, a channel (optionally a thread in it) or a web chat."""
+
+    id: str
+    kind: ConversationKind
+    thread_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    display_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """Metadata of a file attached to a message; the gateway never downloads content."""
+
+    name: str
+    content_type: str | None = None
+    size: int | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizedMessage:
+    """One incoming message, the same shape whatever platform it came from."""
+
+    tenant_id: TenantId
+    platform: Platform
+    conversation: Conversation
+    user: User
+    text: str
+    message_id: str
+    timestamp: float
+    attachments: tuple[Attachment, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """What makes two messages part of the same session: one user in one conversation/thread."""
+
+    tenant_id: TenantId
+    platform: Platform
+    conversation_id: str
+    thread_id: str
+    user_id: str
+
+    @classmethod
+    def of(cls, message: NormalizedMessage) -> SessionKey:
+        return cls(
+            tenant_id=message.tenant_id,
+            platform=message.platform,
+            conversation_id=message.conversation.id,
+            thread_id=message.conversation.thread_id or "",
+            user_id=message.user.id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    role: Role
+    text: str
+    timestamp: float
+
+
+@dataclass(slots=True)
+class Session:
+    """A conversation between one user and a tenant's agent; mutable only inside the store."""
+
+    id: SessionId
+    key: SessionKey
+    created_at: float
+    last_active: float
+    user_name: str | None = None
+    conversation_kind: ConversationKind = ConversationKind.WEB
+    message_count: int = 0
+
+    @property
+    def tenant_id(self) -> TenantId:
+        return self.key.tenant_id
+
+    @property
+    def user_id(self) -> str:
+        return self.key.user_id
+
+    @property
+    def platform(self) -> Platform:
+        return self.key.platform

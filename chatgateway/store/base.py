@@ -1,0 +1,107 @@
+"""The storage interface every backend implements; every method is scoped by tenant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chatgateway.models import (
+    ConversationKind,
+    Platform,
+    Session,
+    SessionId,
+    SessionKey,
+    TenantId,
+    Turn,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRecord:
+    """A tenant registered at runtime through the admin API: its raw (unresolved) definition."""
+
+    tenant_id: TenantId
+    spec: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    key_id: str
+    tenant_id: TenantId
+    key_hash: str
+    label: str
+    created_at: float
+
+
+class SessionStore(Protocol):
+    """Persistence for the gateway. No method can return another tenant's rows."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # Sessions and transcripts.
+    async def find_active_session(self, key: SessionKey, *, idle_since: float) -> Session | None:
+        """Return the key's most recent session if it was active after `idle_since`."""
+
+    async def get_session(self, tenant_id: TenantId, session_id: SessionId) -> Session | None: ...
+
+    async def create_session(
+        self, key: SessionKey, *, kind: ConversationKind, user_name: str | None, now: float
+    ) -> Session:
+        """Create and durably store a new session with an unguessable id."""
+
+    async def record_exchange(
+        self,
+        tenant_id: TenantId,
+        session_id: SessionId,
+        turns: list[Turn],
+        *,
+        max_turns: int,
+        processed_event: tuple[Platform, str] | None = None,
+    ) -> None:
+        """Append turns, bump the session, mark the event processed; durable on return."""
+
+    async def history(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
+        """The last `limit` turns, oldest first."""
+
+    async def list_sessions(
+        self,
+        tenant_id: TenantId,
+        *,
+        user_id: str | None = None,
+        platform: Platform | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Session]: ...
+
+    async def delete_session(self, tenant_id: TenantId, session_id: SessionId) -> bool: ...
+
+    async def count_sessions(self, tenant_id: TenantId, *, active_since: float = 0.0) -> int: ...
+
+    async def prune(self, tenant_id: TenantId, *, idle_before: float) -> int:
+        """Delete sessions (and transcripts) last active before `idle_before`."""
+
+    # Exactly-once processing of platform events.
+    async def is_processed(
+        self, tenant_id: TenantId, platform: Platform, event_id: str
+    ) -> bool: ...
+
+    # Runtime tenants (the admin API's view spans tenants by design).
+    async def list_tenants(self) -> list[TenantRecord]: ...
+
+    async def save_tenant(self, record: TenantRecord) -> None: ...
+
+    async def delete_tenant(self, tenant_id: TenantId) -> None:
+        """Delete a runtime tenant with its keys, sessions and transcripts."""
+
+    # API keys, stored as hashes only.
+    async def add_api_key(self, record: ApiKeyRecord) -> None: ...
+
+    async def find_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    async def list_api_keys(self, tenant_id: TenantId) -> list[ApiKeyRecord]: ...
+
+    async def delete_api_key(self, tenant_id: TenantId, key_id: str) -> bool: ...

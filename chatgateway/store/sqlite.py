@@ -1,0 +1,594 @@
+"""SQLite backend: WAL mode, one writer thread doing group commit, reads on the event loop.
+
+Why this shape (see PERFORMANCE.md in docs/performance.md): a commit per request costs about
+1 ms of CPU, and aiosqlite's thread hop costs more than an indexed read. So every write goes
+to one dedicated `sqlite3` thread that commits whatever has queued up in one transaction
+(group commit) and wakes the waiting coroutines only after the commit; reads are plain
+indexed queries on a second connection used only by the event loop, and hot sessions with
+their recent turns are kept in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from chatgateway.models import (
+    ConversationKind,
+    Platform,
+    Role,
+    Session,
+    SessionId,
+    SessionKey,
+    TenantId,
+    Turn,
+)
+from chatgateway.store.base import ApiKeyRecord, TenantRecord
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    thread_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    user_name TEXT,
+    kind TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_active REAL NOT NULL,
+    message_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_by_key
+    ON sessions (tenant_id, platform, conversation_id, thread_id, user_id, last_active);
+CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions (tenant_id, last_active);
+CREATE TABLE IF NOT EXISTS turns (
+    id INTEGER PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    text TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_session ON turns (session_id, id);
+CREATE TABLE IF NOT EXISTS processed_events (
+    tenant_id TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    processed_at REAL NOT NULL,
+    PRIMARY KEY (tenant_id, platform, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant_id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    key_hash TEXT NOT NULL,
+    label TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant_id);
+"""
+
+_SESSION_COLUMNS = (
+    "id, tenant_id, platform, conversation_id, thread_id, user_id, user_name, kind, "
+    "created_at, last_active, message_count"
+)
+
+#: How many recent turns of a hot session are kept in memory.
+HISTORY_CACHE = 64
+#: How long a processed event id is remembered (Slack retries for about 5 minutes).
+DEDUP_RETENTION = 24 * 3600.0
+
+
+def new_session_id() -> SessionId:
+    """An opaque, unguessable session id (144 random bits)."""
+    return SessionId("s_" + secrets.token_urlsafe(18))
+
+
+def _session_from_row(row: tuple[Any, ...]) -> Session:
+    key = SessionKey(
+        tenant_id=TenantId(row[1]),
+        platform=Platform(row[2]),
+        conversation_id=row[3],
+        thread_id=row[4],
+        user_id=row[5],
+    )
+    return Session(
+        id=SessionId(row[0]),
+        key=key,
+        user_name=row[6],
+        conversation_kind=ConversationKind(row[7]),
+        created_at=row[8],
+        last_active=row[9],
+        message_count=row[10],
+    )
+
+
+@dataclass(slots=True)
+class _Hot:
+    session: Session
+    turns: deque[Turn] = field(default_factory=lambda: deque(maxlen=HISTORY_CACHE))
+
+
+class _Writer(threading.Thread):
+    """Owns the write connection; commits every queued operation in one transaction."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(name="chatgateway-sqlite-writer", daemon=True)
+        self._path = path
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((op, future))
+        return future
+
+    def start_and_wait(self) -> None:
+        self.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self.join()
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(SCHEMA)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop(conn)
+        finally:
+            conn.close()
+
+    def _loop(self, conn: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch = []
+            while item is not None:
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                stopping = True
+            if batch:
+                self._run_batch(conn, batch)
+
+    def _run_batch(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+    ) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                # A savepoint per operation: one failing write must not undo its neighbours.
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((future, op(conn), None))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((future, None, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [(future, None, exc) for _, future in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for entry in results:
+            by_loop.setdefault(entry[0].get_loop(), []).append(entry)
+        for loop, entries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, entries)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+
+def _settle(entries: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in entries:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+class SqliteStore:
+    """The embedded default store. One instance per database file, used from one event loop."""
+
+    def __init__(self, path: str | Path, *, cache_size: int = 10_000) -> None:
+        self.path = str(path)
+        self._cache_size = cache_size
+        self._hot: OrderedDict[SessionId, _Hot] = OrderedDict()
+        self._by_key: dict[SessionKey, SessionId] = {}
+        self._writer: _Writer | None = None
+        self._reader: sqlite3.Connection | None = None
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        writer = _Writer(self.path)
+        await asyncio.to_thread(writer.start_and_wait)
+        self._writer = writer
+        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._reader.execute("PRAGMA busy_timeout=5000")
+        self._reader.execute("PRAGMA query_only=1")
+        await self._write(
+            lambda c: c.execute(
+                "DELETE FROM processed_events WHERE processed_at < ?",
+                (time.time() - DEDUP_RETENTION,),
+            )
+        )
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await asyncio.to_thread(writer.stop)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+        self._hot.clear()
+        self._by_key.clear()
+
+    def _write(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._writer is None:
+            raise RuntimeError("store is closed")
+        return self._writer.submit(op)
+
+    def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        if self._reader is None:
+            raise RuntimeError("store is closed")
+        return self._reader.execute(sql, params).fetchall()
+
+    # Hot cache -----------------------------------------------------------------------------
+
+    def _remember(self, session: Session, turns: list[Turn] | None = None) -> _Hot:
+        hot = self._hot.get(session.id)
+        if hot is None:
+            hot = _Hot(session)
+            if turns:
+                hot.turns.extend(turns)
+            self._hot[session.id] = hot
+            self._by_key[session.key] = session.id
+            while len(self._hot) > self._cache_size:
+                _, old = self._hot.popitem(last=False)
+                if self._by_key.get(old.session.key) == old.session.id:
+                    del self._by_key[old.session.key]
+        else:
+            self._hot.move_to_end(session.id)
+        return hot
+
+    def _forget(self, session_id: SessionId) -> None:
+        hot = self._hot.pop(session_id, None)
+        if hot is not None and self._by_key.get(hot.session.key) == session_id:
+            del self._by_key[hot.session.key]
+
+    def _load(self, tenant_id: TenantId, session_id: SessionId) -> _Hot | None:
+        hot = self._hot.get(session_id)
+        if hot is not None:
+            if hot.session.tenant_id != tenant_id:
+                return None
+            self._hot.move_to_end(session_id)
+            return hot
+        rows = self._read(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND tenant_id = ?",
+            (session_id, tenant_id),
+        )
+        if not rows:
+            return None
+        session = _session_from_row(rows[0])
+        return self._remember(session, self._read_turns(tenant_id, session_id, HISTORY_CACHE))
+
+    def _read_turns(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
+        rows = self._read(
+            "SELECT role, text, ts FROM turns WHERE session_id = ? AND tenant_id = ? "
+            "ORDER BY id DESC LIMIT ?",
+            (session_id, tenant_id, limit),
+        )
+        return [Turn(Role(r[0]), r[1], r[2]) for r in reversed(rows)]
+
+    # Sessions ------------------------------------------------------------------------------
+
+    async def find_active_session(self, key: SessionKey, *, idle_since: float) -> Session | None:
+        session_id = self._by_key.get(key)
+        if session_id is not None:
+            hot = self._load(key.tenant_id, session_id)
+            if hot is not None:
+                return hot.session if hot.session.last_active >= idle_since else None
+        rows = self._read(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant_id = ? AND platform = ? "
+            "AND conversation_id = ? AND thread_id = ? AND user_id = ? AND last_active >= ? "
+            "ORDER BY last_active DESC LIMIT 1",
+            (
+                key.tenant_id,
+                key.platform.value,
+                key.conversation_id,
+                key.thread_id,
+                key.user_id,
+                idle_since,
+            ),
+        )
+        if not rows:
+            return None
+        session = _session_from_row(rows[0])
+        hot = self._remember(session, self._read_turns(key.tenant_id, session.id, HISTORY_CACHE))
+        return hot.session
+
+    async def get_session(self, tenant_id: TenantId, session_id: SessionId) -> Session | None:
+        hot = self._load(tenant_id, session_id)
+        return hot.session if hot is not None else None
+
+    async def create_session(
+        self, key: SessionKey, *, kind: ConversationKind, user_name: str | None, now: float
+    ) -> Session:
+        session = Session(
+            id=new_session_id(),
+            key=key,
+            created_at=now,
+            last_active=now,
+            user_name=user_name,
+            conversation_kind=kind,
+        )
+        row = (
+            session.id,
+            key.tenant_id,
+            key.platform.value,
+            key.conversation_id,
+            key.thread_id,
+            key.user_id,
+            user_name,
+            kind.value,
+            now,
+            now,
+            0,
+        )
+        await self._write(
+            lambda c: c.execute(
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row
+            )
+        )
+        self._remember(session)
+        return session
+
+    async def record_exchange(
+        self,
+        tenant_id: TenantId,
+        session_id: SessionId,
+        turns: list[Turn],
+        *,
+        max_turns: int,
+        processed_event: tuple[Platform, str] | None = None,
+    ) -> None:
+        hot = self._load(tenant_id, session_id)
+        if hot is None:
+            raise LookupError(f"no session {session_id} for tenant {tenant_id}")
+        session = hot.session
+        last_active = max(t.timestamp for t in turns) if turns else time.time()
+        count = session.message_count + len(turns)
+        trim = count > max_turns + max(10, max_turns // 10)
+        rows = [(tenant_id, session_id, t.role.value, t.text, t.timestamp) for t in turns]
+        event_row = (
+            (tenant_id, processed_event[0].value, processed_event[1], time.time())
+            if processed_event is not None
+            else None
+        )
+
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO turns (tenant_id, session_id, role, text, ts) VALUES (?,?,?,?,?)",
+                rows,
+            )
+            if trim:
+                c.execute(
+                    "DELETE FROM turns WHERE session_id = ? AND tenant_id = ? AND id <= "
+                    "(SELECT id FROM turns WHERE session_id = ? ORDER BY id DESC "
+                    "LIMIT 1 OFFSET ?)",
+                    (session_id, tenant_id, session_id, max_turns),
+                )
+            c.execute(
+                "UPDATE sessions SET last_active = ?, message_count = ? "
+                "WHERE id = ? AND tenant_id = ?",
+                (last_active, min(count, max_turns) if trim else count, session_id, tenant_id),
+            )
+            if event_row is not None:
+                c.execute("INSERT OR IGNORE INTO processed_events VALUES (?,?,?,?)", event_row)
+
+        await self._write(op)
+        session.last_active = last_active
+        session.message_count = min(count, max_turns) if trim else count
+        hot.turns.extend(turns)
+
+    async def history(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
+        if limit <= 0:
+            return []
+        hot = self._load(tenant_id, session_id)
+        if hot is None:
+            return []
+        if limit <= len(hot.turns) or hot.session.message_count <= len(hot.turns):
+            return list(hot.turns)[-limit:]
+        return self._read_turns(tenant_id, session_id, limit)
+
+    async def list_sessions(
+        self,
+        tenant_id: TenantId,
+        *,
+        user_id: str | None = None,
+        platform: Platform | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Session]:
+        sql = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant_id = ?"
+        params: list[Any] = [tenant_id]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params.append(user_id)
+        if platform is not None:
+            sql += " AND platform = ?"
+            params.append(platform.value)
+        sql += " ORDER BY last_active DESC LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        sessions = [_session_from_row(r) for r in self._read(sql, tuple(params))]
+        # The hot copy is authoritative for sessions touched since they were read.
+        return [hot.session if (hot := self._hot.get(s.id)) is not None else s for s in sessions]
+
+    async def delete_session(self, tenant_id: TenantId, session_id: SessionId) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "DELETE FROM sessions WHERE id = ? AND tenant_id = ?", (session_id, tenant_id)
+            )
+            if cur.rowcount == 0:
+                return False
+            c.execute(
+                "DELETE FROM turns WHERE session_id = ? AND tenant_id = ?", (session_id, tenant_id)
+            )
+            return True
+
+        deleted = await self._write(op)
+        hot = self._hot.get(session_id)
+        if hot is not None and hot.session.tenant_id == tenant_id:
+            self._forget(session_id)
+        return deleted
+
+    async def count_sessions(self, tenant_id: TenantId, *, active_since: float = 0.0) -> int:
+        rows = self._read(
+            "SELECT count(*) FROM sessions WHERE tenant_id = ? AND last_active >= ?",
+            (tenant_id, active_since),
+        )
+        return int(rows[0][0])
+
+    async def prune(self, tenant_id: TenantId, *, idle_before: float) -> int:
+        def op(c: sqlite3.Connection) -> list[str]:
+            ids = [
+                r[0]
+                for r in c.execute(
+                    "SELECT id FROM sessions WHERE tenant_id = ? AND last_active < ?",
+                    (tenant_id, idle_before),
+                )
+            ]
+            for chunk in range(0, len(ids), 500):
+                part = ids[chunk : chunk + 500]
+                marks = ",".join("?" * len(part))
+                c.execute(
+                    f"DELETE FROM turns WHERE tenant_id = ? AND session_id IN ({marks})",
+                    (tenant_id, *part),
+                )
+                c.execute(
+                    f"DELETE FROM sessions WHERE tenant_id = ? AND id IN ({marks})",
+                    (tenant_id, *part),
+                )
+            return ids
+
+        ids = await self._write(op)
+        for session_id in ids:
+            self._forget(SessionId(session_id))
+        return len(ids)
+
+    # Processed events ----------------------------------------------------------------------
+
+    async def is_processed(self, tenant_id: TenantId, platform: Platform, event_id: str) -> bool:
+        rows = self._read(
+            "SELECT 1 FROM processed_events WHERE tenant_id = ? AND platform = ? AND event_id = ?",
+            (tenant_id, platform.value, event_id),
+        )
+        return bool(rows)
+
+    # Runtime tenants -----------------------------------------------------------------------
+
+    async def list_tenants(self) -> list[TenantRecord]:
+        rows = self._read(
+            "SELECT tenant_id, spec, created_at, updated_at FROM tenants ORDER BY tenant_id", ()
+        )
+        return [TenantRecord(TenantId(r[0]), json.loads(r[1]), r[2], r[3]) for r in rows]
+
+    async def save_tenant(self, record: TenantRecord) -> None:
+        row = (record.tenant_id, json.dumps(record.spec), record.created_at, record.updated_at)
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO tenants VALUES (?,?,?,?) ON CONFLICT (tenant_id) DO UPDATE SET "
+                "spec = excluded.spec, updated_at = excluded.updated_at",
+                row,
+            )
+        )
+
+    async def delete_tenant(self, tenant_id: TenantId) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            for table in ("tenants", "api_keys", "sessions", "turns", "processed_events"):
+                c.execute(f"DELETE FROM {table} WHERE tenant_id = ?", (tenant_id,))
+
+        await self._write(op)
+        for session_id in [s for s, h in self._hot.items() if h.session.tenant_id == tenant_id]:
+            self._forget(session_id)
+
+    # API keys ------------------------------------------------------------------------------
+
+    async def add_api_key(self, record: ApiKeyRecord) -> None:
+        row = (record.key_id, record.tenant_id, record.key_hash, record.label, record.created_at)
+        await self._write(lambda c: c.execute("INSERT INTO api_keys VALUES (?,?,?,?,?)", row))
+
+    async def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        rows = self._read(
+            "SELECT key_id, tenant_id, key_hash, label, created_at FROM api_keys WHERE key_id = ?",
+            (key_id,),
+        )
+        return _key_from_row(rows[0]) if rows else None
+
+    async def list_api_keys(self, tenant_id: TenantId) -> list[ApiKeyRecord]:
+        rows = self._read(
+            "SELECT key_id, tenant_id, key_hash, label, created_at FROM api_keys "
+            "WHERE tenant_id = ? ORDER BY created_at",
+            (tenant_id,),
+        )
+        return [_key_from_row(r) for r in rows]
+
+    async def delete_api_key(self, tenant_id: TenantId, key_id: str) -> bool:
+        cur = await self._write(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM api_keys WHERE key_id = ? AND tenant_id = ?", (key_id, tenant_id)
+                ).rowcount
+            )
+        )
+        return bool(cur)
+
+
+def _key_from_row(row: tuple[Any, ...]) -> ApiKeyRecord:
+    return ApiKeyRecord(row[0], TenantId(row[1]), row[2], row[3], row[4])

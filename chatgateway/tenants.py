@@ -1,0 +1,231 @@
+"""The tenant registry: tenants from the config file plus those registered at runtime, and keys."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+
+from chatgateway.config import TenantConfig, parse_tenant
+from chatgateway.errors import ConflictError, NotFoundError
+from chatgateway.invoker import AgentInvoker, make_invoker
+from chatgateway.models import TenantId
+from chatgateway.store.base import ApiKeyRecord, SessionStore, TenantRecord
+
+log = structlog.get_logger("chatgateway.tenants")
+
+KEY_PREFIX = "cgw_"
+#: How long a key looked up in the store is trusted before it is looked up again.
+KEY_CACHE_SECONDS = 10.0
+
+Source = Literal["config", "runtime"]
+#: Called after a tenant was added, changed or removed (old, new); adapters restart on it.
+ChangeListener = Callable[[TenantConfig | None, TenantConfig | None], Awaitable[None]]
+
+
+def hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def new_api_key() -> tuple[str, str]:
+    """Return (key_id, full key). Only the key's hash is ever stored."""
+    key_id = secrets.token_hex(6)
+    return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(slots=True)
+class TenantRuntime:
+    """A live tenant: its validated config, its own agent invoker and its config-file keys."""
+
+    config: TenantConfig
+    source: Source
+    invoker: AgentInvoker
+    config_key_hashes: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def id(self) -> TenantId:
+        return TenantId(self.config.id)
+
+
+def _runtime(config: TenantConfig, source: Source) -> TenantRuntime:
+    hashes = frozenset(hash_key(k.get_secret_value()) for k in config.web.api_keys)
+    return TenantRuntime(config, source, make_invoker(config.agent), hashes)
+
+
+class TenantRegistry:
+    """Owns every TenantRuntime; the only place tenants are added, changed or removed."""
+
+    def __init__(self, store: SessionStore, environ: Mapping[str, str]) -> None:
+        self._store = store
+        self._environ = environ
+        self._tenants: dict[TenantId, TenantRuntime] = {}
+        self._config_keys: dict[str, TenantId] = {}
+        self._key_cache: dict[str, tuple[ApiKeyRecord, float]] = {}
+        self._listeners: list[ChangeListener] = []
+
+    # Reading -------------------------------------------------------------------------------
+
+    def get(self, tenant_id: str) -> TenantRuntime | None:
+        return self._tenants.get(TenantId(tenant_id))
+
+    def all(self) -> list[TenantRuntime]:
+        return list(self._tenants.values())
+
+    def __len__(self) -> int:
+        return len(self._tenants)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    # Loading and reloading -----------------------------------------------------------------
+
+    async def load(self, configured: list[TenantConfig]) -> None:
+        """Start with the config file's tenants plus the runtime tenants in the store."""
+        await self.apply_config(configured)
+        for record in await self._store.list_tenants():
+            if record.tenant_id in self._tenants:
+                log.warning("runtime_tenant_shadowed", tenant_id=record.tenant_id)
+                continue
+            try:
+                config = parse_tenant(record.spec, environ=self._environ, source="store")
+            except Exception as exc:
+                log.error("runtime_tenant_invalid", tenant_id=record.tenant_id, error=str(exc))
+                continue
+            await self._put(_runtime(config, "runtime"))
+
+    async def apply_config(self, configured: list[TenantConfig]) -> list[str]:
+        """Make the config-file tenants match `configured`; return a summary of the changes."""
+        changes: list[str] = []
+        wanted = {TenantId(t.id): t for t in configured}
+        for tenant_id, current in list(self._tenants.items()):
+            if current.source == "config" and tenant_id not in wanted:
+                await self._remove(tenant_id)
+                changes.append(f"removed {tenant_id}")
+        for tenant_id, config in wanted.items():
+            current = self._tenants.get(tenant_id)
+            if current is not None and current.source == "config" and current.config == config:
+                continue
+            if current is not None and current.source == "runtime":
+                log.warning("runtime_tenant_shadowed", tenant_id=tenant_id)
+            await self._put(_runtime(config, "config"))
+            changes.append(f"{'changed' if current else 'added'} {tenant_id}")
+        return changes
+
+    async def _put(self, runtime: TenantRuntime) -> None:
+        old = self._tenants.get(runtime.id)
+        self._tenants[runtime.id] = runtime
+        self._rebuild_config_keys()
+        if old is not None and old.invoker is not runtime.invoker:
+            await old.invoker.close()
+        for listener in self._listeners:
+            await listener(old.config if old else None, runtime.config)
+
+    async def _remove(self, tenant_id: TenantId) -> None:
+        old = self._tenants.pop(tenant_id, None)
+        if old is None:
+            return
+        self._rebuild_config_keys()
+        self._key_cache = {k: v for k, v in self._key_cache.items() if v[0].tenant_id != tenant_id}
+        await old.invoker.close()
+        for listener in self._listeners:
+            await listener(old.config, None)
+
+    def _rebuild_config_keys(self) -> None:
+        self._config_keys = {h: t.id for t in self._tenants.values() for h in t.config_key_hashes}
+
+    async def close(self) -> None:
+        for runtime in self._tenants.values():
+            await runtime.invoker.close()
+
+    # Runtime tenants (admin API) -----------------------------------------------------------
+
+    async def create(self, spec: dict[str, Any]) -> TenantRuntime:
+        config = parse_tenant(spec, environ=self._environ)
+        if TenantId(config.id) in self._tenants:
+            raise ConflictError(f"tenant {config.id!r} already exists")
+        now = time.time()
+        await self._store.save_tenant(TenantRecord(TenantId(config.id), spec, now, now))
+        runtime = _runtime(config, "runtime")
+        await self._put(runtime)
+        log.info("tenant_created", tenant_id=config.id)
+        return runtime
+
+    async def update(self, tenant_id: str, spec: dict[str, Any]) -> TenantRuntime:
+        current = self._runtime_tenant(tenant_id)
+        spec = {**spec, "id": tenant_id}
+        config = parse_tenant(spec, environ=self._environ)
+        now = time.time()
+        await self._store.save_tenant(TenantRecord(current.id, spec, now, now))
+        runtime = _runtime(config, "runtime")
+        await self._put(runtime)
+        log.info("tenant_updated", tenant_id=tenant_id)
+        return runtime
+
+    async def delete(self, tenant_id: str) -> None:
+        current = self._runtime_tenant(tenant_id)
+        await self._store.delete_tenant(current.id)
+        await self._remove(current.id)
+        log.info("tenant_deleted", tenant_id=tenant_id)
+
+    def _runtime_tenant(self, tenant_id: str) -> TenantRuntime:
+        current = self._tenants.get(TenantId(tenant_id))
+        if current is None:
+            raise NotFoundError(f"no tenant {tenant_id!r}")
+        if current.source != "runtime":
+            raise ConflictError(
+                f"tenant {tenant_id!r} is defined in the config file; change it there and reload"
+            )
+        return current
+
+    # API keys ------------------------------------------------------------------------------
+
+    async def create_key(self, tenant_id: str, label: str = "") -> tuple[ApiKeyRecord, str]:
+        """Create a key for a tenant; the full key is returned once and never stored."""
+        if TenantId(tenant_id) not in self._tenants:
+            raise NotFoundError(f"no tenant {tenant_id!r}")
+        return await create_api_key(self._store, TenantId(tenant_id), label)
+
+    async def delete_key(self, tenant_id: str, key_id: str) -> None:
+        if not await self._store.delete_api_key(TenantId(tenant_id), key_id):
+            raise NotFoundError(f"no key {key_id!r} for tenant {tenant_id!r}")
+        self._key_cache.pop(key_id, None)
+
+    async def authenticate(self, raw_key: str) -> TenantRuntime | None:
+        """Return the tenant a presented API key belongs to, or None. Constant-time compare."""
+        digest = hash_key(raw_key)
+        tenant_id = self._config_keys.get(digest)
+        if tenant_id is not None:
+            return self._tenants.get(tenant_id)
+        if not raw_key.startswith(KEY_PREFIX):
+            return None
+        key_id = raw_key[len(KEY_PREFIX) :].split("_", 1)[0]
+        now = time.monotonic()
+        cached = self._key_cache.get(key_id)
+        if cached is not None and cached[1] > now:
+            record = cached[0]
+        else:
+            found = await self._store.find_api_key(key_id)
+            if found is None:
+                self._key_cache.pop(key_id, None)
+                return None
+            record = found
+            self._key_cache[key_id] = (record, now + KEY_CACHE_SECONDS)
+        if not hmac.compare_digest(record.key_hash, digest):
+            return None
+        return self._tenants.get(record.tenant_id)
+
+
+async def create_api_key(
+    store: SessionStore, tenant_id: TenantId, label: str = ""
+) -> tuple[ApiKeyRecord, str]:
+    """Store a new key's hash for a tenant and return the record and the key itself."""
+    key_id, key = new_api_key()
+    record = ApiKeyRecord(key_id, tenant_id, hash_key(key), label, time.time())
+    await store.add_api_key(record)
+    return record, key

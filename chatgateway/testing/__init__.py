@@ -1,0 +1,1 @@
+"""Loopback fakes that tests (ours and users') can reuse."""

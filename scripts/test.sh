@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs (venv, packages, Debian's chromium, PostgreSQL
+# running) and run the whole suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${need_apt[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# The PostgreSQL tests use the server on 127.0.0.1:5432; start it if it is installed but down.
+if command -v pg_ctlcluster >/dev/null 2>&1 && ! pg_isready -h 127.0.0.1 -q 2>/dev/null; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test,dev]'
+
+export CHATGATEWAY_TEST_OUTPUT="${CHATGATEWAY_TEST_OUTPUT:-$PWD/test-output}"
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""Loopback fakes of the platforms (Slack, Discord); the fake agent is chatgateway.testing.agent."""
