@@ -192,15 +192,8 @@ class ListenConfig(Model):
 
 
 class StorageConfig(Model):
-    backend: Literal["sqlite", "postgres"] = "sqlite"
+    backend: Literal["sqlite"] = "sqlite"
     path: str = "var/chatgateway.db"
-    dsn: Secret | None = None
-
-    @model_validator(mode="after")
-    def _dsn_for_postgres(self) -> StorageConfig:
-        if self.backend == "postgres" and self.dsn is None:
-            raise ValueError("backend postgres needs dsn")
-        return self
 
 
 class LoggingConfig(Model):
