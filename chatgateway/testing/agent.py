@@ -56,10 +56,10 @@ class FakeAgent:
             await self._runner.cleanup()
             self._runner = None
 
-    async def wait_calls(self, count: int, timeout: float = 10.0) -> list[AgentCall]:
+    async def wait_calls(self, count: int, within: float = 10.0) -> list[AgentCall]:
         """Wait until at least `count` calls arrived."""
         assert self._called is not None
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             async with self._called:
                 await self._called.wait_for(lambda: len(self.calls) >= count)
         return self.calls
