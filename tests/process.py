@@ -45,6 +45,7 @@ class GatewayProcess:
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
+        self.proc.stdout.close()
         with self._cond:
             self._cond.notify_all()
 

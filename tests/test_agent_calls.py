@@ -1,0 +1,234 @@
+"""The agent invoker through the real web API: protocol, signing, retries, deadlines, fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+from aiohttp import web
+
+from chatgateway.invoker import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    idempotency_key,
+    verify_signature,
+)
+from chatgateway.testing.agent import AgentCall
+from tests.conftest import tenant, url
+
+FALLBACK = "The agent is away, try later."
+
+
+async def chat(http, gw, key, message, user="u1", **extra):
+    body = {"message": message, "userId": user, **extra}
+    async with http.post(url(gw, "/api/chat"), json=body,
+                         headers={"Authorization": f"Bearer {key}"}) as resp:
+        return resp.status, await resp.json()
+
+
+def log_events(capsys) -> list[dict]:
+    events = []
+    for line in capsys.readouterr().out.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass
+    return events
+
+
+async def test_agent_receives_the_documented_payload_signed(make_agent, make_gateway, http):
+    secret = "agent-signing-secret-42"
+    agent = await make_agent(secret=secret.encode())
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", agent.url, keys=["acme-key-0001"],
+        agent={"secret": {"value": secret}, "bearer_token": {"value": "agent-bearer-xyz"}},
+    )]})
+    status, body = await chat(http, gw, "acme-key-0001", "first", userName="Alice",
+                              metadata={"page": "/pricing"})
+    assert status == 200 and body["response"] == "agent: first"
+    status, body2 = await chat(http, gw, "acme-key-0001", "second")
+    assert body2["sessionId"] == body["sessionId"]
+    call = agent.calls[1]
+    payload = call.body
+    assert payload["version"] == 1
+    assert payload["tenant"] == "acme"
+    assert payload["sessionId"] == body["sessionId"]
+    assert payload["platform"] == "web"
+    assert payload["user"] == {"id": "u1", "name": None}
+    assert payload["conversation"] == {"id": "u1", "type": "web", "threadId": None}
+    assert payload["message"]["text"] == "second"
+    assert [(t["role"], t["text"]) for t in payload["history"]] == [
+        ("user", "first"), ("agent", "agent: first")]
+    assert agent.calls[0].body["metadata"] == {"page": "/pricing"}
+    assert agent.calls[0].body["user"]["name"] == "Alice"
+    assert call.headers["Authorization"] == "Bearer agent-bearer-xyz"
+    assert verify_signature(secret.encode(), call.headers[TIMESTAMP_HEADER], call.raw,
+                            call.headers[SIGNATURE_HEADER])
+    assert not verify_signature(b"wrong", call.headers[TIMESTAMP_HEADER], call.raw,
+                                call.headers[SIGNATURE_HEADER])
+    assert len(call.headers["Idempotency-Key"]) == 40
+    assert call.headers["Idempotency-Key"] != agent.calls[0].headers["Idempotency-Key"]
+
+
+async def test_history_length_is_per_tenant(make_agent, make_gateway, http):
+    agent = await make_agent()
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"],
+                                                agent={"history_turns": 3})]})
+    for i in range(4):
+        await chat(http, gw, "acme-key-0001", f"m{i}")
+    assert [t["text"] for t in agent.calls[3].body["history"]] == ["agent: m1", "m2", "agent: m2"]
+
+
+async def test_each_tenant_reaches_its_own_agent_with_its_own_timeout(
+    make_agent, make_gateway, http, capsys
+):
+    slow = await make_agent(delay=1.0, prefix="slow: ")
+    fast = await make_agent(prefix="fast: ")
+    gw = await make_gateway({"tenants": [
+        tenant("patient", slow.url, keys=["key-patient-1"], agent={"timeout": 5}),
+        tenant("hasty", slow.url, keys=["key-hasty-001"],
+               agent={"timeout": 0.3, "fallback_text": FALLBACK}),
+        tenant("other", fast.url, keys=["key-other-001"]),
+    ]})
+    results = await asyncio.gather(
+        chat(http, gw, "key-patient-1", "p"),
+        chat(http, gw, "key-hasty-001", "h"),
+        chat(http, gw, "key-other-001", "o"),
+    )
+    assert results[0][1]["response"] == "slow: p"
+    assert results[1][1]["response"] == FALLBACK
+    assert results[2][1]["response"] == "fast: o"
+    assert [c.body["tenant"] for c in fast.calls] == ["other"]
+    assert sorted(c.body["tenant"] for c in slow.calls) == ["hasty", "patient"]
+    failed = [e for e in log_events(capsys) if e.get("event") == "agent_failed"]
+    assert [(e["tenant_id"], e["cause"]) for e in failed] == [("hasty", "timeout")]
+
+
+async def test_5xx_is_retried_then_succeeds(make_agent, make_gateway, http):
+    attempts: list[AgentCall] = []
+
+    async def flaky(call: AgentCall) -> web.Response:
+        attempts.append(call)
+        if len(attempts) < 3:
+            return web.json_response({"error": "busy"}, status=503)
+        return web.json_response({"response": "third time lucky"})
+
+    agent = await make_agent(behaviour=flaky)
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", agent.url, keys=["acme-key-0001"],
+        agent={"retry": {"attempts": 3, "backoff_initial": 0.01, "backoff_max": 0.05}},
+    )]})
+    status, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert (status, body["response"]) == (200, "third time lucky")
+    assert len(attempts) == 3
+    assert len({c.headers["Idempotency-Key"] for c in attempts}) == 1
+
+
+async def test_500_gives_fallback_and_logged_cause(make_agent, make_gateway, http, capsys):
+    agent = await make_agent(status=500)
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", agent.url, keys=["acme-key-0001"],
+        agent={"fallback_text": FALLBACK, "retry": {"attempts": 2, "backoff_initial": 0.01}},
+    )]})
+    status, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert (status, body["response"]) == (200, FALLBACK)
+    assert len(agent.calls) == 2
+    events = log_events(capsys)
+    failed = [e for e in events if e.get("event") == "agent_failed"]
+    assert failed and failed[0]["cause"] == "http_5xx" and "500" in failed[0]["detail"]
+    handled = [e for e in events if e.get("event") == "message_handled"]
+    assert handled[-1]["outcome"] == "fallback" and handled[-1]["tenant_id"] == "acme"
+
+
+async def test_4xx_is_not_retried(make_agent, make_gateway, http):
+    agent = await make_agent(status=422)
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"],
+                                                agent={"fallback_text": FALLBACK})]})
+    _, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert body["response"] == FALLBACK and len(agent.calls) == 1
+
+
+async def test_connection_refused_gives_fallback(make_gateway, http, capsys):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", f"http://127.0.0.1:{port}/agent", keys=["acme-key-0001"],
+        agent={"fallback_text": FALLBACK, "retry": {"attempts": 2, "backoff_initial": 0.01}},
+    )]})
+    status, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert (status, body["response"]) == (200, FALLBACK)
+    failed = [e for e in log_events(capsys) if e.get("event") == "agent_failed"]
+    assert failed[0]["cause"] == "connection_error"
+
+
+async def test_empty_response_sends_nothing_but_keeps_the_user_turn(make_agent, make_gateway, http):
+    async def silent(call: AgentCall) -> web.Response:
+        return web.json_response({"response": ""})
+
+    agent = await make_agent(behaviour=silent)
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"])]})
+    status, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert (status, body["response"]) == (200, "")
+    async with http.get(url(gw, f"/api/sessions/{body['sessionId']}"),
+                        headers={"Authorization": "Bearer acme-key-0001"}) as resp:
+        detail = await resp.json()
+    assert [t["role"] for t in detail["transcript"]] == ["user"]
+
+
+async def test_messages_of_one_session_reach_the_agent_in_order(make_agent, make_gateway, http):
+    in_agent = 0
+    overlaps = 0
+
+    async def one_at_a_time(call: AgentCall) -> web.Response:
+        nonlocal in_agent, overlaps
+        in_agent += 1
+        overlaps += in_agent > 1
+        await asyncio.sleep(0.02)
+        in_agent -= 1
+        return web.json_response({"response": call.body["message"]["text"]})
+
+    agent = await make_agent(behaviour=one_at_a_time)
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"])]})
+    first = await chat(http, gw, "acme-key-0001", "m0")
+    sid = first[1]["sessionId"]
+    tasks = [asyncio.create_task(chat(http, gw, "acme-key-0001", f"m{i}", sessionId=sid))
+             for i in range(1, 8)]
+    await asyncio.gather(*tasks)
+    assert overlaps == 0
+    texts = agent.texts()
+    assert sorted(texts) == sorted(f"m{i}" for i in range(8))
+    # Each call saw exactly the turns of the calls before it: no interleaving.
+    for call in agent.calls:
+        assert len(call.body["history"]) == 2 * agent.calls.index(call)
+
+
+async def test_different_sessions_run_concurrently(make_agent, make_gateway, http):
+    agent = await make_agent(delay=0.5)
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"])]})
+    started = asyncio.get_running_loop().time()
+    await asyncio.gather(*(chat(http, gw, "acme-key-0001", "x", user=f"u{i}") for i in range(6)))
+    # Six half-second calls in sequence would take 3 s.
+    assert asyncio.get_running_loop().time() - started < 2.5
+
+
+def test_idempotency_key_is_stable_per_platform_message():
+    from chatgateway.models import (
+        Conversation,
+        ConversationKind,
+        NormalizedMessage,
+        Platform,
+        TenantId,
+        User,
+    )
+
+    def msg(tenant: str, mid: str) -> NormalizedMessage:
+        return NormalizedMessage(TenantId(tenant), Platform.SLACK,
+                                 Conversation("C1", ConversationKind.CHANNEL), User("U1"), "t",
+                                 mid, 0.0)
+
+    assert idempotency_key(msg("a", "1")) == idempotency_key(msg("a", "1"))
+    assert idempotency_key(msg("a", "1")) != idempotency_key(msg("b", "1"))
+    assert idempotency_key(msg("a", "1")) != idempotency_key(msg("a", "2"))

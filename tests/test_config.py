@@ -1,0 +1,143 @@
+"""Configuration: every problem reported at once with file, key path and reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatgateway.cli import main
+from chatgateway.config import EXIT_CONFIG, load_config
+from chatgateway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BROKEN = """\
+listen:
+  port: 99999
+tenants:
+  - id: good
+    agent: {builtin: echo}
+  - id: Bad Slug
+    agent: {url: "ftp://nowhere"}
+  - id: acme
+    agent:
+      url: http://127.0.0.1:9/agent
+      timeout: -1
+      secret: {env: ACME_AGENT_SECRET}
+    web:
+      api_keys: [{file: missing-key.txt}]
+    slack:
+      apps:
+        - bot_token: {env: SLACK_BOT}
+    colour: blue
+  - id: good
+    agent: {builtin: echo}
+"""
+
+
+def test_every_problem_is_reported_with_its_path(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    found = {(p.path, p.message) for p in info.value.problems}
+    paths = {p.path for p in info.value.problems}
+    assert all(p.file == str(path) for p in info.value.problems)
+    assert {
+        "listen.port",
+        "tenants[1].id",
+        "tenants[1].agent.url",
+        "tenants[2].agent.timeout",
+        "tenants[2].agent.secret",
+        "tenants[2].web.api_keys[0]",
+        "tenants[2].slack.apps[0].bot_token",
+        "tenants[2].slack.apps[0].app_token",
+        "tenants[2].colour",
+        "tenants[3].id",
+    } <= paths
+    assert ("tenants[2].agent.secret", "environment variable ACME_AGENT_SECRET is not set") in found
+    assert ("tenants[2].colour", "unknown key") in found
+    assert ("tenants[2].slack.apps[0].app_token", "required key is missing") in found
+    assert any("duplicate tenant id 'good'" in m for p, m in found if p == "tenants[3].id")
+    assert any("missing-key.txt" in m for p, m in found if p == "tenants[2].web.api_keys[0]")
+
+
+def test_secret_references_resolve(tmp_path):
+    (tmp_path / "key.txt").write_text("from-a-file-123\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "agent_secret").write_text("from-a-credential")
+    path = tmp_path / "ok.yaml"
+    path.write_text("""
+tenants:
+  - id: acme
+    agent:
+      url: http://127.0.0.1:9/agent
+      secret: {credential: agent_secret}
+      bearer_token: {env: BEARER}
+    web:
+      api_keys: [{file: key.txt}, {value: inline-key-000}]
+""")
+    config = load_config(path, {"BEARER": "from-env", "CREDENTIALS_DIRECTORY": str(creds)})
+    agent = config.tenants[0].agent
+    assert agent.secret is not None and agent.secret.get_secret_value() == "from-a-credential"
+    assert agent.bearer_token is not None and agent.bearer_token.get_secret_value() == "from-env"
+    keys = [k.get_secret_value() for k in config.tenants[0].web.api_keys]
+    assert keys == ["from-a-file-123", "inline-key-000"]
+    assert "from-env" not in repr(config)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tenants:\n  - id: a\n   agent: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert info.value.problems[0].path.startswith("line ")
+
+
+def test_check_config_cli(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN)
+    assert main(["check-config", str(path)], environ={}) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"{path}: tenants[2].agent.timeout:" in err
+    assert f"{path}: tenants[1].agent.url: must be an http:// or https:// URL" in err
+    assert main(["check-config", str(ROOT / "config" / "gateway.yaml")], environ={}) == 0
+    assert main(["check-config", str(tmp_path / "absent.yaml")], environ={}) == EXIT_CONFIG
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_shipped_examples_are_valid():
+    for path in sorted((ROOT / "config").glob("*.yaml")):
+        env = {name: "placeholder-value" for name in (
+            "ACME_API_KEY", "ACME_AGENT_SECRET", "GLOBEX_API_KEY", "SLACK_BOT_TOKEN",
+            "SLACK_APP_TOKEN", "DISCORD_BOT_TOKEN", "CHATGATEWAY_ADMIN_TOKEN")}
+        load_config(path, env)
+
+
+def test_run_with_bad_config_exits_with_config_code_and_no_traceback(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN)
+    result = subprocess.run([sys.executable, "-m", "chatgateway", "run", "--config", str(path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == EXIT_CONFIG
+    assert "tenants[2].agent.timeout" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_keys_cli_creates_a_working_key(tmp_path, capsys):
+    path = tmp_path / "gw.yaml"
+    path.write_text(f"storage: {{path: {tmp_path / 'db.sqlite'}}}\n"
+                    "tenants:\n  - id: acme\n    agent: {builtin: echo}\n")
+    assert main(["keys", "create", "--tenant", "acme", "--config", str(path)], environ={}) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("cgw_")
+    assert main(["keys", "list", "--tenant", "acme", "--config", str(path)], environ={}) == 0
+    key_id = capsys.readouterr().out.split("\t")[0]
+    assert key_id in key
+    assert main(["keys", "create", "--tenant", "nobody", "--config", str(path)], environ={}) == 2
+    assert main(["keys", "revoke", "--tenant", "acme", key_id, "--config", str(path)],
+                environ={}) == 0

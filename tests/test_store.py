@@ -1,0 +1,155 @@
+"""The session-store contract, parametrized over every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chatgateway.models import ConversationKind, Platform, Role, SessionKey, TenantId, Turn
+from chatgateway.store.base import ApiKeyRecord, SessionStore, TenantRecord
+from chatgateway.store.sqlite import SqliteStore
+
+A, B = TenantId("tenant-a"), TenantId("tenant-b")
+
+
+def key(tenant: TenantId, user: str = "u1", conv: str = "c1", thread: str = "") -> SessionKey:
+    return SessionKey(tenant, Platform.WEB, conv, thread, user)
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
+    s = SqliteStore(tmp_path / "store.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def reopen(store: SessionStore) -> SessionStore:
+    assert isinstance(store, SqliteStore)
+    await store.close()
+    fresh = SqliteStore(store.path)
+    await fresh.open()
+    return fresh
+
+
+async def new(store: SessionStore, k: SessionKey) -> str:
+    s = await store.create_session(k, kind=ConversationKind.WEB, user_name="U", now=time.time())
+    return s.id
+
+
+async def test_session_ids_are_opaque_and_unique(store: SessionStore) -> None:
+    ids = {await new(store, key(A, f"user{i}")) for i in range(50)}
+    assert len(ids) == 50
+    for sid in ids:
+        assert "tenant-a" not in sid and "user" not in sid and len(sid) >= 20
+
+
+async def test_find_active_session_reuses_until_idle(store: SessionStore) -> None:
+    sid = await new(store, key(A))
+    found = await store.find_active_session(key(A), idle_since=time.time() - 60)
+    assert found is not None and found.id == sid
+    assert await store.find_active_session(key(A), idle_since=time.time() + 1) is None
+    assert await store.find_active_session(key(A, thread="t1"), idle_since=0) is None
+    assert await store.find_active_session(key(B), idle_since=0) is None
+
+
+async def test_every_read_is_scoped_by_tenant(store: SessionStore) -> None:
+    sid = await new(store, key(A))
+    await store.record_exchange(A, sid, [Turn(Role.USER, "secret-a", time.time())], max_turns=100)
+    assert await store.get_session(B, sid) is None
+    assert await store.history(B, sid, 10) == []
+    assert await store.list_sessions(B) == []
+    assert not await store.delete_session(B, sid)
+    assert await store.get_session(A, sid) is not None
+    with pytest.raises(LookupError):
+        await store.record_exchange(B, sid, [Turn(Role.USER, "x", time.time())], max_turns=100)
+
+
+async def test_transcript_survives_reopen_and_is_bounded(store: SessionStore) -> None:
+    sid = await new(store, key(A))
+    now = time.time()
+    for i in range(30):
+        turns = [Turn(Role.USER, f"q{i}", now + i), Turn(Role.AGENT, f"a{i}", now + i + 0.5)]
+        await store.record_exchange(A, sid, turns, max_turns=20)
+    store = await reopen(store)
+    try:
+        history = await store.history(A, sid, 100)
+        assert len(history) <= 20 + max(10, 2) + 2
+        assert history[-1].text == "a29" and history[-2].text == "q29"
+        assert [t.timestamp for t in history] == sorted(t.timestamp for t in history)
+        last5 = await store.history(A, sid, 5)
+        assert [t.text for t in last5] == ["a27", "q28", "a28", "q29", "a29"]
+        session = await store.get_session(A, sid)
+        assert session is not None and session.last_active == pytest.approx(now + 29.5)
+    finally:
+        await store.close()
+
+
+async def test_concurrent_writes_group_commit(store: SessionStore) -> None:
+    sids = [await new(store, key(A, f"u{i}")) for i in range(20)]
+    turns = [Turn(Role.USER, "hello", time.time())]
+    await asyncio.gather(*(store.record_exchange(A, s, turns, max_turns=10) for s in sids * 5))
+    for sid in sids:
+        assert len(await store.history(A, sid, 100)) == 5
+
+
+async def test_list_and_delete(store: SessionStore) -> None:
+    s1 = await new(store, key(A, "u1"))
+    s2 = await new(store, key(A, "u2"))
+    await store.record_exchange(A, s1, [Turn(Role.USER, "x", time.time() + 5)], max_turns=10)
+    assert [s.id for s in await store.list_sessions(A)] == [s1, s2]
+    assert [s.id for s in await store.list_sessions(A, user_id="u2")] == [s2]
+    assert await store.list_sessions(A, platform=Platform.SLACK) == []
+    assert await store.delete_session(A, s1)
+    assert await store.get_session(A, s1) is None
+    assert await store.history(A, s1, 10) == []
+    assert await store.count_sessions(A) == 1
+
+
+async def test_prune_removes_only_old_sessions_of_that_tenant(store: SessionStore) -> None:
+    old_a = await store.create_session(key(A, "old"), kind=ConversationKind.WEB, user_name=None,
+                                       now=time.time() - 1000)
+    fresh_a = await new(store, key(A, "fresh"))
+    old_b = await store.create_session(key(B, "old"), kind=ConversationKind.WEB, user_name=None,
+                                       now=time.time() - 1000)
+    assert await store.prune(A, idle_before=time.time() - 500) == 1
+    assert await store.get_session(A, old_a.id) is None
+    assert await store.get_session(A, fresh_a) is not None
+    assert await store.get_session(B, old_b.id) is not None
+
+
+async def test_processed_events_survive_reopen(store: SessionStore) -> None:
+    sid = await new(store, key(A))
+    turns = [Turn(Role.USER, "x", time.time())]
+    await store.record_exchange(A, sid, turns, max_turns=10, processed_event=(Platform.SLACK, "E1"))
+    store = await reopen(store)
+    try:
+        assert await store.is_processed(A, Platform.SLACK, "E1")
+        assert not await store.is_processed(B, Platform.SLACK, "E1")
+        assert not await store.is_processed(A, Platform.DISCORD, "E1")
+    finally:
+        await store.close()
+
+
+async def test_runtime_tenants_and_keys(store: SessionStore) -> None:
+    await store.save_tenant(TenantRecord(A, {"id": "tenant-a", "agent": {"builtin": "echo"}}, 1, 1))
+    await store.add_api_key(ApiKeyRecord("k1", A, "hash", "ci", 1.0))
+    await store.add_api_key(ApiKeyRecord("k2", B, "hash2", "", 1.0))
+    store = await reopen(store)
+    try:
+        assert [t.tenant_id for t in await store.list_tenants()] == [A]
+        assert (await store.find_api_key("k1")) == ApiKeyRecord("k1", A, "hash", "ci", 1.0)
+        assert [k.key_id for k in await store.list_api_keys(A)] == ["k1"]
+        assert not await store.delete_api_key(B, "k1")
+        sid = await new(store, key(A))
+        await store.delete_tenant(A)
+        assert await store.list_tenants() == []
+        assert await store.find_api_key("k1") is None
+        assert await store.get_session(A, sid) is None
+        assert await store.find_api_key("k2") is not None
+    finally:
+        await store.close()

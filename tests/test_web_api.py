@@ -1,0 +1,343 @@
+"""The web API: the design document's requests, isolation between tenants, and the error contract."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
+
+from tests.conftest import ADMIN_TOKEN, tenant, url
+
+KEY_A = "key-of-tenant-a-000001"
+KEY_B = "key-of-tenant-b-000002"
+
+
+@pytest.fixture
+async def two_tenants(make_agent, make_gateway):
+    agent_a = await make_agent(prefix="A says: ")
+    agent_b = await make_agent(prefix="B says: ")
+    gw = await make_gateway({
+        "admin": {"token": {"value": ADMIN_TOKEN}},
+        "server": {"max_body_bytes": 4096},
+        "tenants": [tenant("default", agent_a.url, keys=[KEY_A]),
+                    tenant("acme", agent_b.url, keys=[KEY_B])],
+    })
+    return gw, agent_a, agent_b
+
+
+async def call(http, gw, method: str, path: str, key: str | None = None,
+               body: Any = None, raw: bytes | None = None,
+               content_type: str = "application/json") -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if data is not None:
+        headers["Content-Type"] = content_type
+    async with http.request(method, url(gw, path), data=data, headers=headers) as resp:
+        text = await resp.text()
+        assert "Traceback" not in text
+        return resp.status, (json.loads(text) if text else None)
+
+
+async def test_design_document_requests(two_tenants, http):
+    """Section 9 of the design document: two tenants chat, each lists only its sessions."""
+    gw, agent_a, agent_b = two_tenants
+    status, a = await call(http, gw, "POST", "/api/chat", KEY_A,
+                           {"message": "Hello", "userId": "user-a", "tenantId": "default"})
+    assert status == 200 and a["response"] == "A says: Hello" and a["sessionId"]
+    status, b = await call(http, gw, "POST", "/api/chat", KEY_B,
+                           {"message": "Hello", "userId": "user-b", "tenantId": "acme"})
+    assert status == 200 and b["response"] == "B says: Hello"
+    status, listed = await call(http, gw, "GET", "/api/sessions?tenantId=default", KEY_A)
+    assert status == 200
+    assert [(s["sessionId"], s["userId"], s["tenantId"], s["platform"]) for s in listed] == [
+        (a["sessionId"], "user-a", "default", "web")]
+    assert [c.body["tenant"] for c in agent_a.calls] == ["default"]
+    assert [c.body["tenant"] for c in agent_b.calls] == ["acme"]
+
+
+async def test_consecutive_messages_reuse_the_session(two_tenants, http):
+    gw, _, _ = two_tenants
+    ids = set()
+    for text in ("one", "two", "three"):
+        _, body = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": text, "userId": "u"})
+        ids.add(body["sessionId"])
+    assert len(ids) == 1
+    _, other_user = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "x", "userId": "v"})
+    assert other_user["sessionId"] not in ids
+    _, fresh = await call(http, gw, "POST", "/api/chat", KEY_A,
+                          {"message": "x", "userId": "u", "newSession": True})
+    assert fresh["sessionId"] not in ids
+    _, after = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "y", "userId": "u"})
+    assert after["sessionId"] == fresh["sessionId"]
+    _, detail = await call(http, gw, "GET", f"/api/sessions/{next(iter(ids))}", KEY_A)
+    assert [t["text"] for t in detail["transcript"]] == [
+        "one", "A says: one", "two", "A says: two", "three", "A says: three"]
+
+
+async def test_session_expires_after_idle_time(make_gateway, http):
+    gw = await make_gateway({"tenants": [tenant("acme", keys=[KEY_A],
+                                                sessions={"idle_timeout": 0.2})]})
+    _, first = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "a", "userId": "u"})
+    _, again = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "b", "userId": "u"})
+    assert again["sessionId"] == first["sessionId"]
+    import asyncio
+    await asyncio.sleep(0.3)
+    _, later = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "c", "userId": "u"})
+    assert later["sessionId"] != first["sessionId"]
+
+
+# The cross-tenant matrix ------------------------------------------------------------------
+
+CREDENTIALS = {
+    "own": KEY_A,
+    "other": KEY_B,
+    "none": None,
+    "bad": "not-a-real-key-at-all",
+    "bad_prefixed": "cgw_000000000000_forged",
+}
+
+
+def endpoints(own_sid: str, foreign_sid: str) -> dict[str, tuple[str, str, Any]]:
+    return {
+        "chat": ("POST", "/api/chat", {"message": "hi", "userId": "user-a"}),
+        "chat_forged_tenant": ("POST", "/api/chat",
+                               {"message": "hi", "userId": "user-a", "tenantId": "acme"}),
+        "chat_foreign_session": ("POST", "/api/chat",
+                                 {"message": "hi", "userId": "user-b", "sessionId": foreign_sid}),
+        "chat_other_users_session": ("POST", "/api/chat",
+                                     {"message": "hi", "userId": "mallory", "sessionId": own_sid}),
+        "list": ("GET", "/api/sessions", None),
+        "list_forged_tenant": ("GET", "/api/sessions?tenantId=acme", None),
+        "get": ("GET", f"/api/sessions/{own_sid}", None),
+        "get_other_user": ("GET", f"/api/sessions/{own_sid}?userId=mallory", None),
+        "get_forged_tenant": ("GET", f"/api/sessions/{own_sid}?tenantId=acme", None),
+        "get_foreign": ("GET", f"/api/sessions/{foreign_sid}", None),
+        "delete_foreign": ("DELETE", f"/api/sessions/{foreign_sid}", None),
+        "delete_other_user": ("DELETE", f"/api/sessions/{own_sid}?userId=mallory", None),
+    }
+
+
+# Expected status for (endpoint, credential) with the caller being tenant A's key ("own"):
+# "other" is tenant B's key, so for B "own_sid" is foreign and "foreign_sid" is its own.
+EXPECTED: dict[str, dict[str, int]] = {
+    "chat": {"own": 200, "other": 200},
+    "chat_forged_tenant": {"own": 403, "other": 200},
+    "chat_foreign_session": {"own": 404, "other": 200},
+    "chat_other_users_session": {"own": 404, "other": 404},
+    "list": {"own": 200, "other": 200},
+    "list_forged_tenant": {"own": 403, "other": 200},
+    "get": {"own": 200, "other": 404},
+    "get_other_user": {"own": 404, "other": 404},
+    "get_forged_tenant": {"own": 403, "other": 404},
+    "get_foreign": {"own": 404, "other": 200},
+    "delete_foreign": {"own": 404, "other": 204},
+    "delete_other_user": {"own": 404, "other": 404},
+}
+
+
+async def test_cross_tenant_matrix(two_tenants, http):
+    gw, agent_a, agent_b = two_tenants
+    _, own = await call(http, gw, "POST", "/api/chat", KEY_A,
+                        {"message": "tenant A private words", "userId": "user-a"})
+    own_sid = own["sessionId"]
+    failures = []
+    for cred_name, key in CREDENTIALS.items():
+        # A fresh foreign session each round: "delete_foreign" by B deletes it.
+        _, foreign = await call(http, gw, "POST", "/api/chat", KEY_B,
+                                {"message": "tenant B private words", "userId": "user-b"})
+        for name, (method, path, body) in endpoints(own_sid, foreign["sessionId"]).items():
+            expected = EXPECTED[name].get(cred_name, 401)
+            status, resp = await call(http, gw, method, path, key, body)
+            text = json.dumps(resp)
+            if status != expected:
+                failures.append(f"{name} with {cred_name} key: {status} != {expected} ({text})")
+            if status >= 400:
+                assert set(resp) == {"error"} and {"code", "message"} <= set(resp["error"])
+            # No foreign data in any body.
+            if cred_name == "own":
+                assert "tenant B" not in text and "B says" not in text and '"acme"' not in text
+            if cred_name == "other":
+                assert "tenant A" not in text and "A says" not in text
+    assert not failures, "\n".join(failures)
+    # Forged or foreign calls never reached another tenant's agent.
+    assert all(c.body["tenant"] == "default" for c in agent_a.calls)
+    assert all(c.body["tenant"] == "acme" for c in agent_b.calls)
+
+
+async def test_own_session_can_be_deleted(two_tenants, http):
+    gw, _, _ = two_tenants
+    _, own = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "x", "userId": "u"})
+    assert (await call(http, gw, "DELETE", f"/api/sessions/{own['sessionId']}", KEY_A))[0] == 204
+    assert (await call(http, gw, "GET", f"/api/sessions/{own['sessionId']}", KEY_A))[0] == 404
+
+
+# Bad input --------------------------------------------------------------------------------
+
+BAD_BODIES = [
+    ("malformed", b'{"message": "hi", "userId": ', "application/json", 400, "malformed_json"),
+    ("not an object", b'["hi"]', "application/json", 400, "invalid_body"),
+    ("wrong type", b'{"message": 5, "userId": "u"}', "application/json", 400, "invalid_body"),
+    ("missing field", b'{"message": "hi"}', "application/json", 400, "invalid_body"),
+    ("unknown field", b'{"message": "hi", "userId": "u", "colour": "red"}', "application/json",
+     400, "invalid_body"),
+    ("empty message", b'{"message": "", "userId": "u"}', "application/json", 400, "invalid_body"),
+    ("not utf-8", b'{"message": "\xff\xfe"}', "application/json", 400, "malformed_json"),
+    ("wrong content type", b'{"message": "hi", "userId": "u"}', "text/plain", 415,
+     "unsupported_media_type"),
+    ("too large", b'{"message": "' + b"x" * 10_000 + b'", "userId": "u"}', "application/json",
+     413, "body_too_large"),
+]
+
+
+@pytest.mark.parametrize("name,raw,ctype,status,code", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+async def test_bad_input_gets_a_clear_4xx(two_tenants, http, name, raw, ctype, status, code):
+    gw, agent_a, _ = two_tenants
+    got, body = await call(http, gw, "POST", "/api/chat", KEY_A, raw=raw, content_type=ctype)
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert body["error"]["message"]
+    assert agent_a.calls == []
+
+
+async def test_unknown_field_is_named(two_tenants, http):
+    gw, _, _ = two_tenants
+    _, body = await call(http, gw, "POST", "/api/chat", KEY_A,
+                         {"message": "hi", "userId": "u", "colour": "red"})
+    assert "colour" in body["error"]["message"]
+    _, body = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": 5, "userId": "u"})
+    assert "message" in body["error"]["message"]
+
+
+async def test_unknown_route_and_method_are_json(two_tenants, http):
+    gw, _, _ = two_tenants
+    status, body = await call(http, gw, "GET", "/api/nope", KEY_A)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body = await call(http, gw, "PUT", "/api/chat", KEY_A, {"message": "x"})
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+
+
+async def test_bad_query_parameters(two_tenants, http):
+    gw, _, _ = two_tenants
+    for query in ("limit=abc", "limit=0", "offset=-1", "platform=telegram"):
+        status, body = await call(http, gw, "GET", f"/api/sessions?{query}", KEY_A)
+        assert status == 400 and body["error"]["code"] == "invalid_query", query
+
+
+async def test_malformed_authorization_header(two_tenants, http):
+    gw, _, _ = two_tenants
+    async with http.get(url(gw, "/api/sessions"), headers={"Authorization": "Basic abc"}) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == "unauthorized"
+
+
+async def test_web_disabled_tenant_is_refused(make_gateway, http):
+    gw = await make_gateway({"tenants": [tenant("acme", keys=[KEY_A], web={"enabled": False})]})
+    status, body = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "x", "userId": "u"})
+    assert status == 403 and "disabled" in body["error"]["message"]
+
+
+async def test_anonymous_default_only_when_configured(make_gateway, http):
+    gw = await make_gateway({"tenants": [tenant("default", web={"anonymous": True})]})
+    status, body = await call(http, gw, "POST", "/api/chat", None, {"message": "x", "userId": "u"})
+    assert (status, body["response"]) == (200, "echo: x")
+    gw2 = await make_gateway({"tenants": [tenant("default", keys=[KEY_A])]})
+    assert (await call(http, gw2, "POST", "/api/chat", None, {"message": "x", "userId": "u"}))[0] == 401
+
+
+async def test_anonymous_default_refused_off_loopback(make_gateway, http):
+    gw = await make_gateway({"listen": {"host": "0.0.0.0", "port": 0},
+                             "tenants": [tenant("default", web={"anonymous": True})]})
+    status, _ = await call(http, gw, "POST", "/api/chat", None, {"message": "x", "userId": "u"})
+    assert status == 401
+
+
+async def test_flood_from_one_tenant_gets_429_while_another_is_served(make_agent, make_gateway, http):
+    import asyncio
+
+    slow = await make_agent(delay=1.0)
+    fast = await make_agent()
+    gw = await make_gateway({"tenants": [
+        tenant("flood", slow.url, keys=[KEY_A], agent={"max_concurrency": 2, "max_queue": 2}),
+        tenant("calm", fast.url, keys=[KEY_B]),
+    ]})
+    flood = [asyncio.create_task(call(http, gw, "POST", "/api/chat", KEY_A,
+                                      {"message": "x", "userId": f"u{i}"})) for i in range(10)]
+    await slow.wait_calls(2)
+    status, body = await call(http, gw, "POST", "/api/chat", KEY_B, {"message": "hi", "userId": "u"})
+    assert (status, body["response"]) == (200, "agent: hi")
+    statuses = sorted(s for s, _ in await asyncio.gather(*flood))
+    assert statuses.count(200) == 4 and statuses.count(429) == 6
+
+
+# Admin API and runtime tenants ------------------------------------------------------------
+
+
+async def test_admin_api_manages_tenants_and_keys(two_tenants, http, make_agent):
+    gw, _, _ = two_tenants
+    agent_c = await make_agent(prefix="C says: ")
+    assert (await call(http, gw, "GET", "/admin/tenants", None))[0] == 401
+    assert (await call(http, gw, "GET", "/admin/tenants", KEY_A))[0] == 401
+    status, listed = await call(http, gw, "GET", "/admin/tenants", ADMIN_TOKEN)
+    assert status == 200 and [t["id"] for t in listed] == ["acme", "default"]
+    spec = {"id": "gamma", "name": "Gamma", "agent": {"url": agent_c.url}}
+    status, created = await call(http, gw, "POST", "/admin/tenants", ADMIN_TOKEN, spec)
+    assert status == 201 and created["source"] == "runtime"
+    assert (await call(http, gw, "POST", "/admin/tenants", ADMIN_TOKEN, spec))[0] == 409
+    status, bad = await call(http, gw, "POST", "/admin/tenants", ADMIN_TOKEN,
+                             {"id": "Bad Id", "agent": {}})
+    assert status == 400 and "id" in bad["error"]["message"] and "agent" in bad["error"]["message"]
+    status, key = await call(http, gw, "POST", "/admin/tenants/gamma/keys", ADMIN_TOKEN,
+                             {"label": "ci"})
+    assert status == 201 and key["key"].startswith("cgw_")
+    status, chat = await call(http, gw, "POST", "/api/chat", key["key"],
+                              {"message": "hi", "userId": "u"})
+    assert (status, chat["response"]) == (200, "C says: hi")
+    # The new key cannot reach the other tenants' data.
+    assert (await call(http, gw, "GET", "/api/sessions?tenantId=acme", key["key"]))[0] == 403
+    status, keys = await call(http, gw, "GET", "/admin/tenants/gamma/keys", ADMIN_TOKEN)
+    assert [k["keyId"] for k in keys] == [key["keyId"]] and "key" not in keys[0]
+    # Update takes effect without a restart.
+    spec["agent"] = {"builtin": "echo"}
+    assert (await call(http, gw, "PUT", "/admin/tenants/gamma", ADMIN_TOKEN, spec))[0] == 200
+    _, chat = await call(http, gw, "POST", "/api/chat", key["key"], {"message": "yo", "userId": "u"})
+    assert chat["response"] == "echo: yo"
+    # Config-file tenants are changed in the file, not here.
+    assert (await call(http, gw, "DELETE", "/admin/tenants/acme", ADMIN_TOKEN))[0] == 409
+    # Revoking a key works at once.
+    assert (await call(http, gw, "DELETE", f"/admin/tenants/gamma/keys/{key['keyId']}",
+                       ADMIN_TOKEN))[0] == 204
+    assert (await call(http, gw, "GET", "/api/sessions", key["key"]))[0] == 401
+    assert (await call(http, gw, "DELETE", "/admin/tenants/gamma", ADMIN_TOKEN))[0] == 204
+    assert (await call(http, gw, "GET", "/admin/tenants/gamma", ADMIN_TOKEN))[0] == 404
+    # Other tenants were not disturbed.
+    _, a = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "still", "userId": "u"})
+    assert a["response"] == "A says: still"
+
+
+async def test_admin_api_disabled_without_token(make_gateway, http):
+    gw = await make_gateway({"tenants": [tenant("acme", keys=[KEY_A])]})
+    status, body = await call(http, gw, "GET", "/admin/tenants", "anything")
+    assert status == 403 and "admin.token" in body["error"]["message"]
+
+
+# OpenAPI ----------------------------------------------------------------------------------
+
+
+async def test_openapi_document_is_valid_and_matches_the_code(two_tenants, http):
+    gw, _, _ = two_tenants
+    status, doc = await call(http, gw, "GET", "/api/openapi.json")
+    assert status == 200
+    validate(doc)
+    chat_schema = doc["components"]["schemas"]["ChatRequest"]
+    from adapters.web.schemas import ChatRequest
+
+    assert set(chat_schema["properties"]) == set(ChatRequest.model_fields)
+    assert set(chat_schema["required"]) == {"message", "userId"}
+    assert chat_schema.get("additionalProperties") is False
+    from adapters.web.app import routes
+
+    served = {(r.method, r.path) for r in routes if r.method != "HEAD"}
+    documented = {(m.upper(), p.replace("{session_id}", "{session_id}"))
+                  for p, ops in doc["paths"].items() for m in ops}
+    assert served - {("GET", "/api/openapi.json")} <= documented
