@@ -108,13 +108,13 @@ class TenantRegistry:
                 await self._remove(tenant_id)
                 changes.append(f"removed {tenant_id}")
         for tenant_id, config in wanted.items():
-            current = self._tenants.get(tenant_id)
-            if current is not None and current.source == "config" and current.config == config:
+            existing = self._tenants.get(tenant_id)
+            if existing is not None and existing.source == "config" and existing.config == config:
                 continue
-            if current is not None and current.source == "runtime":
+            if existing is not None and existing.source == "runtime":
                 log.warning("runtime_tenant_shadowed", tenant_id=tenant_id)
             await self._put(_runtime(config, "config"))
-            changes.append(f"{'changed' if current else 'added'} {tenant_id}")
+            changes.append(f"{'changed' if existing else 'added'} {tenant_id}")
         return changes
 
     async def _put(self, runtime: TenantRuntime) -> None:

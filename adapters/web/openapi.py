@@ -79,8 +79,8 @@ def openapi_document() -> dict[str, Any]:
         "description": "A tenant definition, as in the config "
         "file's tenants[] (see docs/configuration.md)",
     }
-    auth = [{"apiKey": []}]
-    admin = [{"adminToken": []}]
+    auth: list[dict[str, list[str]]] = [{"apiKey": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "chatgateway", "version": __version__},
