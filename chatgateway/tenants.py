@@ -120,7 +120,7 @@ class TenantRegistry:
     async def _put(self, runtime: TenantRuntime) -> None:
         old = self._tenants.get(runtime.id)
         self._tenants[runtime.id] = runtime
-        self._rebuild_config_keys()
+        self._index_keys(old, runtime)
         if old is not None and old.invoker is not runtime.invoker:
             await old.invoker.close()
         for listener in self._listeners:
@@ -130,14 +130,21 @@ class TenantRegistry:
         old = self._tenants.pop(tenant_id, None)
         if old is None:
             return
-        self._rebuild_config_keys()
+        self._index_keys(old, None)
         self._key_cache = {k: v for k, v in self._key_cache.items() if v[0].tenant_id != tenant_id}
         await old.invoker.close()
         for listener in self._listeners:
             await listener(old.config, None)
 
-    def _rebuild_config_keys(self) -> None:
-        self._config_keys = {h: t.id for t in self._tenants.values() for h in t.config_key_hashes}
+    def _index_keys(self, old: TenantRuntime | None, new: TenantRuntime | None) -> None:
+        """Keep the config-key index current for one tenant (O(its keys), not O(all tenants))."""
+        if old is not None:
+            for digest in old.config_key_hashes:
+                if self._config_keys.get(digest) == old.id:
+                    del self._config_keys[digest]
+        if new is not None:
+            for digest in new.config_key_hashes:
+                self._config_keys[digest] = new.id
 
     async def close(self) -> None:
         for runtime in self._tenants.values():
