@@ -18,6 +18,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -166,10 +167,24 @@ class DiscordBotConfig(Model):
     api_base_url: HttpUrl = "https://discord.com/api/v10"
     gateway_url: WsUrl = "wss://gateway.discord.gg"
     message_content_intent: bool = True
-    channels: list[str] = Field(
+    channels: list[Annotated[str, Field(pattern=r"^[0-9]{1,20}$")]] = Field(
         default_factory=list, description="Channel ids where every message goes to the agent"
     )
     typing_indicator: bool = True
+    identify_interval: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="Minimum seconds between two IDENTIFYs of this bot (Discord allows one per 5 s)",
+    )
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _ids_as_strings(cls, value: Any) -> Any:
+        # YAML reads an unquoted Discord id as an int; accept it as the string it is.
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
 
 
 class DiscordConfig(Model):
