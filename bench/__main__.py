@@ -1,0 +1,49 @@
+"""`python -m bench`: run the benchmarks and print one table. See docs/performance.md."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from bench import loadgen
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny numbers: checks it all runs")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--only", default="web,slack,discord,scale",
+                        help="comma-separated parts: web, slack, discord, scale")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    rounds, seconds = (1, 1.0) if args.smoke else (args.rounds, args.seconds)
+    print(f"load generator: {loadgen.which()}; rounds: {rounds}; seconds per run: {seconds}")
+    with tempfile.TemporaryDirectory(prefix="chatgateway-bench-") as tmp:
+        workdir = Path(tmp)
+        if "web" in parts:
+            from bench import web
+
+            rows = web.run(workdir / "web", [1, 16, 64], rounds, seconds)
+            print()
+            print(table(rows, ["path", "target", "req/s", "p50 ms", "p99 ms", "cpu us/req",
+                               "errors", "ratio (median of rounds)"]))
+        if "scale" in parts:
+            from bench import scale
+
+            print()
+            print(table(scale.run(workdir / "scale", smoke=args.smoke),
+                        ["scale", "measure", "value", "target"]))
+
+
+if __name__ == "__main__":
+    main()
