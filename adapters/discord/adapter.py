@@ -1,0 +1,409 @@
+"""The Discord adapter: one discord.py client per configured bot, in the daemon's event loop.
+
+discord.py keeps its REST base (`discord.http.Route.BASE`) and gateway URL
+(`DiscordWebSocket.DEFAULT_GATEWAY`) in class attributes, i.e. per process, while every bot here
+has its own `api_base_url` and `gateway_url`. `_BotHTTPClient` makes both per client without
+touching the globals: it rewrites each request's URL from the library's base to the bot's, and
+each gateway connection to the library's default gateway to the bot's gateway. URLs the gateway
+hands out itself (the `resume_gateway_url` of READY) are used as given, as Discord requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import aiohttp
+import discord
+import structlog
+import yarl
+from discord.gateway import DiscordWebSocket
+from discord.http import HTTPClient, Route
+
+from adapters.discord import convert
+from chatgateway.adapter import AdapterState, AdapterStatus
+from chatgateway.config import DiscordBotConfig
+from chatgateway.errors import (
+    AdapterAuthError,
+    NotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
+from chatgateway.models import NormalizedMessage, Platform, TenantId
+from chatgateway.pipeline import Pipeline
+
+log = structlog.get_logger("chatgateway.discord")
+
+# The gateway never uses voice; without this every first client logs that PyNaCl is missing.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+#: Close codes after which reconnecting cannot help: the adapter is parked, not retried.
+PARK_REASONS = {
+    4004: "Discord rejected the bot token (gateway close code 4004 'authentication failed'): "
+    "check the token in the config (Developer Portal > your application > Bot > Reset Token)",
+    4010: "Discord rejected the shard settings (close code 4010)",
+    4011: "Discord requires sharding for this bot (close code 4011); more than 2,500 servers "
+    "are not supported by this gateway",
+    4012: "Discord rejected the gateway API version (close code 4012)",
+    4013: "Discord rejected the requested intents as invalid (close code 4013)",
+    4014: "Discord refused a privileged intent (close code 4014): enable 'Message Content "
+    "Intent' for this bot (Developer Portal > your application > Bot > Privileged Gateway "
+    "Intents) or set message_content_intent: false for it in the config",
+}
+#: How long `stop` lets replies that are being sent finish before cancelling them.
+STOP_GRACE = 8.0
+#: How often the typing indicator is renewed while the agent works (Discord shows it for 10 s).
+TYPING_EVERY = 8.0
+#: How long a reply waits for the first typing call to complete, so typing precedes it.
+TYPING_FIRST_WAIT = 2.0
+BUSY_TEXT = "I'm handling too many messages right now. Please try again in a moment."
+RESTARTING_TEXT = "I'm restarting and couldn't take that message. Please send it again in a minute."
+
+#: When each bot (by token hash) last sent IDENTIFY, across adapter restarts in this process.
+_last_identify: dict[str, float] = {}
+
+
+def intents_for(settings: DiscordBotConfig) -> discord.Intents:
+    """Exactly the intents the adapter needs: guilds, guild and DM messages, maybe content."""
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = settings.message_content_intent
+    return intents
+
+
+class _BotHTTPClient(HTTPClient):
+    """discord.py's HTTP client, pointed at one bot's own REST base and gateway."""
+
+    def __init__(self, *args: Any, api_base_url: str, gateway_url: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.api_base_url = api_base_url.rstrip("/")
+        self.gateway_url = yarl.URL(gateway_url)
+
+    async def request(self, route: Route, **kwargs: Any) -> Any:
+        base = Route.BASE
+        if route.url.startswith(base) and not getattr(route, "_rebased", False):
+            route.url = self.api_base_url + route.url[len(base) :]
+            route._rebased = True  # type: ignore[attr-defined]
+        return await super().request(route, **kwargs)
+
+    async def ws_connect(self, url: str, *, compress: int = 0) -> aiohttp.ClientWebSocketResponse:
+        target = yarl.URL(url)
+        if _same_endpoint(target, DiscordWebSocket.DEFAULT_GATEWAY):
+            target = self.gateway_url.with_query(target.query)
+        return await super().ws_connect(str(target), compress=compress)
+
+
+def _same_endpoint(a: yarl.URL, b: yarl.URL) -> bool:
+    return (a.scheme, a.host, a.port, a.path.rstrip("/")) == (
+        b.scheme,
+        b.host,
+        b.port,
+        b.path.rstrip("/"),
+    )
+
+
+class _BotClient(discord.Client):
+    """A discord.Client that reports to its adapter instead of calling on_* handlers."""
+
+    def __init__(self, adapter: DiscordAdapter, settings: DiscordBotConfig) -> None:
+        super().__init__(
+            intents=intents_for(settings),
+            max_messages=None,
+            chunk_guilds_at_startup=False,
+            member_cache_flags=discord.MemberCacheFlags.none(),
+        )
+        self._adapter = adapter
+        self.http = _BotHTTPClient(
+            self.loop,
+            api_base_url=settings.api_base_url,
+            gateway_url=settings.gateway_url,
+        )
+        self._connection.http = self.http
+
+    def dispatch(self, event: str, /, *args: Any, **kwargs: Any) -> None:
+        adapter = self._adapter
+        if event == "socket_event_type":
+            adapter.status.event_seen()
+        elif event == "message":
+            adapter.message_received(args[0])
+        elif event == "connect":
+            adapter.gateway_state("ready")
+        elif event == "resumed":
+            adapter.gateway_state("resumed")
+        elif event == "disconnect":
+            adapter.gateway_state("disconnected")
+        super().dispatch(event, *args, **kwargs)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        # discord.py sleeps 5 s before every non-first IDENTIFY. Discord allows one IDENTIFY
+        # per 5 s per bot, so wait only for what is left of the bot's interval since its last
+        # IDENTIFY (also one from an earlier run of this adapter): a re-IDENTIFY long after the
+        # last one goes at once, two in quick succession stay rate-limited.
+        await self._adapter.wait_identify_slot()
+
+
+class DiscordAdapter:
+    """One Discord bot of one tenant: connects, answers, reports its status."""
+
+    def __init__(
+        self, tenant_id: TenantId, settings: DiscordBotConfig, pipeline: Pipeline
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.settings = settings
+        self.pipeline = pipeline
+        self.status = AdapterStatus(tenant_id, Platform.DISCORD, settings.name)
+        self._token = settings.token.get_secret_value().strip().removeprefix("Bot ").strip()
+        self._token_key = hashlib.sha256(self._token.encode()).hexdigest()
+        self._channels = frozenset(settings.channels)
+        self._client: _BotClient | None = None
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handling: set[int] = set()
+        self._warned_no_content = False
+        self._log = log.bind(tenant_id=tenant_id, platform="discord", adapter=settings.name)
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Log in and serve until `stop`; AdapterAuthError when Discord refuses the bot."""
+        if self._stopping:
+            return
+        self.status.state = AdapterState.CONNECTING
+        client = _BotClient(self, self.settings)
+        self._client = client
+        try:
+            try:
+                await client.login(self._token)
+                if self._stopping:
+                    return
+                self._log.info("discord_logged_in", bot_user_id=str(client.user.id if client.user
+                                                                    else ""))
+                await client.connect(reconnect=True)
+            except discord.LoginFailure:
+                raise self._park(4004, "login") from None
+            except discord.PrivilegedIntentsRequired:
+                raise self._park(4014, "gateway") from None
+            except discord.ConnectionClosed as exc:
+                if exc.code in PARK_REASONS:
+                    raise self._park(exc.code, "gateway") from None
+                raise
+            except Exception:
+                if self._stopping:
+                    return
+                raise
+            if not self._stopping:
+                raise ConnectionError("the Discord client stopped on its own")
+        finally:
+            await self._close_client(client)
+
+    def _park(self, code: int, where: str) -> AdapterAuthError:
+        reason = PARK_REASONS[code]
+        if where == "login" and code == 4004:
+            reason = (
+                "Discord rejected the bot token (HTTP 401 on login): check the token in the config "
+                "(Developer Portal > your application > Bot > Reset Token)"
+            )
+        self.status.last_error = reason
+        self._log.error("discord_bot_refused", code=code, reason=reason)
+        return AdapterAuthError(reason)
+
+    async def _close_client(self, client: _BotClient) -> None:
+        try:
+            await client.close()
+        except Exception as exc:
+            self._log.warning("discord_close_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def stop(self) -> None:
+        """Stop taking messages, let replies being sent finish briefly, close the client."""
+        self._stopping = True
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._client is not None:
+            await self._close_client(self._client)
+
+    def alive(self) -> bool:
+        """False only when a client that should be connected is closed."""
+        client = self._client
+        if client is None or self._stopping or self.status.state != AdapterState.CONNECTED:
+            return True
+        return not client.is_closed()
+
+    # Gateway state ---------------------------------------------------------------------------
+
+    def gateway_state(self, what: str) -> None:
+        status = self.status
+        if what in ("ready", "resumed"):
+            if status.state == AdapterState.CONNECTING and status.connected_at is not None:
+                status.reconnects += 1
+            status.state = AdapterState.CONNECTED
+            status.connected_at = time.time()
+            status.last_error = None
+            client = self._client
+            user_id = str(client.user.id) if client is not None and client.user else None
+            self._log.info(f"discord_{what}", bot_user_id=user_id)
+        elif what == "disconnected" and status.state == AdapterState.CONNECTED:
+            status.state = AdapterState.CONNECTING
+            self._log.info("discord_disconnected")
+
+    async def wait_identify_slot(self) -> None:
+        interval = self.settings.identify_interval
+        last = _last_identify.get(self._token_key)
+        if last is not None:
+            wait = last + interval - time.monotonic()
+            if wait > 0:
+                self._log.info("discord_identify_wait", seconds=round(wait, 2))
+                await asyncio.sleep(wait)
+        _last_identify[self._token_key] = time.monotonic()
+
+    # Messages ------------------------------------------------------------------------------
+
+    def message_received(self, message: discord.Message) -> None:
+        """Called by the client for every MESSAGE_CREATE; must not block."""
+        client = self._client
+        if self._stopping or client is None or client.user is None:
+            return
+        bot_id = client.user.id
+        role_ids = self._bot_role_ids(message)
+        via = convert.route(message, bot_id, self._channels, role_ids)
+        if via is None:
+            return
+        if message.id in self._handling:
+            # A replay of a message we are still answering (RESUME during the agent call).
+            self._log.info("message_duplicate", message_id=str(message.id))
+            return
+        normalized = convert.to_normalized(
+            message,
+            self.tenant_id,
+            bot_id=bot_id,
+            via=via,
+            bot_name=self.settings.name,
+            bot_role_ids=role_ids,
+        )
+        if not normalized.text and not normalized.attachments:
+            if via == "channel" and not self.settings.message_content_intent:
+                self._warn_no_content()
+            return
+        self._handling.add(message.id)
+        task = asyncio.create_task(
+            self._answer(message, normalized),
+            name=f"discord:{self.tenant_id}:{self.settings.name}:message:{message.id}",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _bot_role_ids(self, message: discord.Message) -> tuple[int, ...]:
+        guild = message.guild
+        role = guild.self_role if guild is not None else None
+        return (role.id,) if role is not None else ()
+
+    def _warn_no_content(self) -> None:
+        if self._warned_no_content:
+            return
+        self._warned_no_content = True
+        self._log.warning(
+            "discord_message_content_missing",
+            hint="messages in configured channels arrive without text unless the bot has the "
+            "Message Content intent; set message_content_intent: true and enable it in the "
+            "Developer Portal, or mention the bot",
+        )
+
+    async def _answer(self, message: discord.Message, normalized: NormalizedMessage) -> None:
+        bound = self._log.bind(message_id=normalized.message_id, channel_id=str(message.channel.id))
+        typing: asyncio.Task[None] | None = None
+        first_typing = asyncio.Event()
+        try:
+            if self.settings.typing_indicator and not await self._already_answered(normalized):
+                typing = asyncio.create_task(
+                    self._keep_typing(message, first_typing),
+                    name=f"discord:{self.tenant_id}:{self.settings.name}:typing",
+                )
+            try:
+                reply = await self.pipeline.handle(normalized, dedup=True)
+                text = reply.text if reply.outcome != "duplicate" else ""
+            except OverloadedError:
+                bound.warning("message_rejected", reason="overloaded")
+                text = BUSY_TEXT
+            except UnavailableError:
+                bound.warning("message_rejected", reason="shutting_down")
+                text = RESTARTING_TEXT
+            except NotFoundError as exc:
+                bound.warning("message_rejected", reason="not_found", detail=str(exc))
+                return
+            if not text:
+                return
+            if typing is not None:
+                # So the indicator is always seen before the answer it announces.
+                try:
+                    async with asyncio.timeout(TYPING_FIRST_WAIT):
+                        await first_typing.wait()
+                except TimeoutError:
+                    pass
+                typing.cancel()
+            await self._send(message, text, bound)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            bound.error("discord_message_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if typing is not None:
+                typing.cancel()
+            self._handling.discard(message.id)
+
+    async def _already_answered(self, normalized: NormalizedMessage) -> bool:
+        # A replayed message needs no typing indicator; the pipeline still makes the decision.
+        try:
+            return await self.pipeline.store.is_processed(
+                normalized.tenant_id, normalized.platform, normalized.message_id
+            )
+        except Exception:
+            return False
+
+    async def _keep_typing(self, message: discord.Message, first: asyncio.Event) -> None:
+        channel = message.channel
+        while True:
+            try:
+                await channel.typing()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # No permission or a hiccup: the answer matters, the indicator does not.
+                self._log.debug("discord_typing_failed", error=f"{type(exc).__name__}: {exc}")
+            first.set()
+            await asyncio.sleep(TYPING_EVERY)
+
+    async def _send(self, message: discord.Message, text: str, bound: Any) -> None:
+        client = self._client
+        assert client is not None and client.user is not None
+        parts = convert.split_message(text)
+        mentions = discord.AllowedMentions(
+            everyone=False, users=False, roles=False, replied_user=True
+        )
+        reference = message.to_reference(fail_if_not_exists=False)
+        for index, part in enumerate(parts):
+            nonce = convert.reply_nonce(client.user.id, message.id, index)
+            try:
+                await message.channel.send(
+                    part,
+                    reference=reference if index == 0 else None,  # type: ignore[arg-type]
+                    nonce=nonce,
+                    allowed_mentions=mentions,
+                )
+            except discord.Forbidden as exc:
+                bound.warning(
+                    "discord_reply_forbidden",
+                    error=str(exc),
+                    hint="give the bot Send Messages (and Send Messages in Threads) in this channel",
+                )
+                return
+            except discord.HTTPException as exc:
+                bound.error("discord_reply_failed", part=index, status=exc.status, error=str(exc))
+                return
+        bound.info("discord_reply_sent", parts=len(parts))

@@ -1,0 +1,249 @@
+"""Pure conversions between Discord messages and the gateway's model; no network, no state.
+
+`route` decides whether a message is for the agent, `to_normalized` builds the NormalizedMessage
+(mention stripped), `split_message` cuts a long answer into Discord-sized messages without ever
+leaving a code block open, and `reply_nonce` names each reply part so a retried POST is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Collection, Iterator
+from typing import Any, Literal
+
+import discord
+
+from chatgateway.models import (
+    Attachment,
+    Conversation,
+    ConversationKind,
+    NormalizedMessage,
+    Platform,
+    TenantId,
+    User,
+)
+
+#: Discord's limit for the content of one message.
+MAX_MESSAGE_LENGTH = 2000
+#: Discord accepts a nonce of at most 25 characters.
+NONCE_LENGTH = 25
+FENCE = "```"
+
+#: Why a message goes to the agent.
+Via = Literal["dm", "mention", "reply", "channel"]
+
+_ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+_USER_MENTION = re.compile(r"<@!?([0-9]{1,20})>")
+
+
+def route(
+    message: discord.Message,
+    bot_id: int,
+    channels: Collection[str],
+    bot_role_ids: Collection[int] = (),
+) -> Via | None:
+    """Say why this message is for the agent, or None when the bot should ignore it.
+
+    Ignored: the bot's own messages, other bots' and webhooks' messages, system messages.
+    Answered: every DM; in guild channels, messages that mention the bot (or its managed role)
+    or reply to one of its messages; and every message in a configured channel (or in a thread
+    of one).
+    """
+    author = message.author
+    if author.id == bot_id or author.bot or getattr(author, "system", False):
+        return None
+    if message.webhook_id is not None or message.type not in _ANSWERED_TYPES:
+        return None
+    if isinstance(message.channel, discord.DMChannel):
+        return "dm"
+    if any(user.id == bot_id for user in message.mentions):
+        return "mention"
+    if bot_role_ids and any(role_id in bot_role_ids for role_id in message.raw_role_mentions):
+        return "mention"
+    reference = message.reference
+    resolved = reference.resolved if reference is not None else None
+    if isinstance(resolved, discord.Message) and resolved.author.id == bot_id:
+        return "reply"
+    channel_id, parent_id = channel_ids(message)
+    if channel_id in channels or (parent_id is not None and parent_id in channels):
+        return "channel"
+    return None
+
+
+def channel_ids(message: discord.Message) -> tuple[str, str | None]:
+    """The id of the channel the message was posted in and, for a thread, its parent's id."""
+    channel: Any = message.channel
+    parent = getattr(channel, "parent_id", None) if isinstance(channel, discord.Thread) else None
+    return str(channel.id), (str(parent) if parent is not None else None)
+
+
+def strip_mentions(
+    content: str,
+    bot_id: int,
+    *,
+    bot_role_ids: Collection[int] = (),
+    names: dict[int, str] | None = None,
+) -> str:
+    """Remove the bot's own mentions; show other users' mentions as @name when known."""
+    names = names or {}
+    text = re.sub(rf"<@!?{bot_id}>[ \t]?", "", content)
+    for role_id in bot_role_ids:
+        text = re.sub(rf"<@&{role_id}>[ \t]?", "", text)
+
+    def user_name(match: re.Match[str]) -> str:
+        name = names.get(int(match.group(1)))
+        return f"@{name}" if name else match.group(0)
+
+    return _USER_MENTION.sub(user_name, text).strip()
+
+
+def to_normalized(
+    message: discord.Message,
+    tenant_id: TenantId,
+    *,
+    bot_id: int,
+    via: Via,
+    bot_name: str,
+    bot_role_ids: Collection[int] = (),
+) -> NormalizedMessage:
+    """Build the NormalizedMessage for a message `route` accepted."""
+    names = {user.id: user.display_name for user in message.mentions}
+    text = strip_mentions(message.content, bot_id, bot_role_ids=bot_role_ids, names=names)
+    channel_id, parent_id = channel_ids(message)
+    guild_id = getattr(message.guild, "id", None) or getattr(message.channel, "guild_id", None)
+    if via == "dm":
+        conversation = Conversation(id=channel_id, kind=ConversationKind.DM)
+    elif parent_id is not None:
+        conversation = Conversation(
+            id=parent_id, kind=ConversationKind.CHANNEL, thread_id=channel_id
+        )
+    else:
+        conversation = Conversation(id=channel_id, kind=ConversationKind.CHANNEL)
+    metadata: dict[str, Any] = {"bot": bot_name, "via": via, "channelId": channel_id}
+    if guild_id is not None:
+        metadata["guildId"] = str(guild_id)
+    return NormalizedMessage(
+        tenant_id=tenant_id,
+        platform=Platform.DISCORD,
+        conversation=conversation,
+        user=User(id=str(message.author.id), display_name=message.author.display_name),
+        text=text,
+        message_id=str(message.id),
+        timestamp=message.created_at.timestamp(),
+        attachments=tuple(
+            Attachment(name=a.filename, content_type=a.content_type, size=a.size, url=a.url)
+            for a in message.attachments
+        ),
+        metadata=metadata,
+    )
+
+
+def reply_nonce(bot_id: int, message_id: int | str, part: int) -> str:
+    """A stable nonce for part `part` of the answer to `message_id` (Discord allows 25 chars)."""
+    raw = f"{bot_id}:{message_id}:{part}".encode()
+    return hashlib.sha256(raw).hexdigest()[:NONCE_LENGTH]
+
+
+# Splitting ---------------------------------------------------------------------------------
+
+
+def split_message(text: str, limit: int = MAX_MESSAGE_LENGTH) -> list[str]:
+    """Cut `text` into messages of at most `limit` characters, never inside a code block.
+
+    Breaks fall between lines where possible, else at a space, else anywhere. A code block that
+    fits in one message is never divided; one longer than a message is closed at the end of a
+    part and reopened (with its language) at the start of the next, so every part renders.
+    """
+    if len(text) <= limit:
+        return [text] if text.strip() else []
+    chunks: list[str] = []
+    current = ""
+    for atom in _atoms(text, limit):
+        if len(current) + len(atom) <= limit:
+            current += atom
+            continue
+        if current.strip():
+            chunks.append(current)
+        current = atom
+    if current.strip():
+        chunks.append(current)
+    return [chunk.strip("\n") for chunk in chunks]
+
+
+def _toggles_fence(line: str) -> bool:
+    return line.count(FENCE) % 2 == 1
+
+
+def _atoms(text: str, limit: int) -> Iterator[str]:
+    """Pieces no longer than `limit` that may be packed together but never cut."""
+    lines = text.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        if not _toggles_fence(lines[i]):
+            yield from _cut(lines[i], limit)
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines) and not _toggles_fence(lines[j]):
+            j += 1
+        closed = j < len(lines)
+        block = lines[i : j + 1] if closed else lines[i:]
+        yield from _code_atoms(block, closed, limit)
+        i = j + 1
+
+
+def _cut(text: str, limit: int) -> Iterator[str]:
+    """Cut prose longer than `limit` at the last space that fits (or anywhere)."""
+    while len(text) > limit:
+        at = text.rfind(" ", 0, limit)
+        at = at + 1 if at > 0 else limit
+        yield text[:at]
+        text = text[at:]
+    if text:
+        yield text
+
+
+def _code_atoms(block: list[str], closed: bool, limit: int) -> Iterator[str]:
+    whole = "".join(block)
+    if len(whole) <= limit and closed:
+        yield whole
+        return
+    opening = block[0]
+    fence_at = opening.rindex(FENCE)
+    language = opening[fence_at + len(FENCE) :].strip()
+    if " " in language:
+        language = ""  # text after the fence, not a language name
+    head = f"{FENCE}{language}\n"
+    tail = f"{FENCE}\n"
+    if opening[:fence_at].strip():
+        yield from _cut(opening[:fence_at].rstrip() + "\n", limit)
+    body = block[1:-1] if closed else block[1:]
+    closing_rest = block[-1][block[-1].index(FENCE) + len(FENCE) :] if closed else ""
+    room = limit - len(head) - len(tail)
+    part = ""
+    for line in body:
+        if not line.endswith("\n"):
+            line += "\n"
+        pieces = [line] if len(line) <= room else [
+            piece if piece.endswith("\n") else piece + "\n" for piece in _hard_cut(line, room - 1)
+        ]
+        for piece in pieces:
+            if len(part) + len(piece) > room:
+                yield head + part + tail
+                part = ""
+            part += piece
+    last = head + part + FENCE + (closing_rest if closed else "\n")
+    if (part or not body) and len(last) <= limit:
+        yield last
+        return
+    if part or not body:
+        yield head + part + tail
+    if closing_rest.strip():
+        yield from _cut(closing_rest, limit)
+
+
+def _hard_cut(text: str, size: int) -> Iterator[str]:
+    text = text.rstrip("\n")
+    for start in range(0, len(text), size):
+        yield text[start : start + size]
