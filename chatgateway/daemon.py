@@ -1,32 +1,65 @@
-"""The composition root: config, store, tenants, pipeline, web server and adapters in one loop."""
+"""The composition root: config, store, tenants, pipeline, web server and adapters in one loop.
+
+Lifecycle (docs/operations.md): start -> READY=1; SIGHUP or POST /admin/reload -> apply the
+config's difference; SIGTERM/SIGINT -> stop intake, drain within server.drain_seconds, close.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from aiohttp import web
 
-from chatgateway.adapter import Adapter
-from chatgateway.config import GatewayConfig, StorageConfig, is_loopback, load_config
-from chatgateway.errors import ConfigError
+from chatgateway import __version__
+from chatgateway.adapter import Adapter, AdapterState
+from chatgateway.config import (
+    GatewayConfig,
+    ListenConfig,
+    StorageConfig,
+    is_loopback,
+    load_config,
+)
+from chatgateway.errors import ConfigError, UnavailableError
 from chatgateway.logging import configure_logging, scrubber, secrets_in
-from chatgateway.metrics import Metrics
+from chatgateway.metrics import GatewaySample, Metrics
 from chatgateway.models import Platform, TenantId
+from chatgateway.notify import Notifier
 from chatgateway.pipeline import Pipeline
 from chatgateway.store import SessionStore, open_store
 from chatgateway.supervisor import Supervisor, load_adapter_class
 from chatgateway.tenants import TenantRegistry
 
+if TYPE_CHECKING:
+    from adapters.web import WebContext
+
 log = structlog.get_logger("chatgateway.daemon")
 
+#: Exit code of `run` when the gateway could not start for a reason other than its config
+#: (port in use, unreadable database); systemd's Restart=on-failure retries it.
+EXIT_FAILURE = 1
 #: How often idle sessions past their tenant's retention are deleted.
 PRUNE_INTERVAL = 3600.0
+#: Longest pause between health checks (adapter liveness, STATUS=); the systemd watchdog
+#: interval is used when it is shorter.
+HEALTH_INTERVAL = 5.0
+#: How long start() waits for every adapter's first connection attempt before READY=1.
+STARTUP_SETTLE = 10.0
+#: After the drain, how long the web server waits for responses still being written.
+HTTP_SHUTDOWN_GRACE = 3.0
+#: /metrics reads session counts from the store at most this often.
+SESSION_COUNT_TTL = 5.0
+#: Config keys a reload cannot change in a running process (a restart applies them).
+RESTART_KEYS = ("storage", "server.max_body_bytes")
+
+State = Literal["starting", "ready", "reloading", "draining", "stopped"]
 
 
 def resolve_storage(storage: StorageConfig, environ: Mapping[str, str]) -> StorageConfig:
@@ -40,6 +73,36 @@ def resolve_storage(storage: StorageConfig, environ: Mapping[str, str]) -> Stora
     return storage
 
 
+@dataclass(slots=True)
+class ReloadResult:
+    """What a reload did: tenants changed, and keys that only a restart applies."""
+
+    ok: bool
+    at: float
+    changes: list[str] = field(default_factory=list)
+    restart_needed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "at": self.at,
+            "changes": self.changes,
+            "restartNeeded": self.restart_needed,
+            "errors": self.errors,
+        }
+
+
+def restart_needed(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """The RESTART_KEYS whose value differs between two configs."""
+    found = []
+    if old.storage != new.storage:
+        found.append("storage")
+    if old.server.max_body_bytes != new.server.max_body_bytes:
+        found.append("server.max_body_bytes")
+    return found
+
+
 class Daemon:
     """One gateway process. `start` then `stop`, or `run` to serve until a signal."""
 
@@ -48,16 +111,29 @@ class Daemon:
         self.environ = environ
         self.config: GatewayConfig | None = None
         self.metrics = Metrics()
+        self.notifier = Notifier(environ)
         self.store: SessionStore | None = None
         self.tenants: TenantRegistry | None = None
         self.pipeline: Pipeline | None = None
         self.supervisor: Supervisor | None = None
         self.runner: web.AppRunner | None = None
+        self.web_context: WebContext | None = None
         self.port: int | None = None
+        self.state: State = "starting"
         self.started = False
+        self.started_at = time.time()
+        self.last_reload: ReloadResult | None = None
+        self._site: web.TCPSite | None = None
+        self._listen: ListenConfig | None = None
+        self._storage: StorageConfig | None = None
         self._stop_requested = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._stopped = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._health_problems: list[str] = []
+        self._session_counts_at = 0.0
+        self.metrics.watch_gateway(self._gateway_sample)
 
     # Start ---------------------------------------------------------------------------------
 
@@ -65,52 +141,89 @@ class Daemon:
         """Load the config (ConfigError if invalid), open the store, start serving."""
         config = load_config(self.config_path, self.environ)
         self.config = config
-        configure_logging(config.logging.level, config.logging.format)
+        configure_logging(config.logging.level, config.logging.format, environ=self.environ)
         scrubber.update(secrets_in(config))
-        self.store = await open_store(resolve_storage(config.storage, self.environ))
+        self._storage = resolve_storage(config.storage, self.environ)
+        self.store = await open_store(self._storage)
         self.tenants = TenantRegistry(self.store, self.environ)
+        # First listener: mask a tenant's secrets before its adapters can log anything.
+        self.tenants.on_change(self._tenant_secrets)
         self.pipeline = Pipeline(self.store, self.tenants, self.metrics)
         self.supervisor = Supervisor(self._make_adapter, self.metrics)
         self.tenants.on_change(self.supervisor.tenant_changed)
         await self.tenants.load(config.tenants)
         await self._start_web(config)
+        await self._settle_adapters()
         self._spawn(self._prune_loop(), "maintenance:prune")
+        self._spawn(self._health_loop(), "maintenance:health")
         self.started = True
+        self.state = "ready"
         log.info(
             "gateway_started",
             tenants=len(self.tenants),
             host=config.listen.host,
             port=self.port,
             storage=config.storage.backend,
+            version=__version__,
+            watchdog_seconds=self.notifier.watchdog_interval
+            and self.notifier.watchdog_interval * 2,
         )
+        self.notifier.ready(self.status_line())
+
+    async def _tenant_secrets(self, old: Any, new: Any) -> None:
+        if new is not None:
+            scrubber.add(secrets_in(new))
 
     def _make_adapter(self, tenant_id: TenantId, platform: Platform, settings: Any) -> Adapter:
         assert self.pipeline is not None
         return load_adapter_class(platform)(tenant_id, settings, self.pipeline)
 
+    async def _settle_adapters(self) -> None:
+        """Give every adapter its first connection attempt before announcing readiness."""
+        assert self.supervisor is not None
+        deadline = time.monotonic() + STARTUP_SETTLE
+        while not self.supervisor.settled() and not self._stop_requested.is_set():
+            if time.monotonic() > deadline:
+                log.warning("adapters_still_connecting", seconds=STARTUP_SETTLE)
+                return
+            await asyncio.sleep(0.05)
+
     async def _start_web(self, config: GatewayConfig) -> None:
         from adapters.web import WebContext, create_app
+        from adapters.web.ops import ops_routes
 
         assert self.pipeline and self.tenants and self.store
         loopback = is_loopback(config.listen.host)
         anonymous = self.tenants.get("default")
         if anonymous is not None and anonymous.config.web.anonymous and not loopback:
             log.warning("anonymous_web_disabled", reason="listen address is not loopback")
-        context = WebContext(
+        self.web_context = WebContext(
             pipeline=self.pipeline,
             tenants=self.tenants,
             store=self.store,
             server=config.server,
             admin_token=config.admin.token,
             loopback=loopback,
+            extra_routes=ops_routes(self),
         )
-        self.runner = web.AppRunner(create_app(context), access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(
+            create_app(self.web_context),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=HTTP_SHUTDOWN_GRACE,
+        )
         await self.runner.setup()
-        site = web.TCPSite(self.runner, config.listen.host, config.listen.port)
+        self._site, self.port = await self._bind(config.listen)
+        self._listen = config.listen
+
+    async def _bind(self, listen: ListenConfig) -> tuple[web.TCPSite, int]:
+        assert self.runner is not None
+        before = set(map(tuple, self.runner.addresses))
+        site = web.TCPSite(self.runner, listen.host, listen.port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else config.listen.port
+        new = [a for a in self.runner.addresses if tuple(a) not in before]
+        port = int(new[0][1]) if new else listen.port
+        return site, port
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -130,26 +243,254 @@ class Daemon:
                     log.warning("prune_failed", tenant_id=tenant.id, error=str(exc))
             await asyncio.sleep(PRUNE_INTERVAL)
 
+    # Health, watchdog and status -----------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        """Check health, feed the systemd watchdog, and keep STATUS= current.
+
+        The pings come from the event loop itself, so a blocked loop sends none and systemd
+        restarts the service; a wedged adapter is first restarted by the supervisor, and only
+        something it cannot repair withholds the pings.
+        """
+        assert self.supervisor is not None
+        loop = asyncio.get_running_loop()
+        watchdog = self.notifier.watchdog_interval
+        interval = min(watchdog, HEALTH_INTERVAL) if watchdog else HEALTH_INTERVAL
+        last_status = ""
+        while True:
+            if watchdog:
+                healthy = self.health_check()
+                if healthy:
+                    self.notifier.watchdog()
+            else:
+                self.health_check()
+            status = self.status_line()
+            if status != last_status and self.state == "ready":
+                self.notifier.status(status)
+                last_status = status
+            expected = loop.time() + interval
+            await asyncio.sleep(interval)
+            lag = loop.time() - expected
+            if lag > max(1.0, interval):
+                log.warning("event_loop_lag", seconds=round(lag, 2))
+
+    def health_check(self) -> bool:
+        """True when nothing is wedged; logs when that changes."""
+        assert self.supervisor is not None
+        health = self.supervisor.check()
+        if health.problems != self._health_problems:
+            if health.problems:
+                log.error("watchdog_withheld", problems=health.problems)
+            elif self._health_problems:
+                log.info("health_restored")
+            self._health_problems = health.problems
+        return health.ok
+
+    def status_line(self) -> str:
+        """The one-line summary systemd shows (STATUS=) in `systemctl status`."""
+        in_flight = self.pipeline.active if self.pipeline else 0
+        if self.state == "draining":
+            return f"Draining: {in_flight} message(s) in flight"
+        tenants = len(self.tenants) if self.tenants else 0
+        counts = self.supervisor.counts() if self.supervisor else {}
+        up = counts.get(AdapterState.CONNECTED, 0)
+        parked = counts.get(AdapterState.PARKED, 0)
+        retrying = counts.get(AdapterState.BACKOFF, 0)
+        connecting = counts.get(AdapterState.STARTING, 0) + counts.get(AdapterState.CONNECTING, 0)
+        text = f"{tenants} tenant(s); adapters: {up} up, {parked} parked, {retrying} retrying"
+        if connecting:
+            text += f", {connecting} connecting"
+        return f"{text}; {in_flight} in flight"
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, state): ready once the store is open and adapters started, until draining."""
+        return self.state in ("ready", "reloading") and self.store is not None, self.state
+
+    def _gateway_sample(self) -> GatewaySample:
+        return GatewaySample(
+            ready=self.readiness()[0],
+            draining=self.state == "draining",
+            in_flight=self.pipeline.active if self.pipeline else 0,
+            tenants=len(self.tenants) if self.tenants else 0,
+        )
+
+    async def refresh_metrics(self) -> None:
+        """Update the active-session gauge from the store (at most every few seconds)."""
+        if self.tenants is None or self.store is None or self.state == "stopped":
+            return
+        now = time.monotonic()
+        if now - self._session_counts_at < SESSION_COUNT_TTL:
+            return
+        self._session_counts_at = now
+        counts = {}
+        for tenant in self.tenants.all():
+            idle_since = time.time() - tenant.config.sessions.idle_timeout
+            counts[tenant.id] = await self.store.count_sessions(tenant.id, active_since=idle_since)
+        self.metrics.set_active_sessions(counts)
+
+    async def status_report(self) -> dict[str, Any]:
+        """Everything GET /admin/status shows."""
+        assert self.tenants and self.store and self.supervisor
+        tenants = []
+        now = time.time()
+        for tenant in sorted(self.tenants.all(), key=lambda t: t.id):
+            config = tenant.config
+            idle_since = now - config.sessions.idle_timeout
+            adapters = []
+            for status in self.supervisor.statuses(tenant.id):
+                item = status.as_dict()
+                if item["lastError"]:
+                    item["lastError"] = scrubber.scrub(item["lastError"])
+                adapters.append(item)
+            tenants.append(
+                {
+                    "id": tenant.id,
+                    "name": config.name,
+                    "source": tenant.source,
+                    "web": {"enabled": config.web.enabled},
+                    "adapters": adapters,
+                    "sessions": {
+                        "active": await self.store.count_sessions(
+                            tenant.id, active_since=idle_since
+                        ),
+                        "total": await self.store.count_sessions(tenant.id),
+                    },
+                }
+            )
+        return {
+            "version": __version__,
+            "state": self.state,
+            "ready": self.readiness()[0],
+            "pid": os.getpid(),
+            "startedAt": self.started_at,
+            "uptimeSeconds": round(now - self.started_at, 1),
+            "configFile": str(self.config_path),
+            "listen": {"host": self._listen.host if self._listen else None, "port": self.port},
+            "inFlight": self.pipeline.active if self.pipeline else 0,
+            "health": {"ok": not self._health_problems, "problems": self._health_problems},
+            "systemd": {
+                "notify": self.notifier.enabled,
+                "watchdogSeconds": self.notifier.watchdog_usec / 1e6
+                if self.notifier.watchdog_usec
+                else None,
+            },
+            "lastReload": self.last_reload.as_dict() if self.last_reload else None,
+            "tenants": tenants,
+        }
+
     # Reload --------------------------------------------------------------------------------
 
-    async def reload(self) -> list[str]:
-        """Re-read the config file and apply only the difference; a bad file changes nothing."""
-        assert self.tenants is not None
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file and apply only the difference; a bad file changes nothing.
+
+        Raises ConfigError (after logging every problem) when the new file is invalid, and
+        UnavailableError while the gateway is starting or stopping.
+        """
+        assert self.tenants is not None and self.config is not None
+        async with self._reload_lock:
+            if self.state in ("starting", "draining", "stopped"):
+                raise UnavailableError(f"cannot reload while {self.state}")
+            self.state = "reloading"
+            self.notifier.reloading()
+            log.info("config_reloading", file=str(self.config_path))
+            try:
+                return await self._reload()
+            finally:
+                if self.state == "reloading":
+                    self.state = "ready"
+                self.notifier.ready(self.status_line())
+
+    async def _reload(self) -> ReloadResult:
+        assert self.tenants is not None and self.config is not None
         try:
             config = load_config(self.config_path, self.environ)
         except ConfigError as exc:
             for problem in exc.problems:
-                log.error("reload_rejected", problem=str(problem))
+                log.error(
+                    "reload_rejected", file=problem.file, path=problem.path, problem=problem.message
+                )
+            self.metrics.reloads.labels("rejected").inc()
+            self.last_reload = ReloadResult(
+                ok=False, at=time.time(), errors=[str(p) for p in exc.problems]
+            )
             raise
-        scrubber.update(secrets_in(config))
+        old = self.config
+        scrubber.add(secrets_in(config))
+        if config.logging != old.logging:
+            configure_logging(config.logging.level, config.logging.format, environ=self.environ)
+            log.info("logging_changed", level=config.logging.level, format=config.logging.format)
         changes = await self.tenants.apply_config(config.tenants)
-        self.config = config
-        log.info("config_reloaded", changes=changes)
-        return changes
+        if self.web_context is not None:
+            if config.admin.token != old.admin.token:
+                changes.append("admin token changed")
+            self.web_context.admin_token = config.admin.token
+            # max_body_bytes is fixed when the app is built; the rest is read per request.
+            self.web_context.server = config.server.model_copy(
+                update={"max_body_bytes": old.server.max_body_bytes}
+            )
+        if config.listen != self._listen:
+            if await self._rebind(config.listen):
+                changes.append(f"listen {config.listen.host}:{self.port}")
+        pending = restart_needed(old, config)
+        # Keys that need a restart keep their running values so status and stop stay truthful.
+        self.config = config.model_copy(
+            update={
+                "storage": old.storage,
+                "server": config.server.model_copy(
+                    update={"max_body_bytes": old.server.max_body_bytes}
+                ),
+            }
+        )
+        if pending:
+            log.warning("reload_needs_restart", keys=pending)
+        self.metrics.reloads.labels("ok").inc()
+        self.last_reload = ReloadResult(
+            ok=True, at=time.time(), changes=changes, restart_needed=pending
+        )
+        log.info("config_reloaded", changes=changes, restart_needed=pending)
+        return self.last_reload
+
+    async def _rebind(self, listen: ListenConfig) -> bool:
+        """Listen on the new address, then close the old listener; keep the old one on failure."""
+        try:
+            site, port = await self._bind(listen)
+        except OSError as exc:
+            log.error(
+                "listen_change_failed",
+                host=listen.host,
+                port=listen.port,
+                error=exc.strerror or str(exc),
+                kept=f"{self._listen.host}:{self.port}" if self._listen else None,
+            )
+            return False
+        old_site, self._site, self.port, self._listen = self._site, site, port, listen
+        if old_site is not None:
+            await old_site.stop()
+        if self.web_context is not None:
+            self.web_context.loopback = is_loopback(listen.host)
+        log.info("listen_changed", host=listen.host, port=port)
+        return True
+
+    async def _reload_quietly(self) -> None:
+        if self.state in ("draining", "stopped", "starting"):
+            log.warning("reload_ignored", state=self.state)
+            return
+        try:
+            await self.reload()
+        except (ConfigError, UnavailableError):
+            pass  # every problem was logged; the old config keeps running
+        except Exception:
+            log.exception("reload_failed")
 
     # Stop ----------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
+        """First call: stop gracefully. A second call while draining: stop waiting for it."""
+        if self._stop_requested.is_set():
+            if not self._hurry.is_set():
+                log.warning("drain_cut_short", reason="second stop signal")
+                self._hurry.set()
+            return
         self._stop_requested.set()
 
     async def stop(self) -> None:
@@ -157,58 +498,88 @@ class Daemon:
         if self._stopped:
             return
         self._stopped = True
+        if self.store is None:
+            return  # nothing was started (e.g. the config was invalid)
         errors: list[BaseException] = []
         deadline = self.config.server.drain_seconds if self.config else 0.0
+        in_flight = self.pipeline.active if self.pipeline else 0
+        self.state = "draining"
+        self.notifier.stopping(self.status_line())
+        log.info("gateway_stopping", in_flight=in_flight, drain_seconds=deadline)
+        drained = True
         if self.pipeline is not None:
             self.pipeline.accepting = False
-            try:
-                async with asyncio.timeout(deadline):
-                    await self.pipeline.wait_idle()
-            except TimeoutError:
-                log.warning("drain_deadline_passed", in_flight=self.pipeline.active)
+            drained = await self._drain(self.pipeline, deadline)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Adapters first (they send what the drained messages answered), then the web server
+        # (it finishes writing answered responses), agent HTTP clients, and the store last.
         steps = [
-            self.supervisor.stop_all() if self.supervisor else None,
-            self.runner.cleanup() if self.runner else None,
-            self.tenants.close() if self.tenants else None,
-            self.store.close() if self.store else None,
+            ("adapters", self.supervisor.stop_all() if self.supervisor else None),
+            ("web", self.runner.cleanup() if self.runner else None),
+            ("agents", self.tenants.close() if self.tenants else None),
+            ("store", self.store.close() if self.store else None),
         ]
-        for step in steps:
+        for name, step in steps:
             if step is None:
                 continue
             try:
                 await step
             except Exception as exc:
+                log.error("stop_step_failed", step=name, error=f"{type(exc).__name__}: {exc}")
                 errors.append(exc)
-        log.info("gateway_stopped")
+        self.state = "stopped"
+        self.notifier.close()
+        log.info("gateway_stopped", drained=drained)
         if errors:
             raise ExceptionGroup("errors while stopping", errors)
 
-    async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
-        loop = asyncio.get_running_loop()
+    async def _drain(self, pipeline: Pipeline, deadline: float) -> bool:
+        if pipeline.active == 0:
+            return True
+        idle = asyncio.create_task(pipeline.wait_idle())
+        hurry = asyncio.create_task(self._hurry.wait())
         try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
+            await asyncio.wait({idle, hurry}, timeout=deadline, return_when="FIRST_COMPLETED")
+        finally:
+            idle.cancel()
+            hurry.cancel()
+        if pipeline.active:
+            log.warning("drain_incomplete", in_flight=pipeline.active, drain_seconds=deadline)
+            return False
+        log.info("drain_complete")
+        return True
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code.
+
+        Raises ConfigError for an invalid config (the CLI prints it and exits 78).
+        """
+        loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(
             signal.SIGHUP, lambda: self._spawn(self._reload_quietly(), "reload")
         )
+        code = 0
         try:
-            await self._stop_requested.wait()
+            try:
+                await self.start()
+            except ConfigError:
+                raise
+            except Exception as exc:
+                log.error(
+                    "gateway_start_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True
+                )
+                code = EXIT_FAILURE
+            else:
+                await self._stop_requested.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.stop()
-        return 0
-
-    async def _reload_quietly(self) -> None:
-        try:
-            await self.reload()
-        except ConfigError:
-            pass
+            try:
+                await self.stop()
+            except Exception:
+                code = EXIT_FAILURE
+        return code

@@ -1,10 +1,16 @@
-"""structlog configured once: JSON lines off a terminal, console on one, secrets scrubbed."""
+"""structlog configured once: JSON lines off a terminal, console on one, secrets scrubbed.
+
+Under systemd, stdout is a journald stream: each line then starts with its syslog priority
+("<3>" for errors, see sd-daemon(3)), which journald strips and keeps as the entry's priority,
+so `journalctl -u chatgateway -p warning` works while the line itself stays JSON.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -17,17 +23,27 @@ _LEVELS = {
     "error": logging.ERROR,
 }
 _MASK = "[redacted]"
+#: syslog priorities (sd-daemon(3) prefixes) by log level.
+_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+#: Secrets shorter than this are not masked: they would mask innocent text; real tokens are long.
+MIN_SECRET_LENGTH = 6
 
 
 class SecretScrubber:
     """A processor that replaces every known secret value in a log event with a mask."""
 
     def __init__(self) -> None:
-        self._secrets: frozenset[str] = frozenset()
+        self._secrets: tuple[str, ...] = ()
 
     def update(self, secrets: Iterable[str]) -> None:
-        # Very short values would mask innocent text; real tokens are long.
-        self._secrets = frozenset(s for s in secrets if len(s) >= 6)
+        """Replace the masked values."""
+        # Longest first, so a secret containing another is masked whole.
+        unique = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+        self._secrets = tuple(sorted(unique, key=len, reverse=True))
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Mask these values too (a reload or a runtime tenant brought new secrets)."""
+        self.update([*self._secrets, *secrets])
 
     def scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -72,8 +88,37 @@ def secrets_in(model: Any) -> list[str]:
     return found
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog and route the standard library's logging through it."""
+def is_journal_stream(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """True when `stream` is the journald stream systemd connected (JOURNAL_STREAM=dev:inode)."""
+    expected = environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+class _PriorityRenderer:
+    """Wrap a renderer to prefix each line with its syslog priority for journald."""
+
+    def __init__(self, renderer: Any) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        level = str(event.get("level", method)).lower()
+        return f"<{_PRIORITIES.get(level, 6)}>" + str(self._renderer(logger, method, event))
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Configure structlog and route the standard library's logging through it.
+
+    `fmt` "auto" writes JSON lines unless `stream` is a terminal (then readable console lines).
+    """
     stream = stream or sys.stdout
     json_lines = fmt == "json" or (fmt == "auto" and not stream.isatty())
     shared: list[Any] = [
@@ -87,8 +132,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    if is_journal_stream(stream, environ or {}):
+        renderer = _PriorityRenderer(renderer)
     structlog.configure(
         processors=[
+            structlog.stdlib.add_logger_name,
             *shared,
             structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,

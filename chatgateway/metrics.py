@@ -1,8 +1,37 @@
-"""Prometheus metrics, labelled by tenant and platform, on a registry owned by the daemon."""
+"""Prometheus metrics, labelled by tenant and platform, on a registry owned by the daemon.
+
+Counters and the latency histogram are updated as messages flow. Everything that describes a
+current state (adapter up/parked, active sessions, in-flight messages) is read at scrape time
+by a collector, so /metrics always shows the live state, however it was reached.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from chatgateway.adapter import AdapterState, AdapterStatus
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSample:
+    """One supervised adapter as seen at scrape time."""
+
+    status: AdapterStatus
+    #: Reconnects of this adapter over the process lifetime (survives adapter restarts).
+    reconnects: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySample:
+    ready: bool
+    draining: bool
+    in_flight: int
+    tenants: int
 
 
 class Metrics:
@@ -36,27 +65,93 @@ class Metrics:
             ["tenant", "platform"],
             registry=r,
         )
-        self.active_sessions = Gauge(
-            "chatgateway_active_sessions",
-            "Sessions active within their idle time",
-            ["tenant"],
+        self.reloads = Counter(
+            "chatgateway_config_reloads",
+            "Configuration reloads by result (ok, rejected)",
+            ["result"],
             registry=r,
         )
-        self.adapter_up = Gauge(
-            "chatgateway_adapter_up",
-            "1 when the adapter is connected",
-            ["tenant", "platform", "adapter"],
-            registry=r,
+        self._adapters: Callable[[], Iterable[AdapterSample]] = list
+        self._gateway: Callable[[], GatewaySample | None] = lambda: None
+        self._sessions: dict[str, int] = {}
+        r.register(_LiveCollector(self))
+
+    def watch_adapters(self, source: Callable[[], Iterable[AdapterSample]]) -> None:
+        """Read adapter states from `source` at every scrape."""
+        self._adapters = source
+
+    def watch_gateway(self, source: Callable[[], GatewaySample | None]) -> None:
+        self._gateway = source
+
+    def set_active_sessions(self, counts: Mapping[str, int]) -> None:
+        """Replace the per-tenant active session counts (removed tenants disappear)."""
+        self._sessions = dict(counts)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["tenant", "platform", "adapter"]
+        up = GaugeMetricFamily(
+            "chatgateway_adapter_up", "1 when the adapter is connected", labels=labels
         )
-        self.adapter_parked = Gauge(
+        parked = GaugeMetricFamily(
             "chatgateway_adapter_parked",
-            "1 when the adapter is parked (auth failed)",
-            ["tenant", "platform", "adapter"],
-            registry=r,
+            "1 when the adapter is parked (credentials refused; fix the config and reload)",
+            labels=labels,
         )
-        self.reconnects = Counter(
+        retrying = GaugeMetricFamily(
+            "chatgateway_adapter_retrying",
+            "1 when the adapter is waiting to retry after a transient failure",
+            labels=labels,
+        )
+        last_event = GaugeMetricFamily(
+            "chatgateway_adapter_last_event_timestamp_seconds",
+            "Unix time of the last platform event the adapter received",
+            labels=labels,
+        )
+        reconnects = CounterMetricFamily(
             "chatgateway_adapter_reconnects",
             "Adapter (re)connections after the first",
-            ["tenant", "platform", "adapter"],
-            registry=r,
+            labels=labels,
         )
+        for sample in self._metrics._adapters():
+            status = sample.status
+            values = [status.tenant_id, status.platform.value, status.name]
+            up.add_metric(values, float(status.state == AdapterState.CONNECTED))
+            parked.add_metric(values, float(status.state == AdapterState.PARKED))
+            retrying.add_metric(values, float(status.state == AdapterState.BACKOFF))
+            if status.last_event_at is not None:
+                last_event.add_metric(values, status.last_event_at)
+            reconnects.add_metric(values, float(sample.reconnects))
+        yield from (up, parked, retrying, last_event, reconnects)
+
+        sessions = GaugeMetricFamily(
+            "chatgateway_active_sessions",
+            "Sessions active within their tenant's idle timeout",
+            labels=["tenant"],
+        )
+        for tenant, count in sorted(self._metrics._sessions.items()):
+            sessions.add_metric([tenant], float(count))
+        yield sessions
+
+        gateway = self._metrics._gateway()
+        if gateway is not None:
+            yield GaugeMetricFamily(
+                "chatgateway_ready", "1 when the gateway is ready to serve", value=gateway.ready
+            )
+            yield GaugeMetricFamily(
+                "chatgateway_draining",
+                "1 while the gateway drains before stopping",
+                value=gateway.draining,
+            )
+            yield GaugeMetricFamily(
+                "chatgateway_messages_in_flight",
+                "Messages being processed now",
+                value=gateway.in_flight,
+            )
+            yield GaugeMetricFamily(
+                "chatgateway_tenants", "Tenants configured", value=gateway.tenants
+            )
