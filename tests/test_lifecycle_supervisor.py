@@ -127,7 +127,9 @@ async def supervisor() -> AsyncIterator[Callable[..., Supervisor]]:
 async def wait_until(predicate: Callable[[], bool], within: float = 10.0) -> None:
     """Wait for a condition (checked every few milliseconds), failing after `within` seconds."""
     async with asyncio.timeout(within):
-        while not predicate():
+        while True:
+            if predicate():
+                return
             await asyncio.sleep(0.005)
 
 

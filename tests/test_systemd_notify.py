@@ -157,7 +157,7 @@ async def test_watchdog_pings_stop_while_an_adapter_is_wedged(
     make_gateway, notify_socket, monkeypatch
 ):
     """A wedged adapter the supervisor cannot restart withholds WATCHDOG=1 (systemd restarts)."""
-    from tests.test_lifecycle_supervisor import ScriptedAdapter
+    from tests.test_lifecycle_supervisor import ScriptedAdapter, wait_until
 
     ScriptedAdapter.instances = []
     released = ScriptedAdapter.released = asyncio.Event()
@@ -173,12 +173,7 @@ async def test_watchdog_pings_stop_while_an_adapter_is_wedged(
     try:
         daemon = await make_gateway({"tenants": [wedged, tenant("globex")]}, env)
 
-        def withheld() -> bool:
-            return bool(daemon._health_problems)
-
-        async with asyncio.timeout(20):
-            while not withheld():
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: bool(daemon._health_problems), within=20)
         assert "ignores cancellation" in daemon._health_problems[0]
         before = notify_socket.count("WATCHDOG")
         await asyncio.sleep(0.6)  # six ping intervals: none may arrive
