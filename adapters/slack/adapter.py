@@ -1,0 +1,682 @@
+"""One Slack app of one tenant over Socket Mode: slack-bolt's AsyncApp + AsyncSocketModeHandler.
+
+The ack path does nothing slow: bolt acks an event before its listener runs, the listeners
+only convert the payload and start a task (kept in `_tasks`) that calls the pipeline and
+posts the answer. A watchdog in `run` replaces a socket that went silent or whose client
+wedged (python-slack-sdk #1913/#1922).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import structlog
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.adapter.socket_mode.async_internals import run_async_bolt_app, send_async_response
+from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.authorization import AuthorizeResult
+from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.response import BoltResponse
+from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.socket_mode.aiohttp import SocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+
+from adapters.slack.convert import (
+    BotIdentity,
+    Ignored,
+    Inbound,
+    ReplyTarget,
+    command_to_inbound,
+    event_to_inbound,
+    markdown_to_mrkdwn,
+    split_message,
+    user_display_name,
+)
+from chatgateway.adapter import AdapterState, AdapterStatus
+from chatgateway.config import SlackAppConfig
+from chatgateway.errors import (
+    AdapterAuthError,
+    AdapterNotReadyError,
+    NotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
+from chatgateway.models import NormalizedMessage, Platform, SessionKey, TenantId, User
+from chatgateway.pipeline import KeyedLocks, Pipeline
+
+log = structlog.get_logger("chatgateway.slack")
+_sdk_logger = logging.getLogger("slack_sdk.socket_mode")
+
+#: Slack error codes meaning the token itself is refused: park the adapter, do not retry.
+AUTH_ERRORS = frozenset(
+    {
+        "invalid_auth",
+        "not_authed",
+        "account_inactive",
+        "token_revoked",
+        "token_expired",
+        "not_allowed_token_type",
+        "invalid_token",
+        "org_login_required",
+        "ekm_access_denied",
+        "team_access_not_granted",
+    }
+)
+#: How long opening the socket may take before the attempt counts as failed.
+CONNECT_TIMEOUT = 30.0
+#: How long stop() waits for replies still being posted (the supervisor allows 10 s).
+STOP_GRACE = 7.0
+#: How long closing a dead handler may take (a silent socket's close handshake never ends).
+CLOSE_TIMEOUT = 5.0
+#: Users whose display names are remembered (the map is cleared when it grows past this).
+USER_CACHE_SIZE = 10_000
+BUSY_TEXT = "I'm handling too many messages right now. Please try again in a minute."
+
+#: Reply tasks of adapters that were restarted while an agent was still working: they finish
+#: in the background (a config reload must not lose an acked message).
+_DETACHED: set[asyncio.Task[None]] = set()
+
+
+class _SocketHandler(AsyncSocketModeHandler):
+    """bolt's handler, plus: every envelope counts as a sign of life, and envelopes no listener
+    matched are acked anyway (bolt leaves them unacked, and Slack would redeliver them)."""
+
+    def __init__(self, on_envelope: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_envelope = on_envelope
+
+    async def handle(self, client: SocketModeClient, req: SocketModeRequest) -> None:  # type: ignore[override]
+        started = time.time()
+        self._on_envelope()
+        response: BoltResponse = await run_async_bolt_app(self.app, req)
+        if response.status == 404:
+            response = BoltResponse(status=200, body="")
+        # Any other non-200 (the gateway is shutting down) stays unacked: Slack redelivers.
+        await send_async_response(client, req, response, started)
+
+
+class SlackAdapter:
+    """A tenant's Slack app: DMs, @mentions and a slash command go to the tenant's agent."""
+
+    def __init__(self, tenant_id: str, settings: SlackAppConfig, pipeline: Pipeline) -> None:
+        self.tenant_id = TenantId(tenant_id)
+        self.settings = settings
+        self.status = AdapterStatus(self.tenant_id, Platform.SLACK, settings.name)
+        self._pipeline = pipeline
+        self._log = log.bind(tenant_id=tenant_id, platform="slack", adapter=settings.name)
+        base = settings.api_base_url
+        self._base_url = base if base.endswith("/") else base + "/"
+        self._ping = settings.ping_interval
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._web: AsyncWebClient | None = None
+        self._app_client: AsyncWebClient | None = None
+        self._identity: BotIdentity | None = None
+        self._auth: AuthorizeResult | None = None
+        self._app: AsyncApp | None = None
+        self._handler: _SocketHandler | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], str] = {}
+        self._in_flight: set[str] = set()
+        self._order = KeyedLocks()
+        self._user_names: dict[str, str | None] = {}
+        self._last_life = 0.0
+        self._unhealthy_since: float | None = None
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect and serve until stop(); AdapterAuthError if Slack refuses a token."""
+        if self._stopping:
+            return
+        self.status.state = AdapterState.CONNECTING
+        self._ensure_clients()
+        await self._authenticate()
+        if self._app is None:
+            self._app = self._build_app()
+        try:
+            while not self._stopping:
+                await self._open_socket()
+                reason = await self._watch()
+                if reason is None:
+                    return
+                self.status.reconnects += 1
+                self.status.last_error = f"socket replaced: {reason}"
+                self.status.state = AdapterState.CONNECTING
+                self._log.warning("slack_socket_dead", reason=reason, action="recreate")
+                self._retire_handler()
+        finally:
+            if not self._stopping:
+                self._retire_handler()
+
+    async def stop(self) -> None:
+        """Stop intake, let replies being posted finish, close connections. Idempotent."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            self._retire_handler()
+            await self._wait_closing()
+            detached = await self._finish_tasks()
+            if not detached:
+                await self._close_clients()
+        finally:
+            self.status.state = AdapterState.STOPPED
+            self._stopped.set()
+            self._log.info("slack_adapter_stopped")
+
+    def alive(self) -> bool:
+        """False when the socket is gone, wedged or silent (the supervisor restarts us)."""
+        return self.status.state == AdapterState.CONNECTED and self._socket_problem() is None
+
+    # Connecting ----------------------------------------------------------------------------
+
+    def _ensure_clients(self) -> None:
+        if self._session is not None and not self._session.closed:
+            return
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        retries = [
+            AsyncConnectionErrorRetryHandler(max_retry_count=2),
+            # A 429 is retried after its Retry-After, so a rate-limited reply is only late.
+            AsyncRateLimitErrorRetryHandler(max_retry_count=10),
+        ]
+        self._web = AsyncWebClient(
+            token=self.settings.bot_token.get_secret_value(),
+            base_url=self._base_url,
+            session=self._session,
+            retry_handlers=retries,
+        )
+        # bolt's own client carries no token: `authorize` hands it the bot token per request.
+        self._app_client = AsyncWebClient(
+            base_url=self._base_url, session=self._session, retry_handlers=list(retries)
+        )
+
+    async def _authenticate(self) -> None:
+        assert self._web is not None
+        try:
+            result = await self._web.auth_test()
+        except SlackApiError as exc:
+            self._refused("bot_token", exc)
+            raise AdapterNotReadyError(f"auth.test failed: {_error_code(exc)}") from None
+        except (SlackClientError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AdapterNotReadyError(
+                f"cannot reach the Slack API at {self._base_url}: {type(exc).__name__}"
+            ) from None
+        user_id = result.get("user_id")
+        if not isinstance(user_id, str):
+            raise AdapterNotReadyError("auth.test returned no user_id")
+        self._identity = BotIdentity(user_id, result.get("bot_id"), result.get("team_id"))
+        self._auth = AuthorizeResult.from_auth_test_response(
+            auth_test_response=result, bot_token=self.settings.bot_token.get_secret_value()
+        )
+        self._log.info(
+            "slack_authenticated", team_id=self._identity.team_id, bot_user=user_id
+        )
+
+    def _refused(self, which: str, exc: SlackApiError) -> None:
+        code = _error_code(exc)
+        if code in AUTH_ERRORS:
+            raise AdapterAuthError(
+                f"Slack refused the {which.replace('_', ' ')} ({code}): "
+                f"check slack.apps[{self.settings.name}].{which}"
+            ) from None
+
+    async def _open_socket(self) -> None:
+        assert self._app is not None and self._app_client is not None
+        app_token = self.settings.app_token.get_secret_value()
+        self.status.state = AdapterState.CONNECTING
+        handler = _SocketHandler(
+            self._envelope_seen,
+            self._app,
+            app_token,
+            logger=_sdk_logger,
+            web_client=self._app_client,
+            ping_interval=self._ping,
+        )
+        try:
+            try:
+                # Our own apps.connections.open: the SDK would retry a refused token forever.
+                opened = await self._app_client.apps_connections_open(app_token=app_token)
+            except SlackApiError as exc:
+                self._refused("app_token", exc)
+                raise AdapterNotReadyError(
+                    f"apps.connections.open failed: {_error_code(exc)}"
+                ) from None
+            except (SlackClientError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise AdapterNotReadyError(
+                    f"cannot reach the Slack API at {self._base_url}: {type(exc).__name__}"
+                ) from None
+            handler.client.wss_uri = opened["url"]
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await handler.connect_async()
+            except TimeoutError:
+                raise AdapterNotReadyError("the Socket Mode connection did not open") from None
+        except BaseException:
+            self._spawn_close(handler)
+            raise
+        if self._stopping:
+            self._spawn_close(handler)
+            return
+        handler.client.on_message_listeners.append(self._ws_message)
+        self._handler = handler
+        self._last_life = time.time()
+        self._unhealthy_since = None
+        self.status.state = AdapterState.CONNECTED
+        self.status.connected_at = time.time()
+        self.status.last_error = None
+        self._log.info("slack_connected", team_id=self._identity and self._identity.team_id)
+
+    def _retire_handler(self) -> None:
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            self._spawn_close(handler)
+
+    def _spawn_close(self, handler: _SocketHandler) -> None:
+        task = asyncio.create_task(
+            self._close_handler(handler),
+            name=f"slack-close:{self.tenant_id}:{self.settings.name}",
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_handler(self, handler: _SocketHandler) -> None:
+        client = handler.client
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await handler.close_async()
+        except Exception as exc:
+            self._log.debug("slack_socket_close_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            # A silent socket never finishes its close handshake: make sure nothing lingers.
+            client.closed = True
+            for future in (client.message_receiver, client.current_session_monitor,
+                           client.message_processor):
+                if future is not None and not future.done():
+                    future.cancel()
+            if not client.aiohttp_client_session.closed:
+                await client.aiohttp_client_session.close()
+
+    async def _wait_closing(self) -> None:
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=CLOSE_TIMEOUT + 1)
+
+    async def _close_clients(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # Watchdog ------------------------------------------------------------------------------
+
+    def _envelope_seen(self) -> None:
+        self._last_life = time.time()
+        self.status.event_seen()
+
+    async def _ws_message(self, _message: Any) -> None:
+        self._last_life = time.time()
+
+    def _socket_problem(self) -> str | None:
+        """Why the socket is not healthy, or None. Looks past `is_connected()`, which can
+        claim health while the client loops on a closed session (python-slack-sdk #1922)."""
+        handler = self._handler
+        if handler is None:
+            return "no socket"
+        client = handler.client
+        if client.closed:
+            return "socket client closed"
+        if client.aiohttp_client_session.closed:
+            return "socket client's HTTP session closed"
+        session = client.current_session
+        if session is None or session.closed:
+            return "websocket closed"
+        for name, future in (
+            ("receive", client.message_receiver),
+            ("monitor", client.current_session_monitor),
+            ("dispatch", client.message_processor),
+        ):
+            if future is None or future.done():
+                return f"socket {name} loop ended"
+        last = max(self._last_life, client.last_ping_pong_time or 0.0)
+        silent = time.time() - last
+        if silent > 3 * self._ping:
+            return f"silent for {silent:.0f}s"
+        return None
+
+    async def _watch(self) -> str | None:
+        """Return None once stopping, or why the socket must be replaced."""
+        interval = min(1.0, self._ping / 2)
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            if self._stopping:
+                return None
+            problem = self._socket_problem()
+            if problem is None:
+                self._unhealthy_since = None
+                continue
+            if problem.startswith("silent"):
+                return problem  # silence already lasted three ping intervals
+            now = time.monotonic()
+            if self._unhealthy_since is None:
+                # Give the SDK's own reconnect (refresh_requested, a closed socket) a chance.
+                self._unhealthy_since = now
+            elif now - self._unhealthy_since >= 2 * self._ping:
+                return problem
+        return None
+
+    # bolt ----------------------------------------------------------------------------------
+
+    def _build_app(self) -> AsyncApp:
+        app = AsyncApp(
+            client=self._app_client,
+            authorize=self._authorizer(),
+            logger=logging.getLogger("slack_bolt.AsyncApp"),
+            name=f"chatgateway:{self.tenant_id}:{self.settings.name}",
+            request_verification_enabled=False,  # Socket Mode: the app token authenticates
+            ssl_check_enabled=False,
+            url_verification_enabled=False,
+        )
+        adapter = self
+
+        async def gate(next: Callable[[], Awaitable[BoltResponse | None]]) -> Any:
+            # While shutting down, leave envelopes unacked: Slack redelivers them to the next
+            # connection (or to this gateway after its restart) instead of them being lost.
+            if adapter._stopping or not adapter._pipeline.accepting:
+                return BoltResponse(status=503, body="")
+            return await next()
+
+        async def on_event(body: dict[str, Any]) -> None:
+            # bolt acked the envelope before calling this: do nothing slow here.
+            adapter._on_event(body)
+
+        async def on_command(ack: AsyncAck, body: dict[str, Any]) -> None:
+            await adapter._on_command(ack, body)
+
+        app.middleware(gate)
+        app.event(re.compile(".*"))(on_event)
+        app.command(re.compile(".*"))(on_command)
+        return app
+
+    def _authorizer(self) -> Callable[..., Awaitable[AuthorizeResult | None]]:
+        adapter = self
+
+        async def authorize(team_id: str | None) -> AuthorizeResult | None:
+            # The result of our own auth.test: no Web API call before the ack.
+            return adapter._auth
+
+        return authorize
+
+    def _on_event(self, body: dict[str, Any]) -> None:
+        assert self._identity is not None
+        result = event_to_inbound(self.tenant_id, body, self._identity, app_name=self.settings.name)
+        if isinstance(result, Ignored):
+            self._log.debug("slack_event_ignored", reason=result.reason,
+                            event_id=body.get("event_id"))
+            return
+        self._start(result)
+
+    async def _on_command(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        command = self.settings.slash_command
+        result = command_to_inbound(
+            self.tenant_id, body, command=command, app_name=self.settings.name
+        )
+        if isinstance(result, Ignored):
+            if command is not None and body.get("command") == command:
+                await ack(response_type="ephemeral", text=f"Usage: `{command} <your question>`")
+            else:
+                await ack()
+            self._log.debug("slack_command_ignored", reason=result.reason)
+            return
+        if self.settings.working_indicator == "none":
+            await ack()
+        else:
+            await ack(
+                response_type="ephemeral",
+                text=f":{self.settings.working_reaction}: Working on it…",
+            )
+        self._start(result)
+
+    # Processing ----------------------------------------------------------------------------
+
+    def _start(self, inbound: Inbound) -> None:
+        message_id = inbound.message.message_id
+        if message_id in self._in_flight:
+            # Redelivered while the first delivery is still being processed here.
+            self._log.info("message_duplicate", message_id=message_id, where="in_flight")
+            return
+        self._in_flight.add(message_id)
+        task = asyncio.create_task(
+            self._process(inbound),
+            name=f"slack:{self.tenant_id}:{self.settings.name}:{message_id}",
+        )
+        self._tasks[task] = "agent"
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self._log.error("slack_message_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _process(self, inbound: Inbound) -> None:
+        message, target = inbound.message, inbound.target
+        reacted = False
+        try:
+            # Messages of one session reach the pipeline in arrival order.
+            async with self._order.hold(SessionKey.of(message)):
+                message = await self._with_user_name(message)
+                if self._reacting(target) and not await self._seen(message):
+                    reacted = True
+                    await self._react("add", target)
+                text = await self._ask_agent(message)
+            task = asyncio.current_task()
+            if task is not None and task in self._tasks:
+                self._tasks[task] = "reply"
+            if text:
+                await self._send(target, text)
+        finally:
+            self._in_flight.discard(message.message_id)
+            if reacted:
+                await self._react("remove", target)
+
+    def _reacting(self, target: ReplyTarget) -> bool:
+        return self.settings.working_indicator == "reaction" and target.message_ts is not None
+
+    async def _seen(self, message: NormalizedMessage) -> bool:
+        """Already processed (a redelivery): then no working indicator is shown."""
+        try:
+            return await self._pipeline.store.is_processed(
+                message.tenant_id, message.platform, message.message_id
+            )
+        except Exception:
+            return False
+
+    async def _ask_agent(self, message: NormalizedMessage) -> str:
+        """The text to post for one message ("" for nothing)."""
+        try:
+            reply = await self._pipeline.handle(message, dedup=True)
+        except OverloadedError:
+            self._log.warning("slack_tenant_overloaded", message_id=message.message_id)
+            return BUSY_TEXT
+        except UnavailableError:
+            self._log.warning(
+                "slack_message_not_processed", reason="shutting down", message_id=message.message_id
+            )
+            return ""
+        except NotFoundError as exc:
+            self._log.error(
+                "slack_message_not_processed", reason=str(exc), message_id=message.message_id
+            )
+            return ""
+        except Exception as exc:
+            self._log.error(
+                "slack_message_failed", error=_describe(exc), message_id=message.message_id
+            )
+            tenant = self._pipeline.tenants.get(message.tenant_id)
+            return tenant.config.agent.fallback_text if tenant is not None else ""
+        if reply.outcome == "duplicate":
+            return ""
+        return reply.text
+
+    async def _with_user_name(self, message: NormalizedMessage) -> NormalizedMessage:
+        if message.user.display_name is not None:
+            return message
+        user_id = message.user.id
+        if user_id not in self._user_names:
+            name: str | None = None
+            try:
+                assert self._web is not None
+                async with asyncio.timeout(5):
+                    result = await self._web.users_info(user=user_id)
+                user = result.get("user")
+                name = user_display_name(user) if isinstance(user, dict) else None
+            except Exception as exc:  # a missing users:read scope must not cost the message
+                self._log.debug("slack_user_lookup_failed", error=type(exc).__name__)
+            if len(self._user_names) >= USER_CACHE_SIZE:
+                self._user_names.clear()
+            self._user_names[user_id] = name
+        name = self._user_names[user_id]
+        if name is None:
+            return message
+        return replace(message, user=User(user_id, name))
+
+    async def _react(self, action: str, target: ReplyTarget) -> None:
+        assert self._web is not None and target.message_ts is not None
+        call = self._web.reactions_add if action == "add" else self._web.reactions_remove
+        try:
+            await call(
+                channel=target.channel,
+                timestamp=target.message_ts,
+                name=self.settings.working_reaction,
+            )
+        except Exception as exc:  # the indicator is cosmetic: never lose the answer over it
+            self._log.debug("slack_reaction_failed", action=action, error=_describe(exc))
+
+    async def _send(self, target: ReplyTarget, text: str) -> None:
+        parts = split_message(markdown_to_mrkdwn(text))
+        use_response_url = target.response_url is not None
+        sent = 0
+        for part in parts:
+            if use_response_url and await self._respond(target, part):
+                sent += 1
+                continue
+            use_response_url = False
+            if await self._post(target, part):
+                sent += 1
+        self._log.info("slack_reply_sent", parts=len(parts), sent=sent, channel=target.channel)
+
+    async def _respond(self, target: ReplyTarget, text: str) -> bool:
+        assert target.response_url is not None
+        webhook = AsyncWebhookClient(
+            target.response_url,
+            session=self._session,
+            retry_handlers=[
+                AsyncConnectionErrorRetryHandler(max_retry_count=2),
+                AsyncRateLimitErrorRetryHandler(max_retry_count=10),
+            ],
+        )
+        try:
+            response = await webhook.send(
+                text=text,
+                response_type=self.settings.slash_response_type,
+                replace_original=False,
+            )
+        except Exception as exc:
+            self._log.warning("slack_response_url_failed", error=_describe(exc))
+            return False
+        if response.status_code != 200:
+            self._log.warning("slack_response_url_failed", status=response.status_code)
+            return False
+        return True
+
+    async def _post(self, target: ReplyTarget, text: str) -> bool:
+        assert self._web is not None
+        try:
+            if target.response_url is not None and self.settings.slash_response_type == "ephemeral":
+                await self._web.chat_postEphemeral(
+                    channel=target.channel, user=target.user_id or "", text=text
+                )
+            else:
+                await self._web.chat_postMessage(
+                    channel=target.channel,
+                    text=text,
+                    thread_ts=target.thread_ts,
+                    unfurl_links=False,
+                    unfurl_media=False,
+                )
+        except Exception as exc:
+            self._log.error("slack_reply_failed", channel=target.channel, error=_describe(exc))
+            return False
+        return True
+
+    async def _finish_tasks(self) -> bool:
+        """Wait for in-flight messages; True if some were left to finish in the background."""
+        if not self._tasks:
+            return False
+        if not self._pipeline.accepting:
+            # The daemon is shutting down and its drain deadline has passed: whatever still
+            # waits for the agent is abandoned; replies already being posted get a moment.
+            for task, phase in list(self._tasks.items()):
+                if phase == "agent":
+                    task.cancel()
+        _, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
+        if not pending:
+            return False
+        if self._pipeline.accepting:
+            # Restarted (e.g. its config changed) while an agent still works: finish those
+            # messages in the background, then close the HTTP session.
+            finisher = asyncio.create_task(
+                self._finish_detached(pending), name=f"slack-detached:{self.tenant_id}"
+            )
+            _DETACHED.add(finisher)
+            finisher.add_done_callback(_DETACHED.discard)
+            self._log.info("slack_replies_detached", count=len(pending))
+            return True
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=1)
+        self._log.warning("slack_replies_abandoned", count=len(pending))
+        return False
+
+    async def _finish_detached(self, pending: set[asyncio.Task[None]]) -> None:
+        try:
+            await asyncio.wait(pending, timeout=900)
+        finally:
+            for task in pending:
+                task.cancel()
+            await self._close_clients()
+
+
+def _error_code(exc: SlackApiError) -> str:
+    response = getattr(exc, "response", None)
+    try:
+        code = response.get("error") if response is not None else None
+    except Exception:
+        code = None
+    return str(code or "unknown_error")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SlackApiError):
+        return _error_code(exc)
+    return f"{type(exc).__name__}: {exc}"
