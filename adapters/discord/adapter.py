@@ -400,7 +400,7 @@ class DiscordAdapter:
                 bound.warning(
                     "discord_reply_forbidden",
                     error=str(exc),
-                    hint="give the bot Send Messages (and Send Messages in Threads) in this channel",
+                    hint="give the bot Send Messages (and Send Messages in Threads) here",
                 )
                 return
             except discord.HTTPException as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import discord
@@ -59,7 +60,7 @@ def route(
         return "dm"
     if any(user.id == bot_id for user in message.mentions):
         return "mention"
-    if bot_role_ids and any(role_id in bot_role_ids for role_id in message.raw_role_mentions):
+    if bot_role_ids and any(role.id in bot_role_ids for role in message.role_mentions):
         return "mention"
     reference = message.reference
     resolved = reference.resolved if reference is not None else None
@@ -159,23 +160,38 @@ def split_message(text: str, limit: int = MAX_MESSAGE_LENGTH) -> list[str]:
         return [text] if text.strip() else []
     chunks: list[str] = []
     current = ""
-    for atom in _atoms(text, limit):
-        if len(current) + len(atom) <= limit:
-            current += atom
-            continue
-        if current.strip():
-            chunks.append(current)
-        current = atom
+    for item in _atoms(text, limit):
+        if isinstance(item, _LongBlock):
+            # It is cut anyway: let its first part fill what is left of the current message.
+            room = limit - len(current)
+            atoms: Iterator[str] = _code_parts(item, limit, room if room >= limit // 8 else limit)
+        else:
+            atoms = iter((item,))
+        for atom in atoms:
+            if len(current) + len(atom) <= limit:
+                current += atom
+                continue
+            if current.strip():
+                chunks.append(current)
+            current = atom
     if current.strip():
         chunks.append(current)
     return [chunk.strip("\n") for chunk in chunks]
+
+
+@dataclass(frozen=True, slots=True)
+class _LongBlock:
+    """A fenced code block longer than one message; its lines include both fence lines."""
+
+    lines: list[str]
+    closed: bool
 
 
 def _toggles_fence(line: str) -> bool:
     return line.count(FENCE) % 2 == 1
 
 
-def _atoms(text: str, limit: int) -> Iterator[str]:
+def _atoms(text: str, limit: int) -> Iterator[str | _LongBlock]:
     """Pieces no longer than `limit` that may be packed together but never cut."""
     lines = text.splitlines(keepends=True)
     i = 0
@@ -189,7 +205,8 @@ def _atoms(text: str, limit: int) -> Iterator[str]:
             j += 1
         closed = j < len(lines)
         block = lines[i : j + 1] if closed else lines[i:]
-        yield from _code_atoms(block, closed, limit)
+        whole = "".join(block)
+        yield whole if closed and len(whole) <= limit else _LongBlock(block, closed)
         i = j + 1
 
 
@@ -204,12 +221,10 @@ def _cut(text: str, limit: int) -> Iterator[str]:
         yield text
 
 
-def _code_atoms(block: list[str], closed: bool, limit: int) -> Iterator[str]:
-    whole = "".join(block)
-    if len(whole) <= limit and closed:
-        yield whole
-        return
-    opening = block[0]
+def _code_parts(block: _LongBlock, limit: int, first_limit: int) -> Iterator[str]:
+    """A long code block as parts that each close the fence and reopen it with its language."""
+    lines = block.lines
+    opening = lines[0]
     fence_at = opening.rindex(FENCE)
     language = opening[fence_at + len(FENCE) :].strip()
     if " " in language:
@@ -218,26 +233,30 @@ def _code_atoms(block: list[str], closed: bool, limit: int) -> Iterator[str]:
     tail = f"{FENCE}\n"
     if opening[:fence_at].strip():
         yield from _cut(opening[:fence_at].rstrip() + "\n", limit)
-    body = block[1:-1] if closed else block[1:]
-    closing_rest = block[-1][block[-1].index(FENCE) + len(FENCE) :] if closed else ""
-    room = limit - len(head) - len(tail)
+        first_limit = limit
+    body = lines[1:-1] if block.closed else lines[1:]
+    closing_rest = lines[-1][lines[-1].index(FENCE) + len(FENCE) :] if block.closed else "\n"
+    full_room = limit - len(head) - len(tail)
+    room = first_limit - len(head) - len(tail)
     part = ""
     for line in body:
         if not line.endswith("\n"):
             line += "\n"
-        pieces = [line] if len(line) <= room else [
-            piece if piece.endswith("\n") else piece + "\n" for piece in _hard_cut(line, room - 1)
+        pieces = [line] if len(line) <= full_room else [
+            piece + "\n" for piece in _hard_cut(line, full_room - 1)
         ]
         for piece in pieces:
             if len(part) + len(piece) > room:
-                yield head + part + tail
+                if part:
+                    yield head + part + tail
                 part = ""
+                room = full_room
             part += piece
-    last = head + part + FENCE + (closing_rest if closed else "\n")
-    if (part or not body) and len(last) <= limit:
+    last = head + part + FENCE + closing_rest
+    if len(last) <= room + len(tail) and (part or not body):
         yield last
         return
-    if part or not body:
+    if part:
         yield head + part + tail
     if closing_rest.strip():
         yield from _cut(closing_rest, limit)
