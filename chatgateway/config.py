@@ -145,20 +145,45 @@ class WebConfig(Model):
     public: bool = Field(False, description="Hand out visitor tokens to anyone (public web chat)")
     allowed_origins: list[str] = Field(default_factory=list)
     title: str | None = None
+    welcome: str | None = Field(
+        None, max_length=2000, description="Greeting shown above an empty web conversation"
+    )
+    accent_color: str | None = Field(
+        None, pattern=r"^#[0-9a-fA-F]{6}$", description="The chat page's accent colour, #rrggbb"
+    )
 
 
 class SlackAppConfig(Model):
-    name: str = "default"
-    bot_token: Secret
-    app_token: Secret
-    api_base_url: HttpUrl = "https://slack.com/api/"
+    """One Slack app (bot token + app-level token) of a tenant, connected over Socket Mode."""
+
+    name: str = Field("default", min_length=1, max_length=64)
+    bot_token: Secret = Field(description="Bot token, xoxb-...")
+    app_token: Secret = Field(description="App-level token with connections:write, xapp-...")
+    api_base_url: HttpUrl = Field(
+        "https://slack.com/api/", description="Slack Web API base (GovSlack, proxies, tests)"
+    )
     slash_command: str | None = Field(None, pattern=r"^/[a-z0-9_-]{1,31}$")
+    slash_response_type: Literal["in_channel", "ephemeral"] = Field(
+        "in_channel", description="Who sees the agent's answer to the slash command"
+    )
     working_indicator: Literal["reaction", "none"] = "reaction"
-    working_reaction: str = "hourglass_flowing_sand"
+    working_reaction: str = Field("hourglass_flowing_sand", pattern=r"^[a-z0-9_+'-]{1,100}$")
+    ping_interval: float = Field(
+        5.0, ge=0.5, le=60, description="Seconds between Socket Mode pings; a socket silent "
+        "for 3 intervals (or broken for 2) is replaced"
+    )
 
 
 class SlackConfig(Model):
     apps: list[SlackAppConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SlackConfig:
+        names = [app.name for app in self.apps]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"app names must be unique within a tenant: {', '.join(duplicates)}")
+        return self
 
 
 class DiscordBotConfig(Model):

@@ -467,4 +467,7 @@ def create_app(context: WebContext) -> web.Application:
     app[TOKEN_RESOLVERS] = []
     app.add_routes(routes)
     app.add_routes(context.extra_routes)
+    from adapters.web.chat import install
+
+    install(app)  # the browser chat: pages, widget, visitor tokens, CORS, streaming
     return app

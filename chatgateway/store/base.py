@@ -105,3 +105,7 @@ class SessionStore(Protocol):
     async def list_api_keys(self, tenant_id: TenantId) -> list[ApiKeyRecord]: ...
 
     async def delete_api_key(self, tenant_id: TenantId, key_id: str) -> bool: ...
+
+    # Gateway-wide settings (not tenant data), e.g. the generated visitor-token secret.
+    async def gateway_setting(self, name: str, default: str) -> str:
+        """Return the setting `name`, durably storing `default` first if it has no value."""

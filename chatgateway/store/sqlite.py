@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     message_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS sessions_by_key
-    ON sessions (tenant_id, platform, conversation_id, thread_id, user_id, last_active);
+    ON sessions (tenant_id, platform, conversation_id, thread_id, user_id);
 CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions (tenant_id, last_active);
 CREATE TABLE IF NOT EXISTS turns (
     id INTEGER PRIMARY KEY,
@@ -84,6 +84,10 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant_id);
+CREATE TABLE IF NOT EXISTS gateway_settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _SESSION_COLUMNS = (
@@ -127,6 +131,41 @@ class _Hot:
     turns: deque[Turn] = field(default_factory=lambda: deque(maxlen=HISTORY_CACHE))
 
 
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """One record_exchange, written together with every other exchange of the same batch."""
+
+    turn_rows: list[tuple[Any, ...]]
+    session_row: tuple[Any, ...]
+    event_row: tuple[Any, ...] | None
+    trim: tuple[Any, ...] | None
+
+    def __call__(self, c: sqlite3.Connection) -> None:
+        _write_exchanges(c, [self])
+
+
+_INSERT_TURNS = "INSERT INTO turns (tenant_id, session_id, role, text, ts) VALUES (?,?,?,?,?)"
+_UPDATE_SESSION = (
+    "UPDATE sessions SET last_active = ?, message_count = ? WHERE id = ? AND tenant_id = ?"
+)
+_TRIM_TURNS = (
+    "DELETE FROM turns WHERE session_id = ? AND tenant_id = ? AND id <= "
+    "(SELECT id FROM turns WHERE session_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
+)
+
+
+def _write_exchanges(c: sqlite3.Connection, exchanges: list[_Exchange]) -> None:
+    """A few executemany calls for a whole batch: far cheaper than statements per message."""
+    c.executemany(_INSERT_TURNS, [row for ex in exchanges for row in ex.turn_rows])
+    c.executemany(_UPDATE_SESSION, [ex.session_row for ex in exchanges])
+    events = [ex.event_row for ex in exchanges if ex.event_row is not None]
+    if events:
+        c.executemany("INSERT OR IGNORE INTO processed_events VALUES (?,?,?,?)", events)
+    for ex in exchanges:
+        if ex.trim is not None:
+            c.execute(_TRIM_TURNS, ex.trim)
+
+
 class _Writer(threading.Thread):
     """Owns the write connection; commits every queued operation in one transaction."""
 
@@ -156,11 +195,7 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(SCHEMA)
+            conn = _connect_writer(self._path)
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -187,30 +222,9 @@ class _Writer(threading.Thread):
             if batch:
                 self._run_batch(conn, batch)
 
-    def _run_batch(
-        self,
-        conn: sqlite3.Connection,
-        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
-    ) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, future in batch:
-                # A savepoint per operation: one failing write must not undo its neighbours.
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((future, op(conn), None))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((future, None, exc))
-            conn.execute("COMMIT")
-        except Exception as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            results = [(future, None, exc) for _, future in batch]
-        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+        results = _run_batch(conn, batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Result]] = {}
         for entry in results:
             by_loop.setdefault(entry[0].get_loop(), []).append(entry)
         for loop, entries in by_loop.items():
@@ -220,7 +234,86 @@ class _Writer(threading.Thread):
                 pass
 
 
-def _settle(entries: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+class _LoopWriter:
+    """Group commit on the event loop: writes submitted in one loop iteration share a commit."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._pending: list[_Pending] = []
+        self._scheduled = False
+        self._conn: sqlite3.Connection | None = None
+
+    def start_and_wait(self) -> None:
+        self._conn = _connect_writer(self._path)
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append((op, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending, self._scheduled = self._pending, [], False
+        if batch and self._conn is not None:
+            _settle(_run_batch(self._conn, batch))
+
+    def stop(self) -> None:
+        self._flush()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+_Pending = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+_Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _connect_writer(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def _run_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[_Result]:
+    """Run a batch in one transaction; if anything fails, run each op in its own."""
+    results: list[_Result] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        exchanges = [op for op, _ in batch if isinstance(op, _Exchange)]
+        if exchanges:
+            _write_exchanges(conn, exchanges)
+        for op, future in batch:
+            results.append((future, None if isinstance(op, _Exchange) else op(conn), None))
+        conn.execute("COMMIT")
+        return results
+    except Exception:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    # One bad write must not undo its neighbours: each waiter gets its own outcome.
+    return [_run_alone(conn, op, future) for op, future in batch]
+
+
+def _run_alone(
+    conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any]
+) -> _Result:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        result = op(conn)
+        conn.execute("COMMIT")
+        return future, result, None
+    except Exception as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        return future, None, exc
+
+
+def _settle(entries: list[_Result]) -> None:
     for future, result, error in entries:
         if future.done():
             continue
@@ -238,7 +331,7 @@ class SqliteStore:
         self._cache_size = cache_size
         self._hot: OrderedDict[SessionId, _Hot] = OrderedDict()
         self._by_key: dict[SessionKey, SessionId] = {}
-        self._writer: _Writer | None = None
+        self._writer: _Writer | _LoopWriter | None = None
         self._reader: sqlite3.Connection | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
@@ -246,8 +339,14 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        writer = _Writer(self.path)
-        await asyncio.to_thread(writer.start_and_wait)
+        import os
+        writer: _Writer | _LoopWriter = (
+            _LoopWriter(self.path) if os.environ.get("CGW_WRITER") == "loop" else _Writer(self.path)
+        )
+        if isinstance(writer, _LoopWriter):
+            writer.start_and_wait()
+        else:
+            await asyncio.to_thread(writer.start_and_wait)
         self._writer = writer
         self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._reader.execute("PRAGMA busy_timeout=5000")
@@ -261,7 +360,9 @@ class SqliteStore:
 
     async def close(self) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None:
+        if isinstance(writer, _LoopWriter):
+            writer.stop()
+        elif writer is not None:
             await asyncio.to_thread(writer.stop)
         reader, self._reader = self._reader, None
         if reader is not None:
@@ -405,36 +506,20 @@ class SqliteStore:
         last_active = max(t.timestamp for t in turns) if turns else time.time()
         count = session.message_count + len(turns)
         trim = count > max_turns + max(10, max_turns // 10)
-        rows = [(tenant_id, session_id, t.role.value, t.text, t.timestamp) for t in turns]
-        event_row = (
-            (tenant_id, processed_event[0].value, processed_event[1], time.time())
-            if processed_event is not None
-            else None
+        new_count = min(count, max_turns) if trim else count
+        exchange = _Exchange(
+            turn_rows=[(tenant_id, session_id, t.role.value, t.text, t.timestamp) for t in turns],
+            session_row=(last_active, new_count, session_id, tenant_id),
+            event_row=(
+                (tenant_id, processed_event[0].value, processed_event[1], time.time())
+                if processed_event is not None
+                else None
+            ),
+            trim=(session_id, tenant_id, session_id, max_turns) if trim else None,
         )
-
-        def op(c: sqlite3.Connection) -> None:
-            c.executemany(
-                "INSERT INTO turns (tenant_id, session_id, role, text, ts) VALUES (?,?,?,?,?)",
-                rows,
-            )
-            if trim:
-                c.execute(
-                    "DELETE FROM turns WHERE session_id = ? AND tenant_id = ? AND id <= "
-                    "(SELECT id FROM turns WHERE session_id = ? ORDER BY id DESC "
-                    "LIMIT 1 OFFSET ?)",
-                    (session_id, tenant_id, session_id, max_turns),
-                )
-            c.execute(
-                "UPDATE sessions SET last_active = ?, message_count = ? "
-                "WHERE id = ? AND tenant_id = ?",
-                (last_active, min(count, max_turns) if trim else count, session_id, tenant_id),
-            )
-            if event_row is not None:
-                c.execute("INSERT OR IGNORE INTO processed_events VALUES (?,?,?,?)", event_row)
-
-        await self._write(op)
+        await self._write(exchange)
         session.last_active = last_active
-        session.message_count = min(count, max_turns) if trim else count
+        session.message_count = new_count
         hot.turns.extend(turns)
 
     async def history(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
@@ -588,6 +673,16 @@ class SqliteStore:
             )
         )
         return bool(cur)
+
+    # Gateway-wide settings -----------------------------------------------------------------
+
+    async def gateway_setting(self, name: str, default: str) -> str:
+        def op(c: sqlite3.Connection) -> str:
+            c.execute("INSERT OR IGNORE INTO gateway_settings VALUES (?, ?)", (name, default))
+            row = c.execute("SELECT value FROM gateway_settings WHERE name = ?", (name,)).fetchone()
+            return str(row[0])
+
+        return await self._write(op)
 
 
 def _key_from_row(row: tuple[Any, ...]) -> ApiKeyRecord:
