@@ -24,7 +24,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--only", default="web,slack,discord,scale",
                         help="comma-separated parts: web, slack, discord, scale")
+    parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
+                        help="load generator: wrk (C, needs `apt-get install wrk`) or an aiohttp "
+                        "client in its own process; auto picks wrk when installed")
     args = parser.parse_args()
+    loadgen.CHOICE = args.loadgen
     parts = set(args.only.split(","))
     rounds, seconds = (1, 1.0) if args.smoke else (args.rounds, args.seconds)
     print(f"load generator: {loadgen.which()}; rounds: {rounds}; seconds per run: {seconds}")

@@ -49,13 +49,19 @@ class LoadResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
+#: "auto" (wrk when installed), "wrk" or "python"; set by `python -m bench --loadgen`.
+CHOICE = "auto"
+
+
 def which() -> str:
-    return "wrk" if shutil.which("wrk") else "python-aiohttp"
+    if CHOICE == "auto":
+        return "wrk" if shutil.which("wrk") else "python"
+    return CHOICE
 
 
 def run(url: str, concurrency: int, seconds: float, key: str | None = None) -> LoadResult:
     """Drive `url` with `concurrency` connections for `seconds`."""
-    if shutil.which("wrk"):
+    if which() == "wrk":
         return _run_wrk(url, concurrency, seconds, key)
     cmd = [sys.executable, "-m", "bench.loadgen", url, str(concurrency), str(seconds), key or ""]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -99,7 +105,7 @@ async def _python_load(url: str, concurrency: int, seconds: float, key: str) -> 
         nonlocal errors, counter
         while time.perf_counter() < deadline:
             counter += 1
-            body = '{"message":"hello","userId":"u%d"}' % (counter % USERS)
+            body = f'{{"message":"hello","userId":"u{counter % USERS}"}}'
             start = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=headers) as resp:

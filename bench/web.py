@@ -38,7 +38,7 @@ def run(workdir: Path, concurrencies: list[int], rounds: int, seconds: float) ->
     }
     rows = []
     try:
-        for name, (url, key, _) in targets.items():  # warm up connections, caches, sessions
+        for url, key, _ in targets.values():  # warm up connections, caches, sessions
             loadgen.run(url, 16, 1, key)
         for conc in concurrencies:
             samples = {name: Sample() for name in targets}

@@ -167,14 +167,22 @@ class HttpAgentInvoker:
         headers = dict(self._headers)
         headers["Idempotency-Key"] = idempotency_key(request.message)
         headers["Accept"] = f"application/json, {NDJSON}" if on_delta else "application/json"
+        try:
+            # The common case, one successful attempt, skips the retry machinery entirely.
+            return await self._call_once(body, headers, on_delta)
+        except _Retryable as exc:
+            if self.config.retry.attempts == 1:
+                raise AgentError(exc.cause, exc.detail) from None
         retry = self.config.retry
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(retry.attempts),
+            stop=stop_after_attempt(retry.attempts - 1),
             wait=wait_random_exponential(multiplier=retry.backoff_initial, max=retry.backoff_max),
             retry=retry_if_exception_type(_Retryable),
             reraise=True,
+            sleep=asyncio.sleep,
         )
         try:
+            await asyncio.sleep(min(retry.backoff_initial, retry.backoff_max))
             async for attempt in retrying:
                 with attempt:
                     return await self._call_once(body, headers, on_delta)

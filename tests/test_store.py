@@ -153,3 +153,18 @@ async def test_runtime_tenants_and_keys(store: SessionStore) -> None:
         assert await store.find_api_key("k2") is not None
     finally:
         await store.close()
+
+
+async def test_a_failing_write_does_not_undo_its_batch_neighbours(store: SessionStore) -> None:
+    sid = await new(store, key(A))
+    turns = [Turn(Role.USER, "kept", time.time())]
+    results = await asyncio.gather(
+        store.add_api_key(ApiKeyRecord("dup", A, "h1", "", 1.0)),
+        store.add_api_key(ApiKeyRecord("dup", A, "h2", "", 1.0)),
+        store.record_exchange(A, sid, turns, max_turns=10),
+        return_exceptions=True,
+    )
+    assert results[0] is None and isinstance(results[1], Exception) and results[2] is None
+    assert [t.text for t in await store.history(A, sid, 10)] == ["kept"]
+    found = await store.find_api_key("dup")
+    assert found is not None and found.key_hash == "h1"

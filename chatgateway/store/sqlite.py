@@ -172,9 +172,7 @@ class _Writer(threading.Thread):
     def __init__(self, path: str) -> None:
         super().__init__(name="chatgateway-sqlite-writer", daemon=True)
         self._path = path
-        self._queue: queue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -220,9 +218,9 @@ class _Writer(threading.Thread):
             else:
                 stopping = True
             if batch:
-                self._run_batch(conn, batch)
+                self._settle_batch(conn, batch)
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+    def _settle_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         results = _run_batch(conn, batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[_Result]] = {}
         for entry in results:
@@ -232,39 +230,6 @@ class _Writer(threading.Thread):
                 loop.call_soon_threadsafe(_settle, entries)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
-
-
-class _LoopWriter:
-    """Group commit on the event loop: writes submitted in one loop iteration share a commit."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._pending: list[_Pending] = []
-        self._scheduled = False
-        self._conn: sqlite3.Connection | None = None
-
-    def start_and_wait(self) -> None:
-        self._conn = _connect_writer(self._path)
-
-    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._pending.append((op, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return future
-
-    def _flush(self) -> None:
-        batch, self._pending, self._scheduled = self._pending, [], False
-        if batch and self._conn is not None:
-            _settle(_run_batch(self._conn, batch))
-
-    def stop(self) -> None:
-        self._flush()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
 
 
 _Pending = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
@@ -331,7 +296,7 @@ class SqliteStore:
         self._cache_size = cache_size
         self._hot: OrderedDict[SessionId, _Hot] = OrderedDict()
         self._by_key: dict[SessionKey, SessionId] = {}
-        self._writer: _Writer | _LoopWriter | None = None
+        self._writer: _Writer | None = None
         self._reader: sqlite3.Connection | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
@@ -339,14 +304,8 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        import os
-        writer: _Writer | _LoopWriter = (
-            _LoopWriter(self.path) if os.environ.get("CGW_WRITER") == "loop" else _Writer(self.path)
-        )
-        if isinstance(writer, _LoopWriter):
-            writer.start_and_wait()
-        else:
-            await asyncio.to_thread(writer.start_and_wait)
+        writer = _Writer(self.path)
+        await asyncio.to_thread(writer.start_and_wait)
         self._writer = writer
         self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._reader.execute("PRAGMA busy_timeout=5000")
@@ -360,9 +319,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         writer, self._writer = self._writer, None
-        if isinstance(writer, _LoopWriter):
-            writer.stop()
-        elif writer is not None:
+        if writer is not None:
             await asyncio.to_thread(writer.stop)
         reader, self._reader = self._reader, None
         if reader is not None:
