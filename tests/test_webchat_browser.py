@@ -1,0 +1,267 @@
+"""The chat page and the widget in a real browser: Debian's chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, expect
+
+from tests.browser import GatedAgent, chromium, new_page, site, widget_host_page
+from tests.conftest import tenant, url
+
+pytestmark = pytest.mark.browser
+
+WAIT = 15_000  # ms; generous, the machine is shared
+AGENT = ".cg-messages .cg-agent"
+USER = ".cg-messages .cg-user"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as running:
+        yield running
+
+
+def public(tenant_id: str, agent_url: str | None = None, **web: Any) -> dict[str, Any]:
+    return tenant(tenant_id, agent_url, web={"public": True, **web})
+
+
+async def open_chat(page: Page, address: str) -> None:
+    await page.goto(address)
+    await expect(page.locator(".cg-chat")).to_have_attribute("data-state", "ready", timeout=WAIT)
+
+
+async def send(page: Page, text: str) -> None:
+    await page.locator("textarea").fill(text)
+    await page.locator("textarea").press("Enter")
+
+
+async def shot(page: Page, output_dir: Path, name: str) -> None:
+    await page.screenshot(path=str(output_dir / f"webchat-{name}.png"))
+
+
+async def test_enter_sends_and_the_reply_appears(browser, make_agent, make_gateway, output_dir):
+    agent = await make_agent(prefix="")
+    gw = await make_gateway({"tenants": [public(
+        "acme", agent.url, title="Acme Support",
+        welcome="Hi! I'm the Acme assistant. Ask me about orders, returns or shipping.")]})
+    page = await new_page(browser)
+    await open_chat(page, url(gw, "/chat/acme"))
+    box = page.get_by_role("textbox", name="Message to Acme Support")
+    await expect(box).to_be_focused()
+    await expect(page.get_by_role("log")).to_have_attribute("aria-live", "polite")
+
+    await box.fill("Where is my order #1042?")
+    await box.press("Enter")
+    await expect(page.locator(AGENT)).to_have_text("Acme Support: Where is my order #1042?",
+                                                   timeout=WAIT)
+    await expect(box).to_have_value("")
+    await expect(box).to_be_focused()  # ready for the next message without reaching for the mouse
+
+    # Shift+Enter makes a new line instead of sending.
+    await box.press_sequentially("It was shipped to Berlin.")
+    await box.press("Shift+Enter")
+    await box.press_sequentially("Tracking: **DE-4471**, see https://track.example/DE-4471")
+    await expect(box).to_have_value(
+        "It was shipped to Berlin.\nTracking: **DE-4471**, see https://track.example/DE-4471")
+    assert len(agent.calls) == 1
+    await box.press("Enter")
+    await expect(page.locator(AGENT)).to_have_count(2, timeout=WAIT)
+    assert agent.texts()[1] == (
+        "It was shipped to Berlin.\nTracking: **DE-4471**, see https://track.example/DE-4471")
+    last = page.locator(AGENT).last
+    await expect(last.locator("strong")).to_have_text("DE-4471")
+    await expect(last.locator("a")).to_have_attribute("href", "https://track.example/DE-4471")
+    await expect(page.locator(USER)).to_have_count(2)
+    assert page.script_errors == []
+    await shot(page, output_dir, "desktop")
+
+    phone = await new_page(browser, phone=True)
+    key, value = json.dumps(await storage_key(page)), json.dumps(await storage_value(page))
+    await phone.context.add_init_script(f"localStorage.setItem({key}, {value})")
+    await open_chat(phone, url(gw, "/chat/acme"))
+    await expect(phone.locator(AGENT)).to_have_count(2, timeout=WAIT)
+    await shot(phone, output_dir, "phone")
+
+
+async def storage_key(page: Page) -> str:
+    return await page.evaluate("Object.keys(localStorage).find(k => k.startsWith('chatgateway:'))")
+
+
+async def storage_value(page: Page) -> str:
+    return await page.evaluate(
+        "localStorage.getItem(Object.keys(localStorage).find(k => k.startsWith('chatgateway:')))")
+
+
+async def test_streaming_reply_grows_in_place(browser, make_gateway, output_dir):
+    agent = await GatedAgent(["Once upon a time, ", "a gateway ", "streamed its answers."]).start()
+    try:
+        gw = await make_gateway({"tenants": [public("default", agent.url, title="Storyteller")]})
+        page = await new_page(browser)
+        await open_chat(page, url(gw, "/"))
+        await send(page, "Tell me a story")
+
+        # Before the agent says anything: a typing indicator, announced to screen readers.
+        typing = page.locator(".cg-messages .cg-typing")
+        await expect(typing).to_be_visible(timeout=WAIT)
+        await expect(typing).to_contain_text("Storyteller is typing")
+        await expect(page.get_by_role("log")).to_have_attribute("aria-busy", "true")
+        await shot(page, output_dir, "typing")
+
+        agent.gates[0].set()
+        reply = page.locator(AGENT).last
+        await expect(reply).to_contain_text("Once upon a time,", timeout=WAIT)
+        await expect(reply).to_have_class("cg-msg cg-agent cg-streaming")
+        await expect(reply).not_to_contain_text("streamed")
+        agent.gates[1].set()
+        await expect(reply).to_contain_text("Once upon a time, a gateway", timeout=WAIT)
+        await expect(reply).not_to_contain_text("streamed")
+        await shot(page, output_dir, "streaming")
+        agent.gates[2].set()
+        await expect(reply).to_have_text(
+            "Storyteller: Once upon a time, a gateway streamed its answers.", timeout=WAIT)
+        await expect(reply).to_have_class("cg-msg cg-agent")
+        await expect(page.get_by_role("log")).to_have_attribute("aria-busy", "false")
+        await expect(page.locator(".cg-typing")).to_have_count(0)
+        assert page.script_errors == []
+    finally:
+        await agent.stop()
+
+
+async def test_reload_restores_and_new_conversation_starts_fresh(browser, make_agent,
+                                                                 make_gateway):
+    agent = await make_agent()
+    gw = await make_gateway({"tenants": [public("acme", agent.url)]})
+    page = await new_page(browser)
+    await open_chat(page, url(gw, "/chat/acme"))
+    await send(page, "first question")
+    await expect(page.locator(AGENT)).to_have_count(1, timeout=WAIT)
+    await send(page, "second question")
+    await expect(page.locator(AGENT)).to_have_count(2, timeout=WAIT)
+    first_session = agent.calls[0].body["sessionId"]
+    assert agent.calls[1].body["sessionId"] == first_session
+
+    await page.reload()
+    await expect(page.locator(".cg-chat")).to_have_attribute("data-state", "ready", timeout=WAIT)
+    await expect(page.locator(".cg-messages .cg-bubble")).to_have_text(
+        ["first question", "agent: first question", "second question", "agent: second question"])
+
+    await page.get_by_role("button", name="Start a new conversation").click()
+    await expect(page.locator(".cg-messages .cg-msg")).to_have_count(0)
+    await expect(page.get_by_role("textbox")).to_be_focused()
+    await expect(page.get_by_role("status")).to_have_text("Started a new conversation.")
+    await send(page, "another topic")
+    await expect(page.locator(AGENT)).to_have_text("Acme: agent: another topic", timeout=WAIT)
+    assert agent.calls[2].body["sessionId"] != first_session
+    assert [turn["text"] for turn in agent.calls[2].body["history"]] == []
+
+    await page.reload()
+    await expect(page.locator(".cg-messages .cg-bubble")).to_have_text(
+        ["another topic", "agent: another topic"], timeout=WAIT)
+
+
+async def test_failing_agent_shows_the_fallback_text(browser, make_agent, make_gateway):
+    agent = await make_agent(status=500)
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", agent.url, web={"public": True},
+        agent={"retry": {"attempts": 1},
+               "fallback_text": "Our assistant is taking a break. Please try again soon."})]})
+    page = await new_page(browser)
+    await open_chat(page, url(gw, "/chat/acme"))
+    await send(page, "hello?")
+    reply = page.locator(AGENT)
+    await expect(reply).to_have_text(
+        "Acme: Our assistant is taking a break. Please try again soon.", timeout=WAIT)
+    await expect(reply).to_have_class("cg-msg cg-agent cg-fallback")
+    await expect(page.locator(".cg-notice")).to_be_hidden()
+    assert len(agent.calls) == 1
+
+
+async def test_widget_on_allowed_and_disallowed_sites(browser, make_agent, make_gateway,
+                                                      output_dir):
+    agent = await make_agent(prefix="Shop bot: ")
+    async with site() as allowed, site() as other:
+        gw = await make_gateway({"tenants": [public(
+            "shop", agent.url, title="Clay & Co", accent_color="#b45309",
+            welcome="Hello! Ask me about glazes, delivery or returns.",
+            allowed_origins=[allowed.origin])]})
+        allowed.html = widget_host_page(url(gw, ""), "shop", "Clay & Co")
+        other.html = widget_host_page(url(gw, ""), "shop", "Copycat shop")
+
+        page = await new_page(browser)
+        await page.goto(allowed.origin)
+        launcher = page.get_by_role("button", name="Open chat with Clay & Co")
+        await expect(launcher).to_be_visible(timeout=WAIT)
+        await expect(launcher).to_have_attribute("aria-expanded", "false")
+        await launcher.click()
+        dialog = page.get_by_role("dialog", name="Chat with Clay & Co")
+        await expect(dialog).to_be_visible()
+        box = dialog.get_by_role("textbox")
+        await expect(box).to_be_focused(timeout=WAIT)
+        await box.fill("Do you ship to Norway?")
+        await box.press("Enter")
+        await expect(dialog.locator(AGENT)).to_have_text(
+            "Clay & Co: Shop bot: Do you ship to Norway?", timeout=WAIT)
+        assert agent.calls[0].body["tenant"] == "shop"
+        assert agent.calls[0].body["user"]["id"].startswith("v_")
+        # The host page's CSS (red 30px text) does not leak into the widget.
+        size = await dialog.locator(".cg-user .cg-bubble").evaluate(
+            "e => getComputedStyle(e).fontSize")
+        assert size == "15px"
+        await shot(page, output_dir, "widget-desktop")
+
+        # Escape closes the panel and gives focus back to the launcher.
+        await box.press("Escape")
+        await expect(dialog).to_be_hidden()
+        await expect(launcher).to_be_focused()
+        assert await page.evaluate("chatEvents.map(e => e[0])") == ["ready"]
+
+        # The conversation survives a reload of the host page.
+        await page.reload()
+        await page.get_by_role("button", name="Open chat with Clay & Co").click()
+        await expect(page.locator(AGENT)).to_have_count(1, timeout=WAIT)
+
+        phone = await new_page(browser, phone=True)
+        await phone.goto(allowed.origin)
+        await phone.get_by_role("button", name="Open chat with Clay & Co").click()
+        await expect(phone.get_by_role("dialog")).to_be_visible(timeout=WAIT)
+        await expect(phone.locator(".cg-welcome")).to_be_visible(timeout=WAIT)
+        await shot(phone, output_dir, "widget-phone")
+
+        # Another site embedding the same tenant's widget is refused.
+        stranger = await new_page(browser)
+        await stranger.goto(other.origin)
+        await stranger.wait_for_function("chatEvents.length > 0", timeout=WAIT)
+        events = await stranger.evaluate("chatEvents")
+        assert [e[0] for e in events] == ["error"]
+        await expect(stranger.locator("chatgateway-widget")).to_have_count(0)
+        assert len(agent.calls) == 1
+
+
+async def test_a_token_of_another_tenant_is_replaced(browser, make_agent, make_gateway):
+    """The page of tenant b refuses a stored token of tenant a and starts a fresh visitor."""
+    agent = await make_agent()
+    gw = await make_gateway({"tenants": [public("a", agent.url), public("b", agent.url)]})
+    page = await new_page(browser)
+    await open_chat(page, url(gw, "/chat/a"))
+    await send(page, "secret of a")
+    await expect(page.locator(AGENT)).to_have_count(1, timeout=WAIT)
+    a_key = await storage_key(page)
+    a_state = json.loads(await storage_value(page))
+    # Plant a's token and session where b's page keeps its own.
+    b_key = a_key[: -len(":a")] + ":b"
+    await page.evaluate("([k, v]) => localStorage.setItem(k, v)", [b_key, json.dumps(a_state)])
+    await open_chat(page, url(gw, "/chat/b"))
+    await expect(page.locator(".cg-messages .cg-msg")).to_have_count(0)
+    b_state = json.loads(await page.evaluate("k => localStorage.getItem(k)", b_key))
+    assert b_state["token"].startswith("cgv1.p.b.")
+    assert b_state["userId"] != a_state["userId"]
+    assert "sessionId" not in b_state
+    await send(page, "hello b")
+    await expect(page.locator(AGENT)).to_have_count(1, timeout=WAIT)
+    assert agent.calls[-1].body["tenant"] == "b"
+    assert agent.calls[-1].body["history"] == []
