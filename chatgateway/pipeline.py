@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -44,24 +43,41 @@ class KeyedLocks:
     """FIFO locks created on demand and dropped when nobody holds or waits for them."""
 
     def __init__(self) -> None:
-        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[Hashable, list[Any]] = {}
 
-    @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
+    async def acquire(self, key: Hashable) -> None:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = [asyncio.Lock(), 0]
+        entry[1] += 1
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await entry[0].acquire()
+        except BaseException:
+            self._drop(key, entry)
+            raise
+
+    def release(self, key: Hashable) -> None:
+        entry = self._locks[key]
+        entry[0].release()
+        self._drop(key, entry)
+
+    def _drop(self, key: Hashable, entry: list[Any]) -> None:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._locks[key]
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """One (tenant, platform)'s metric children, looked up once instead of per message."""
+
+    messages_in: Any
+    messages_out: Any
+    agent_latency: Any
+    deduplicated: Any
 
 
 class Pipeline:
@@ -78,7 +94,21 @@ class Pipeline:
         self._per_tenant: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._series: dict[tuple[str, str], _Series] = {}
         self.accepting = True
+
+    def _metrics_for(self, message: NormalizedMessage) -> _Series:
+        labels = (message.tenant_id, message.platform.value)
+        series = self._series.get(labels)
+        if series is None:
+            m = self.metrics
+            series = self._series[labels] = _Series(
+                m.messages_in.labels(*labels),
+                m.messages_out.labels(*labels),
+                m.agent_latency.labels(*labels),
+                m.deduplicated.labels(*labels),
+            )
+        return series
 
     @property
     def active(self) -> int:
@@ -108,8 +138,8 @@ class Pipeline:
         tenant = self.tenants.get(message.tenant_id)
         if tenant is None:
             raise NotFoundError(f"no tenant {message.tenant_id!r}")
-        labels = (message.tenant_id, message.platform.value)
-        self.metrics.messages_in.labels(*labels).inc()
+        series = self._metrics_for(message)
+        series.messages_in.inc()
         agent = tenant.config.agent
         if self._per_tenant.get(message.tenant_id, 0) >= agent.max_concurrency + agent.max_queue:
             # Admission control: a flood from one tenant queues against its own limit only.
@@ -119,7 +149,7 @@ class Pipeline:
             if event in self._in_flight or await self.store.is_processed(
                 message.tenant_id, message.platform, message.message_id
             ):
-                self.metrics.deduplicated.labels(*labels).inc()
+                series.deduplicated.inc()
                 log.info(
                     "message_duplicate",
                     tenant_id=message.tenant_id,
@@ -159,10 +189,13 @@ class Pipeline:
         # Resolve (or create) the session under a per-key lock so two first messages of a
         # conversation make one session; then hold the session's lock for the agent call so
         # its messages reach the agent one at a time, in arrival order.
-        async with self._key_locks.hold(session_id or key):
+        lock_key: Hashable = session_id or key
+        await self._key_locks.acquire(lock_key)
+        try:
             session = await self._resolve(tenant, message, key, session_id, new_session)
-            session_lock = self._session_locks.hold(session.id)
-            await session_lock.__aenter__()
+            await self._session_locks.acquire(session.id)
+        finally:
+            self._key_locks.release(lock_key)
         try:
             structlog.contextvars.bind_contextvars(
                 tenant_id=message.tenant_id,
@@ -185,9 +218,8 @@ class Pipeline:
                     message.tenant_id, message.platform.value, cause
                 ).inc()
                 log.warning("agent_failed", cause=cause, detail=str(exc))
-            self.metrics.agent_latency.labels(message.tenant_id, message.platform.value).observe(
-                time.monotonic() - agent_started
-            )
+            series = self._metrics_for(message)
+            series.agent_latency.observe(time.monotonic() - agent_started)
             now = time.time()
             turns = [Turn(Role.USER, message.text, message.timestamp)]
             if text:
@@ -200,7 +232,7 @@ class Pipeline:
                 processed_event=(message.platform, message.message_id) if dedup else None,
             )
             if text:
-                self.metrics.messages_out.labels(message.tenant_id, message.platform.value).inc()
+                series.messages_out.inc()
             log.info(
                 "message_handled",
                 outcome=outcome,
@@ -210,7 +242,7 @@ class Pipeline:
             return Reply(session, text, outcome, cause)
         finally:
             structlog.contextvars.unbind_contextvars("tenant_id", "platform", "session_id")
-            await session_lock.__aexit__(None, None, None)
+            self._session_locks.release(session.id)
 
     async def _resolve(
         self,
