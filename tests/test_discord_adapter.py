@@ -433,7 +433,27 @@ async def test_long_reply_with_code_block_is_split_outside_the_block(
     assert len({p.nonce for p in posts}) == len(posts)
 
 
-async def test_retried_post_does_not_post_twice(fake, make_agent, make_gateway):
+async def test_post_repeated_after_a_lost_response_does_not_post_twice(
+    fake, make_agent, make_gateway
+):
+    agent = await make_agent()
+    bot = fake.add_bot("acmebot")
+    await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
+    await fake.wait_ready(bot)
+    fake.drop_after_create = 1  # the message is created, then the connection is cut
+    await fake.message_create(bot, "hello", channel_id="2001")
+    await fake.wait_posts(1, token=bot.token)
+    # The adapter posts again after about a second, with the same nonce: Discord (and the fake)
+    # return the message created the first time instead of a second one.
+    await fake.wait_for(lambda: fake.nonce_hits > 0, within=15)
+    await fake.message_create(bot, "marker", channel_id="2001")
+    posts = await fake.wait_posts(2, token=bot.token, within=15)
+    assert [p.content for p in posts] == ["agent: hello", "agent: marker"]
+
+
+async def test_post_retried_by_discord_py_on_5xx_does_not_post_twice(
+    fake, make_agent, make_gateway
+):
     agent = await make_agent()
     bot = fake.add_bot("acmebot")
     await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
@@ -467,3 +487,19 @@ async def test_replay_after_a_gateway_restart_is_not_answered(fake, make_agent, 
     posts = await fake.wait_posts(2, token=bot.token)
     assert [p.content for p in posts] == ["agent: before restart", "agent: after restart"]
     assert agent.texts() == ["before restart", "after restart"]
+
+
+async def test_missing_permissions_are_survived(fake, make_agent, make_gateway):
+    agent = await make_agent()
+    bot = fake.add_bot("acmebot")
+    await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
+    await fake.wait_ready(bot)
+    fake.forbidden_channels.add("2001")
+    fake.no_history_channels.add("2002")
+    await fake.message_create(bot, "nowhere to answer", channel_id="2001")
+    await agent.wait_calls(1)
+    sent = await fake.message_create(bot, "answer without reply", channel_id="2002")
+    [post] = await fake.wait_posts(1, token=bot.token)
+    assert post.channel_id == "2002" and post.reference is None
+    assert post.content == "agent: answer without reply"
+    assert sent["id"] != post.message["id"]

@@ -55,6 +55,11 @@ PARK_REASONS = {
 }
 #: How long `stop` lets replies that are being sent finish before cancelling them.
 STOP_GRACE = 8.0
+#: Discord's error code for a reply without the Read Message History permission.
+NO_HISTORY_PERMISSION = 160002
+#: Attempts at posting one reply part when the connection fails or Discord answers 5xx.
+SEND_ATTEMPTS = 3
+SEND_RETRY_DELAY = 1.0
 #: How often the typing indicator is renewed while the agent works (Discord shows it for 10 s).
 TYPING_EVERY = 8.0
 #: How long a reply waits for the first typing call to complete, so typing precedes it.
@@ -251,7 +256,8 @@ class DiscordAdapter:
             self._log.info(f"discord_{what}", bot_user_id=user_id)
         elif what == "disconnected" and status.state == AdapterState.CONNECTED:
             status.state = AdapterState.CONNECTING
-            self._log.info("discord_disconnected")
+            if not self._stopping:
+                self._log.info("discord_disconnected")
 
     async def wait_identify_slot(self) -> None:
         interval = self.settings.identify_interval
@@ -386,24 +392,52 @@ class DiscordAdapter:
         mentions = discord.AllowedMentions(
             everyone=False, users=False, roles=False, replied_user=True
         )
-        reference = message.to_reference(fail_if_not_exists=False)
+        reference: discord.MessageReference | None = message.to_reference(
+            fail_if_not_exists=False
+        )
         for index, part in enumerate(parts):
+            # The nonce is derived from the message and part, so a POST repeated after a lost
+            # response (below, or by discord.py on a 5xx) returns the first message instead of
+            # posting a second one (Discord's enforce_nonce).
             nonce = convert.reply_nonce(client.user.id, message.id, index)
-            try:
-                await message.channel.send(
-                    part,
-                    reference=reference if index == 0 else None,  # type: ignore[arg-type]
-                    nonce=nonce,
-                    allowed_mentions=mentions,
-                )
-            except discord.Forbidden as exc:
-                bound.warning(
-                    "discord_reply_forbidden",
-                    error=str(exc),
-                    hint="give the bot Send Messages (and Send Messages in Threads) here",
-                )
-                return
-            except discord.HTTPException as exc:
-                bound.error("discord_reply_failed", part=index, status=exc.status, error=str(exc))
-                return
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    await message.channel.send(
+                        part,
+                        reference=reference if index == 0 else None,  # type: ignore[arg-type]
+                        nonce=nonce,
+                        allowed_mentions=mentions,
+                    )
+                    break
+                except (discord.DiscordServerError, aiohttp.ClientError, OSError,
+                        TimeoutError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    if attempt >= SEND_ATTEMPTS or self._stopping:
+                        bound.error("discord_reply_failed", part=index, error=error)
+                        return
+                    bound.warning("discord_reply_retry", part=index, attempt=attempt, error=error)
+                    await asyncio.sleep(SEND_RETRY_DELAY * attempt)
+                except discord.HTTPException as exc:
+                    if exc.code == NO_HISTORY_PERMISSION and index == 0 and reference is not None:
+                        # Replying needs Read Message History; answer without the reference.
+                        bound.warning(
+                            "discord_reply_reference_refused",
+                            hint="give the bot Read Message History so answers are replies",
+                        )
+                        reference = None
+                        continue
+                    if isinstance(exc, discord.Forbidden):
+                        bound.warning(
+                            "discord_reply_forbidden",
+                            error=str(exc),
+                            hint="give the bot View Channel and Send Messages (and Send Messages "
+                            "in Threads) in this channel",
+                        )
+                        return
+                    bound.error(
+                        "discord_reply_failed", part=index, status=exc.status, error=str(exc)
+                    )
+                    return
         bound.info("discord_reply_sent", parts=len(parts))

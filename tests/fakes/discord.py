@@ -150,8 +150,15 @@ class FakeDiscord:
         self.gateway_ops: list[GatewayOp] = []
         self.rest_calls: list[tuple[str, str, str | None]] = []
         self.connections: list[Connection] = []
-        #: POSTs to fail with a 500 *after* creating the message (a response lost on the way).
+        #: POSTs to answer with a 500 *after* creating the message.
         self.fail_after_create = 0
+        #: POSTs whose connection is cut *after* the message was created (a lost response).
+        self.drop_after_create = 0
+        #: POSTs answered with an earlier message because their nonce was seen before.
+        self.nonce_hits = 0
+        #: Channels where the bot may not post at all / may not reply (no Read Message History).
+        self.forbidden_channels: set[str] = set()
+        self.no_history_channels: set[str] = set()
         self._nonces: dict[tuple[str, str], dict[str, Any]] = {}
         self._order = itertools.count(1)
         self._runner: web.AppRunner | None = None
@@ -428,9 +435,16 @@ class FakeDiscord:
         if nonce is not None and payload.get("enforce_nonce"):
             existing = self._nonces.get((bot.token, str(nonce)))
             if existing is not None:
+                self.nonce_hits += 1
+                await self._notify()
                 return _json(existing)
         channel_id = request.match_info["channel_id"]
         reference = payload.get("message_reference")
+        if channel_id in self.forbidden_channels:
+            return _json({"message": "Missing Permissions", "code": 50013}, 403)
+        if reference and channel_id in self.no_history_channels:
+            return _json({"message": "Cannot reply without permission to read message history",
+                          "code": 160002}, 403)
         message = {
             "id": snowflake(),
             "channel_id": channel_id,
@@ -461,8 +475,15 @@ class FakeDiscord:
             session = self.live_session(bot)
             if session is not None:
                 await self.dispatch(session, "MESSAGE_CREATE", dict(message))
+        if self.drop_after_create > 0:
+            self.drop_after_create -= 1
+            assert request.transport is not None
+            request.transport.abort()
+            await self._notify()
+            raise asyncio.CancelledError  # nothing can be answered on an aborted connection
         if self.fail_after_create > 0:
             self.fail_after_create -= 1
+            await self._notify()
             return _json({"message": "Internal Server Error", "code": 0}, 500)
         return _json(message)
 
