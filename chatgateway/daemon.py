@@ -576,10 +576,13 @@ class Daemon:
             else:
                 await self._stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            # The handlers stay during stop(): a second SIGTERM cuts the drain short, and a
+            # SIGHUP is ignored, instead of killing the process mid-cleanup.
             try:
                 await self.stop()
             except Exception:
                 code = EXIT_FAILURE
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
         return code
