@@ -429,3 +429,19 @@ async def test_root_without_a_public_default_tenant(make_gateway, http):
     gw = await make_gateway({"tenants": [public("shop")]})
     status, page, _ = await request(http, gw, "GET", "/")
     assert status == 404 and "no public chat" in page
+
+
+async def test_openapi_lists_the_browser_endpoints(gateway, http):
+    from openapi_spec_validator import validate
+
+    from adapters.web.chat import routes
+
+    gw, _ = gateway
+    status, doc, _ = await request(http, gw, "GET", "/api/openapi.json")
+    assert status == 200
+    validate(doc)
+    api = {(r.method, r.path) for r in routes if r.path.startswith("/api/")}
+    assert api == {("POST", "/api/visitor-token"), ("POST", "/api/chat/stream")}
+    assert api <= {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    token_request = doc["components"]["schemas"]["VisitorTokenRequest"]
+    assert set(token_request["properties"]) == {"tenantId", "userId"}

@@ -569,6 +569,75 @@ async def tenant_page(request: web.Request) -> web.Response:
     return _page_response(request, request.match_info["tenant_id"], "../")
 
 
+# OpenAPI ---------------------------------------------------------------------------------------
+
+
+def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
+    """The browser chat's API paths for the OpenAPI document; adds their schemas to `components`."""
+    from adapters.web.openapi import _REF, _errors, _json, _ref
+
+    for model in (VisitorTokenRequest, VisitorTokenResponse):
+        schema = model.model_json_schema(ref_template=_REF)
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    tenant_header = {
+        "name": TENANT_HEADER,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "The tenant the page means; a visitor token of another tenant gets 401",
+    }
+    event = {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["delta", "done", "error"]},
+            "text": {"type": "string", "description": "delta: the next piece of the answer"},
+            "sessionId": {"type": "string", "description": "done: the session"},
+            "response": {"type": "string", "description": "done: the whole answer"},
+            "outcome": {"type": "string", "enum": ["ok", "empty", "fallback"]},
+            "error": _ref("ErrorDetail"),
+        },
+    }
+    return {
+        "/api/visitor-token": {
+            "post": {
+                "summary": "Get, renew (visitor token) or mint (API key) a visitor token",
+                "description": "Without a credential: for tenants with web.public, a new "
+                "visitor. With a visitor token: a fresh token for the same visitor. With an "
+                "API key: a token for userId (or a new visitor). See docs/web-chat.md.",
+                "security": [{}, {"apiKey": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("VisitorTokenRequest")}},
+                },
+                "responses": {
+                    "200": _json(_ref("VisitorTokenResponse"), "The token"),
+                    **_errors(400, 401, 403, 404, 415),
+                },
+            }
+        },
+        "/api/chat/stream": {
+            "post": {
+                "summary": "POST /api/chat answered as NDJSON: delta events, then done",
+                "security": [{"apiKey": []}],
+                "parameters": [tenant_header],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ChatRequest")}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "One JSON event per line: delta*, then done (or error)",
+                        "content": {NDJSON: {"schema": event}},
+                    },
+                    **_errors(400, 401, 403, 404, 413, 415, 429),
+                },
+            }
+        },
+    }
+
+
 # Wiring ------------------------------------------------------------------------------------
 
 

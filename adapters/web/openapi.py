@@ -81,6 +81,9 @@ def openapi_document() -> dict[str, Any]:
     }
     auth: list[dict[str, list[str]]] = [{"apiKey": []}]
     admin: list[dict[str, list[str]]] = [{"adminToken": []}]
+    from adapters.web.chat import openapi_paths  # the browser chat (docs/web-chat.md)
+
+    webchat = openapi_paths(components)
     return {
         "openapi": "3.1.0",
         "info": {"title": "chatgateway", "version": __version__},
@@ -100,6 +103,7 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "paths": {
+            **webchat,
             "/api/chat": {
                 "post": {
                     "summary": "Send a message to the tenant's agent and get its answer",

@@ -465,6 +465,15 @@
       );
       container.append(this.root);
       this.configure({ welcome: options.welcome });
+      // Keep the newest message in view while it grows, the box grows or a notice shows,
+      // unless the visitor scrolled up to read.
+      this.atEnd = true;
+      this.log.addEventListener("scroll", () => (this.atEnd = this.nearEnd()), { passive: true });
+      if (window.ResizeObserver) {
+        const keep = new ResizeObserver(() => this.scrollToEnd());
+        keep.observe(this.log);
+        keep.observe(this.messages);
+      }
       this.messages.addEventListener("click", (event) => {
         const retry = event.target.closest && event.target.closest(".cg-retry");
         if (retry) this.start();
@@ -550,15 +559,15 @@
     }
 
     nearEnd() {
-      return this.log.scrollHeight - this.log.scrollTop - this.log.clientHeight < 96;
+      return this.log.scrollHeight - this.log.scrollTop - this.log.clientHeight < 48;
     }
 
     scrollToEnd(force) {
-      if (force || this.stick) this.log.scrollTop = this.log.scrollHeight;
+      if (force) this.atEnd = true;
+      if (this.atEnd) this.log.scrollTop = this.log.scrollHeight;
     }
 
     addMessage(role, text, extraClass) {
-      this.stick = this.nearEnd();
       const who = role === "user" ? "You" : this.title;
       const bubble = el("div", { class: "cg-bubble" });
       const message = el(
@@ -588,7 +597,6 @@
     }
 
     showText(message, text, streaming) {
-      this.stick = this.nearEnd();
       message.classList.remove("cg-typing");
       message.classList.toggle("cg-streaming", streaming);
       renderRich(message.querySelector(".cg-bubble"), text);
