@@ -54,8 +54,6 @@ HEALTH_INTERVAL = 5.0
 STARTUP_SETTLE = 10.0
 #: After the drain, how long the web server waits for responses still being written.
 HTTP_SHUTDOWN_GRACE = 3.0
-#: /metrics reads session counts from the store at most this often.
-SESSION_COUNT_TTL = 5.0
 #: Config keys a reload cannot change in a running process (a restart applies them).
 RESTART_KEYS = ("storage", "server.max_body_bytes")
 
@@ -132,7 +130,6 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
         self._health_problems: list[str] = []
-        self._session_counts_at = 0.0
         self.metrics.watch_gateway(self._gateway_sample)
 
     # Start ---------------------------------------------------------------------------------
@@ -192,7 +189,7 @@ class Daemon:
         from adapters.web import WebContext, create_app
         from adapters.web.ops import ops_routes
 
-        assert self.pipeline and self.tenants and self.store
+        assert self.pipeline is not None and self.tenants is not None and self.store is not None
         loopback = is_loopback(config.listen.host)
         anonymous = self.tenants.get("default")
         if anonymous is not None and anonymous.config.web.anonymous and not loopback:
@@ -231,7 +228,7 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _prune_loop(self) -> None:
-        assert self.tenants and self.store
+        assert self.tenants is not None and self.store is not None
         while True:
             for tenant in self.tenants.all():
                 retention = tenant.config.sessions.retention_days * 86400
@@ -315,22 +312,19 @@ class Daemon:
         )
 
     async def refresh_metrics(self) -> None:
-        """Update the active-session gauge from the store (at most every few seconds)."""
+        """Update the active-session gauge from the store (one indexed count per tenant)."""
         if self.tenants is None or self.store is None or self.state == "stopped":
             return
-        now = time.monotonic()
-        if now - self._session_counts_at < SESSION_COUNT_TTL:
-            return
-        self._session_counts_at = now
         counts = {}
+        now = time.time()
         for tenant in self.tenants.all():
-            idle_since = time.time() - tenant.config.sessions.idle_timeout
+            idle_since = now - tenant.config.sessions.idle_timeout
             counts[tenant.id] = await self.store.count_sessions(tenant.id, active_since=idle_since)
         self.metrics.set_active_sessions(counts)
 
     async def status_report(self) -> dict[str, Any]:
         """Everything GET /admin/status shows."""
-        assert self.tenants and self.store and self.supervisor
+        assert self.tenants is not None and self.store is not None and self.supervisor is not None
         tenants = []
         now = time.time()
         for tenant in sorted(self.tenants.all(), key=lambda t: t.id):

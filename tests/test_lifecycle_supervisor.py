@@ -33,6 +33,8 @@ class ScriptedAdapter:
     crash  always fail with RuntimeError;  exit  always raise SystemExit
     dead   connect, but alive() is False (a dead socket)
     wedge  like dead, and ignore stop() and cancellation until `released` is set
+    hang   stay connecting until `released` is set, then connect
+    leaky  fail with an error message that contains the token
     """
 
     instances: ClassVar[list[ScriptedAdapter]] = []
@@ -58,6 +60,20 @@ class ScriptedAdapter:
             raise RuntimeError("connection reset by peer")
         if self.mode == "exit":
             raise SystemExit(3)
+        if self.mode == "leaky":
+            token = self.settings.token.get_secret_value()
+            raise ConnectionError(f"handshake failed for token {token}")
+        if self.mode == "hang":
+            assert ScriptedAdapter.released is not None
+            waits = {
+                asyncio.ensure_future(ScriptedAdapter.released.wait()),
+                asyncio.ensure_future(self._stop.wait()),
+            }
+            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if self._stop.is_set():
+                return
         if self.failures_left > 0:
             self.failures_left -= 1
             raise ConnectionError("platform unreachable")
