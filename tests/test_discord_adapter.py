@@ -503,3 +503,16 @@ async def test_missing_permissions_are_survived(fake, make_agent, make_gateway):
     assert post.channel_id == "2002" and post.reference is None
     assert post.content == "agent: answer without reply"
     assert sent["id"] != post.message["id"]
+
+
+async def test_reidentify_respects_the_identify_interval(fake, make_agent, make_gateway):
+    agent = await make_agent()
+    bot = fake.add_bot("acmebot")
+    await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(
+        bot, identify_interval=1.0))]})
+    await fake.wait_ready(bot)
+    await fake.invalidate(bot, resumable=False)
+    await fake.wait_for(lambda: len(fake.ops(2, bot.token)) == 2)
+    first, second = fake.ops(2, bot.token)
+    assert second.at - first.at >= 0.9  # Discord allows one IDENTIFY per interval per bot
+    assert second.path == "/gateway"  # no RESUME happened before, so the configured gateway

@@ -186,8 +186,8 @@ class DiscordAdapter:
                 await client.login(self._token)
                 if self._stopping:
                     return
-                self._log.info("discord_logged_in", bot_user_id=str(client.user.id if client.user
-                                                                    else ""))
+                user = client.user
+                self._log.info("discord_logged_in", bot_user_id=str(user.id) if user else None)
                 await client.connect(reconnect=True)
             except discord.LoginFailure:
                 raise self._park(4004, "login") from None
@@ -260,14 +260,14 @@ class DiscordAdapter:
                 self._log.info("discord_disconnected")
 
     async def wait_identify_slot(self) -> None:
-        interval = self.settings.identify_interval
+        """Wait until `identify_interval` has passed since this bot's last IDENTIFY."""
+        now = time.monotonic()
         last = _last_identify.get(self._token_key)
-        if last is not None:
-            wait = last + interval - time.monotonic()
-            if wait > 0:
-                self._log.info("discord_identify_wait", seconds=round(wait, 2))
-                await asyncio.sleep(wait)
-        _last_identify[self._token_key] = time.monotonic()
+        slot = now if last is None else max(now, last + self.settings.identify_interval)
+        _last_identify[self._token_key] = slot  # claimed before sleeping
+        if slot > now:
+            self._log.info("discord_identify_wait", seconds=round(slot - now, 2))
+            await asyncio.sleep(slot - now)
 
     # Messages ------------------------------------------------------------------------------
 
