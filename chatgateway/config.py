@@ -200,7 +200,7 @@ class DiscordBotConfig(Model):
         5.0,
         ge=0,
         le=60,
-        description="Minimum seconds between two IDENTIFYs of this bot (Discord allows one per 5 s)",
+        description="Minimum seconds between two IDENTIFYs of this bot (Discord: one per 5 s)",
     )
 
     @field_validator("channels", mode="before")

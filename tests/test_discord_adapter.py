@@ -516,3 +516,37 @@ async def test_reidentify_respects_the_identify_interval(fake, make_agent, make_
     first, second = fake.ops(2, bot.token)
     assert second.at - first.at >= 0.9  # Discord allows one IDENTIFY per interval per bot
     assert second.path == "/gateway"  # no RESUME happened before, so the configured gateway
+
+
+async def test_status_and_metrics_show_connected_and_parked_bots(fake, make_agent, make_gateway,
+                                                                 http):
+    from tests.conftest import ADMIN_TOKEN, url
+
+    agent = await make_agent()
+    good, strict = fake.add_bot("goodbot"), fake.add_bot("strictbot",
+                                                         message_content_allowed=False)
+    gw = await make_gateway({"admin": {"token": {"value": ADMIN_TOKEN}}, "tenants": [
+        discord_tenant("acme", agent.url, fake.bot_settings(good), fake.bot_settings(strict)),
+    ]})
+    await wait_state(gw, "acme", "strictbot", AdapterState.PARKED)
+    await wait_state(gw, "acme", "goodbot", AdapterState.CONNECTED)
+    await fake.message_create(good, "hi", channel_id="2001")
+    await fake.wait_posts(1, token=good.token)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with http.get(url(gw, "/admin/status"), headers=headers) as resp:
+        assert resp.status == 200
+        report = await resp.json()
+    [acme] = report["tenants"]
+    adapters = {a["name"]: a for a in acme["adapters"]}
+    assert adapters["goodbot"]["platform"] == "discord"
+    assert adapters["goodbot"]["state"] == "connected"
+    assert adapters["goodbot"]["connectedAt"] is not None
+    assert adapters["goodbot"]["lastEventAt"] is not None
+    assert adapters["strictbot"]["state"] == "parked"
+    assert "4014" in adapters["strictbot"]["lastError"]
+    async with http.get(url(gw, "/metrics")) as resp:
+        metrics = await resp.text()
+    assert 'chatgateway_adapter_up{adapter="goodbot",platform="discord",tenant="acme"} 1.0' \
+        in metrics
+    assert 'chatgateway_adapter_parked{adapter="strictbot",platform="discord",tenant="acme"} 1.0' \
+        in metrics
