@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import random
 import time
@@ -75,6 +76,8 @@ class _Supervised:
         self.placeholder = AdapterStatus(key[0], key[1], key[2])
         self.task: asyncio.Task[None] | None = None
         self.stopping = False
+        # Set by stop: ends a backoff pause at once instead of after the delay.
+        self.stop_event = asyncio.Event()
         self.reconnect_base = reconnect_base
         self.not_alive_since: float | None = None
 
@@ -185,6 +188,7 @@ class Supervisor:
 
     async def _stop(self, supervised: _Supervised) -> None:
         supervised.stopping = True
+        supervised.stop_event.set()
         tenant_id, platform, name = supervised.key
         adapter = supervised.adapter
         if adapter is not None:
@@ -324,7 +328,8 @@ class Supervisor:
                     attempt=failures,
                     retry_in=round(delay, 3),
                 )
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(supervised.stop_event.wait(), delay)
 
 
 def _alive(adapter: Adapter) -> bool:
