@@ -95,7 +95,7 @@ def widget_host_page(gateway: str, tenant: str, title: str = "Example shop") -> 
   body {{ margin: 0; font: 16px/1.5 Georgia, serif; color: #3a2f25; background: #fbf7f2; }}
   header {{ padding: 20px 32px; background: #3a2f25; color: #fbf7f2; font-size: 22px; }}
   main {{ max-width: 720px; margin: 32px auto; padding: 0 24px; }}
-  div, button, p {{ color: red; font-size: 30px; }}  /* must not leak into the widget */
+  div, button {{ color: red; font-size: 30px; }}  /* the host has none: must not reach the widget */
 </style>
 <script>
   window.chatEvents = [];

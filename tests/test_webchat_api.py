@@ -292,10 +292,15 @@ async def test_origin_checks_and_cors_headers(gateway, http):
     status, _, headers = await request(http, gw, "GET", "/api/sessions", token="cgv1.bad",
                                        headers={"Origin": ALLOWED})
     assert status == 401 and headers["Access-Control-Allow-Origin"] == ALLOWED
-    # An API key's answers are never handed to a browser on another site.
-    status, _, headers = await request(http, gw, "GET", "/api/sessions", token=KEY_A,
-                                       headers={"Origin": ALLOWED})
-    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    # API keys belong on servers: a page of another site cannot use one, even an allowed site.
+    for method, path in [("GET", "/api/sessions"), ("POST", "/api/chat"),
+                         ("POST", "/api/visitor-token")]:
+        status, refused, headers = await request(
+            http, gw, method, path, token=KEY_A, headers={"Origin": ALLOWED},
+            body={"message": "hi", "userId": "u"} if path == "/api/chat" else {})
+        assert (status, refused["error"]["code"]) == (403, "forbidden")
+    status, _, _ = await request(http, gw, "GET", "/api/sessions", token=KEY_A)
+    assert status == 200  # from a server (no Origin) it is fine
 
 
 async def test_star_allows_any_site_and_public_url_counts_as_own(make_gateway, http):

@@ -16,7 +16,8 @@ from tests.conftest import tenant, url
 pytestmark = pytest.mark.browser
 
 WAIT = 15_000  # ms; generous, the machine is shared
-AGENT = ".cg-messages .cg-agent"
+#: Finished answers only: the typing indicator and a streaming answer are agent bubbles too.
+AGENT = ".cg-messages .cg-agent:not(.cg-typing):not(.cg-streaming)"
 USER = ".cg-messages .cg-user"
 
 
@@ -36,6 +37,8 @@ async def open_chat(page: Page, address: str) -> None:
 
 
 async def send(page: Page, text: str) -> None:
+    """Type and press Enter once the previous answer is complete (the chat is ready)."""
+    await expect(page.locator(".cg-chat")).to_have_attribute("data-state", "ready", timeout=WAIT)
     await page.locator("textarea").fill(text)
     await page.locator("textarea").press("Enter")
 
@@ -69,6 +72,7 @@ async def test_enter_sends_and_the_reply_appears(browser, make_agent, make_gatew
     await expect(box).to_have_value(
         "It was shipped to Berlin.\nTracking: **DE-4471**, see https://track.example/DE-4471")
     assert len(agent.calls) == 1
+    await expect(page.locator(".cg-chat")).to_have_attribute("data-state", "ready")
     await box.press("Enter")
     await expect(page.locator(AGENT)).to_have_count(2, timeout=WAIT)
     assert agent.texts()[1] == (
@@ -113,7 +117,7 @@ async def test_streaming_reply_grows_in_place(browser, make_gateway, output_dir)
         await shot(page, output_dir, "typing")
 
         agent.gates[0].set()
-        reply = page.locator(AGENT).last
+        reply = page.locator(".cg-messages .cg-agent")  # the indicator becomes the answer
         await expect(reply).to_contain_text("Once upon a time,", timeout=WAIT)
         await expect(reply).to_have_class("cg-msg cg-agent cg-streaming")
         await expect(reply).not_to_contain_text("streamed")
@@ -240,6 +244,38 @@ async def test_widget_on_allowed_and_disallowed_sites(browser, make_agent, make_
         assert [e[0] for e in events] == ["error"]
         await expect(stranger.locator("chatgateway-widget")).to_have_count(0)
         assert len(agent.calls) == 1
+
+
+async def test_widget_for_a_signed_in_user_of_a_private_tenant(browser, make_agent, make_gateway,
+                                                               http):
+    """A tenant without public chat mints a token for its user; the widget starts from it."""
+    agent = await make_agent()
+    async with site() as shop:
+        gw = await make_gateway({"tenants": [tenant(
+            "members", agent.url, keys=["members-key-0123456789"],
+            web={"allowed_origins": [shop.origin]})]})
+        async with http.post(url(gw, "/api/visitor-token"), json={"userId": "member-7"},
+                             headers={"Authorization": "Bearer members-key-0123456789"}) as resp:
+            assert resp.status == 200
+            minted = (await resp.json())["token"]
+        page_html = widget_host_page(url(gw, ""), "members", "Members area")
+        shop.html = page_html.replace('data-tenant="members"',
+                                      f'data-tenant="members" data-token="{minted}"')
+        page = await new_page(browser)
+        await page.goto(shop.origin)
+        await page.get_by_role("button", name="Open chat with Members").click()
+        await send(page, "am I signed in?")
+        await expect(page.locator(AGENT)).to_have_count(1, timeout=WAIT)
+        assert agent.calls[0].body["user"]["id"] == "member-7"
+
+        # Signed out: the site gives no token, so the member's conversation is not reused.
+        shop.html = page_html
+        await page.reload()
+        await page.wait_for_function("chatEvents.length > 0", timeout=WAIT)
+        assert [e[0] for e in await page.evaluate("chatEvents")] == ["error"]
+        await expect(page.locator("chatgateway-widget")).to_have_count(0)
+        stored = await page.evaluate("JSON.stringify(localStorage)")
+        assert "member-7" not in stored and "cgv1." not in stored
 
 
 async def test_a_token_of_another_tenant_is_replaced(browser, make_agent, make_gateway):

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import structlog
 from aiohttp import web
-from pydantic import Field
+from pydantic import BaseModel, Field
 from yarl import URL
 
 from adapters.web import schemas
@@ -188,13 +188,19 @@ def _any_tenant_allows(request: web.Request, origin: str) -> bool:
 
 
 @web.middleware
-async def preflight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer CORS preflights of the API for origins that some tenant allows."""
-    if (
-        request.method != "OPTIONS"
-        or not request.path.startswith("/api/")
-        or "Access-Control-Request-Method" not in request.headers
-    ):
+async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer CORS preflights for origins some tenant allows; keep API keys off web pages."""
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        presented = request.headers.get("Authorization", "").partition(" ")[2].strip()
+        if presented and not presented.startswith(TOKEN_PREFIX + ".") and cross_origin(request):
+            raise ApiError(
+                403,
+                "forbidden",
+                "API keys cannot be used from a web page of another site; "
+                "use a visitor token (see docs/web-chat.md)",
+            )
         return await handler(request)
     origin = cross_origin(request)
     if origin is not None and not _any_tenant_allows(request, origin):
@@ -280,13 +286,13 @@ class VisitorTokenRequest(schemas.Body):
     )
 
 
-class ChatSettings(schemas.BaseModel):
+class ChatSettings(BaseModel):
     title: str
     welcome: str | None
     accentColor: str | None
 
 
-class VisitorTokenResponse(schemas.BaseModel):
+class VisitorTokenResponse(BaseModel):
     token: str = Field(description="Send as Authorization: Bearer <token>")
     tenantId: str
     userId: str = Field(description="The visitor id; use it as userId in chat requests")
@@ -652,16 +658,16 @@ async def _load_secret(app: web.Application) -> None:
 
 
 async def _finish_streams(app: web.Application) -> None:
-    tasks = list(app[STREAM_TASKS])
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
+    running = app[STREAM_TASKS]
+    if running:
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 def install(app: web.Application) -> None:
     """Add the chat pages, the widget, visitor tokens, CORS and streaming chat to the app."""
     app[TOKEN_RESOLVERS].append(resolve_visitor_token)
     app[STREAM_TASKS] = set()
-    app.middlewares.append(preflight_middleware)
+    app.middlewares.append(origin_middleware)
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(_load_secret)
     app.on_cleanup.append(_finish_streams)

@@ -199,6 +199,19 @@
       this.store.save(this.state);
     }
 
+    /**
+     * Start from a token the site's server minted for its signed-in user (data-token). Without
+     * one, forget a stored minted token: the site no longer vouches for that user.
+     */
+    useToken(token) {
+      this.minted = Boolean(token);
+      if (token) this.state.token = token;
+      else if (this.state.minted) {
+        this.state = {};
+        this.save();
+      }
+    }
+
     async fetch(path, init) {
       try {
         return await window.fetch(this.url(path), init);
@@ -225,9 +238,10 @@
       if (resp === null) resp = await this.requestToken(false);
       if (!resp.ok) throw await errorFrom(resp);
       const data = await resp.json();
-      if (data.userId !== this.state.userId) this.state = {};
+      if (data.userId !== this.state.userId) this.state = {}; // somebody else: not their session
       this.state.token = data.token;
       this.state.userId = data.userId;
+      this.state.minted = Boolean(this.minted);
       this.save();
       return data.chat || {};
     }
@@ -691,6 +705,7 @@
     const tenant = tag.dataset.tenant;
     const base = new URL(".", tag.src).href;
     const client = new Client(base, tenant);
+    client.useToken(tag.dataset.token);
     const announce = (name, detail) =>
       window.dispatchEvent(new CustomEvent("chatgateway:" + name, { detail: { tenant, ...detail } }));
     client.connect().then(
@@ -751,7 +766,12 @@
         announce("ready", {});
       },
       (err) => {
-        console.error("chatgateway widget: cannot start the chat:", err.message);
+        console.error(
+          "chatgateway widget: cannot start the chat of tenant " + JSON.stringify(tenant) + ": " +
+            err.message + " Check that " + window.location.origin + " is in the tenant's " +
+            "web.allowed_origins, that its web chat is public (or data-token is given), and " +
+            "that this page's Content-Security-Policy allows " + new URL(base).origin + ".",
+        );
         announce("error", { message: err.message, status: err.status || 0 });
       },
     );
