@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,8 +167,13 @@ def cross_origin(request: web.Request) -> str | None:
     return None if normalized in own else normalized
 
 
+@lru_cache(maxsize=4096)
+def _normalized(origins: tuple[str, ...]) -> frozenset[str | None]:
+    return frozenset(normalize_origin(o) for o in origins)
+
+
 def origin_allowed(tenant: TenantRuntime, origin: str) -> bool:
-    allowed = {normalize_origin(o) for o in tenant.config.web.allowed_origins}
+    allowed = _normalized(tuple(tenant.config.web.allowed_origins))
     return "*" in allowed or origin in allowed
 
 
