@@ -94,7 +94,16 @@ def _check_ws_url(value: str) -> str:
     return value
 
 
+def _check_origin(value: str) -> str:
+    if value != "*" and not re.match(r"^https?://[^/\s]+$", value):
+        raise ValueError(
+            f"{value!r} is not an origin: use scheme://host[:port] without a path, or *"
+        )
+    return value
+
+
 HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+Origin = Annotated[str, AfterValidator(_check_origin)]
 WsUrl = Annotated[str, AfterValidator(_check_ws_url)]
 
 
@@ -143,7 +152,7 @@ class WebConfig(Model):
         False, description="Allow calls without a key (only on a loopback listen address)"
     )
     public: bool = Field(False, description="Hand out visitor tokens to anyone (public web chat)")
-    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_origins: list[Origin] = Field(default_factory=list)
     title: str | None = None
     welcome: str | None = Field(
         None, max_length=2000, description="Greeting shown above an empty web conversation"

@@ -141,3 +141,14 @@ def test_keys_cli_creates_a_working_key(tmp_path, capsys):
     assert main(["keys", "create", "--tenant", "nobody", "--config", str(path)], environ={}) == 2
     assert main(["keys", "revoke", "--tenant", "acme", key_id, "--config", str(path)],
                 environ={}) == 0
+
+
+def test_allowed_origins_must_be_origins(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text("tenants:\n  - id: a\n    agent: {builtin: echo}\n"
+                    "    web: {allowed_origins: ['https://shop.example', 'shop.example', "
+                    "'https://x.example/path', '*']}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert [p.path for p in info.value.problems] == ["tenants[0].web.allowed_origins[1]",
+                                                     "tenants[0].web.allowed_origins[2]"]

@@ -168,3 +168,13 @@ async def test_a_failing_write_does_not_undo_its_batch_neighbours(store: Session
     assert [t.text for t in await store.history(A, sid, 10)] == ["kept"]
     found = await store.find_api_key("dup")
     assert found is not None and found.key_hash == "h1"
+
+
+async def test_gateway_setting_is_created_once_and_survives(store: SessionStore) -> None:
+    assert await store.gateway_setting("visitor_secret", "first") == "first"
+    assert await store.gateway_setting("visitor_secret", "second") == "first"
+    store = await reopen(store)
+    try:
+        assert await store.gateway_setting("visitor_secret", "third") == "first"
+    finally:
+        await store.close()
