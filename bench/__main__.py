@@ -41,6 +41,13 @@ def main() -> None:
             print()
             print(table(rows, ["path", "target", "req/s", "p50 ms", "p99 ms", "cpu us/req",
                                "errors", "ratio (median of rounds)"]))
+        if "discord" in parts:
+            from bench import discord
+
+            print()
+            rows = discord.run_sync(workdir / "discord", 200, 200 if args.smoke else 4000)
+            print(table(rows, ["path", "answered", "throughput", "latency p50", "latency p99",
+                               "dropped"]))
         if "scale" in parts:
             from bench import scale
 

@@ -393,7 +393,10 @@ class SqliteStore:
             if hot is not None:
                 return hot.session if hot.session.last_active >= idle_since else None
         rows = self._read(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant_id = ? AND platform = ? "
+            # Pinned: without statistics the planner may walk sessions_by_activity instead to
+            # avoid sorting, which scans every session of the tenant.
+            f"SELECT {_SESSION_COLUMNS} FROM sessions INDEXED BY sessions_by_key "
+            "WHERE tenant_id = ? AND platform = ? "
             "AND conversation_id = ? AND thread_id = ? AND user_id = ? AND last_active >= ? "
             "ORDER BY last_active DESC LIMIT 1",
             (
