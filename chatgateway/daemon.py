@@ -23,6 +23,7 @@ from chatgateway.adapter import Adapter, AdapterState
 from chatgateway.config import (
     GatewayConfig,
     ListenConfig,
+    ServerConfig,
     StorageConfig,
     is_loopback,
     load_config,
@@ -55,7 +56,7 @@ STARTUP_SETTLE = 10.0
 #: After the drain, how long the web server waits for responses still being written.
 HTTP_SHUTDOWN_GRACE = 3.0
 #: Config keys a reload cannot change in a running process (a restart applies them).
-RESTART_KEYS = ("storage", "server.max_body_bytes")
+RESTART_KEYS = ("storage", "server.max_body_bytes", "server.visitor_secret")
 
 State = Literal["starting", "ready", "reloading", "draining", "stopped"]
 
@@ -98,6 +99,8 @@ def restart_needed(old: GatewayConfig, new: GatewayConfig) -> list[str]:
         found.append("storage")
     if old.server.max_body_bytes != new.server.max_body_bytes:
         found.append("server.max_body_bytes")
+    if old.server.visitor_secret != new.server.visitor_secret:
+        found.append("server.visitor_secret")
     return found
 
 
@@ -418,22 +421,16 @@ class Daemon:
             if config.admin.token != old.admin.token:
                 changes.append("admin token changed")
             self.web_context.admin_token = config.admin.token
-            # max_body_bytes is fixed when the app is built; the rest is read per request.
-            self.web_context.server = config.server.model_copy(
-                update={"max_body_bytes": old.server.max_body_bytes}
-            )
+            # max_body_bytes and the visitor-token key are fixed when the app starts; the
+            # rest of `server` is read per request.
+            self.web_context.server = self._running_server(old, config)
         if config.listen != self._listen:
             if await self._rebind(config.listen):
                 changes.append(f"listen {config.listen.host}:{self.port}")
         pending = restart_needed(old, config)
         # Keys that need a restart keep their running values so status and stop stay truthful.
         self.config = config.model_copy(
-            update={
-                "storage": old.storage,
-                "server": config.server.model_copy(
-                    update={"max_body_bytes": old.server.max_body_bytes}
-                ),
-            }
+            update={"storage": old.storage, "server": self._running_server(old, config)}
         )
         if pending:
             log.warning("reload_needs_restart", keys=pending)
@@ -443,6 +440,16 @@ class Daemon:
         )
         log.info("config_reloaded", changes=changes, restart_needed=pending)
         return self.last_reload
+
+    @staticmethod
+    def _running_server(old: GatewayConfig, new: GatewayConfig) -> ServerConfig:
+        """The new `server` section, minus the keys only a restart applies."""
+        return new.server.model_copy(
+            update={
+                "max_body_bytes": old.server.max_body_bytes,
+                "visitor_secret": old.server.visitor_secret,
+            }
+        )
 
     async def _rebind(self, listen: ListenConfig) -> bool:
         """Listen on the new address, then close the old listener; keep the old one on failure."""

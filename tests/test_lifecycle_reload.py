@@ -165,18 +165,19 @@ async def test_admin_reload_api(gateway_process, http, tmp_path):
         "admin": {"token": {"value": new_token}},
         "logging": {"level": "warning", "format": "json"},
         "storage": {"path": str(tmp_path / "elsewhere.db")},
+        "server": {"visitor_secret": {"value": "a-new-visitor-secret-0123456789"}},
     }
     write_config(tmp_path, changed)
     async with http.post(reload_url, headers=ADMIN) as resp:
         assert resp.status == 200
         result = await resp.json()
     assert result["changes"] == ["admin token changed"]
-    assert result["restartNeeded"] == ["storage"]
+    assert result["restartNeeded"] == ["storage", "server.visitor_secret"]
     async with http.get(status_url, headers=ADMIN) as resp:
         assert resp.status == 401, "the old admin token is refused at once"
     async with http.get(status_url, headers={"Authorization": f"Bearer {new_token}"}) as resp:
         assert resp.status == 200
-    await wait_event(proc, "reload_needs_restart", keys=["storage"])
+    await wait_event(proc, "reload_needs_restart", keys=["storage", "server.visitor_secret"])
     handled = count_events(proc, "message_handled")
     assert (await chat(http, proc.url, "alpha", "quiet"))[0] == 200
     # The level is now warning: an info line about the message is no longer written.
