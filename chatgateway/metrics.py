@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from chatgateway.adapter import AdapterState, AdapterStatus
+
+# The *_created timestamps double the output and no dashboard of ours reads them.
+disable_created_metrics()
 
 
 @dataclass(frozen=True, slots=True)
