@@ -318,7 +318,7 @@ class Daemon:
         """Update the active-session gauge from the store (one indexed count per tenant)."""
         if self.tenants is None or self.store is None or self.state == "stopped":
             return
-        counts = {}
+        counts: dict[str, int] = {}
         now = time.time()
         for tenant in self.tenants.all():
             idle_since = now - tenant.config.sessions.idle_timeout
@@ -393,9 +393,9 @@ class Daemon:
             try:
                 return await self._reload()
             finally:
-                if self.state == "reloading":
+                if self.state == "reloading":  # not if a stop began meanwhile
                     self.state = "ready"
-                self.notifier.ready(self.status_line())
+                    self.notifier.ready(self.status_line())
 
     async def _reload(self) -> ReloadResult:
         assert self.tenants is not None and self.config is not None
@@ -501,7 +501,7 @@ class Daemon:
         self._stopped = True
         if self.store is None:
             return  # nothing was started (e.g. the config was invalid)
-        errors: list[BaseException] = []
+        errors: list[Exception] = []
         deadline = self.config.server.drain_seconds if self.config else 0.0
         in_flight = self.pipeline.active if self.pipeline else 0
         self.state = "draining"

@@ -119,6 +119,11 @@ class TenantRegistry:
 
     async def _put(self, runtime: TenantRuntime) -> None:
         old = self._tenants.get(runtime.id)
+        if old is not None and old.config.agent == runtime.config.agent:
+            # Same agent settings: keep the client, so a reload that changes only e.g. a Slack
+            # token does not break (and re-send) the tenant's agent calls in flight.
+            runtime.invoker, unused = old.invoker, runtime.invoker
+            await unused.close()
         self._tenants[runtime.id] = runtime
         self._index_keys(old, runtime)
         if old is not None and old.invoker is not runtime.invoker:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
+from chatgateway.testing.agent import AgentCall
 from tests.conftest import ADMIN_TOKEN, tenant, write_config
 
 KEYS = {t: f"{t}-key-0123456789" for t in ("alpha", "bravo", "charlie", "delta")}
@@ -208,3 +210,34 @@ async def test_a_changed_listen_address_moves_the_listener(gateway_process, http
     except aiohttp.ClientConnectionError:
         old_answer = None
     assert old_answer is None, "the old listener is closed"
+
+
+async def test_reload_leaves_in_flight_calls_of_a_changed_tenant_alone(
+    make_agent, gateway_process, http, tmp_path: Path
+):
+    """Changing a tenant's non-agent settings keeps its agent client and in-flight calls."""
+    release = asyncio.Event()
+
+    async def held(call: AgentCall) -> web.StreamResponse:
+        await release.wait()
+        return web.json_response({"response": "answer to " + call.body["message"]["text"]})
+
+    agent = await make_agent(behaviour=held)
+    config = {"tenants": [tenant("alpha", agent.url, keys=[KEYS["alpha"]])]}
+    path = write_config(tmp_path, config)
+    proc = gateway_process(path)
+    in_flight = asyncio.create_task(chat(http, proc.url, "alpha", "slow question"))
+    await agent.wait_calls(1)
+
+    changed = tenant("alpha", agent.url, keys=[KEYS["alpha"]], web={"title": "New title"})
+    write_config(tmp_path, {"tenants": [changed]})
+    proc.signal(signal.SIGHUP)
+    reloaded = await wait_event(proc, "config_reloaded")
+    assert reloaded["changes"] == ["changed alpha"]
+    release.set()
+    status, body = await in_flight
+    assert status == 200 and body["response"] == "answer to slow question"
+    assert len(agent.calls) == 1, "the call was neither broken nor retried"
+    proc.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    assert "Unclosed" not in proc.output()
