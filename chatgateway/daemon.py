@@ -258,16 +258,17 @@ class Daemon:
         interval = min(watchdog, HEALTH_INTERVAL) if watchdog else HEALTH_INTERVAL
         last_status = ""
         while True:
-            if watchdog:
+            try:
                 healthy = self.health_check()
-                if healthy:
+                if healthy and watchdog:
                     self.notifier.watchdog()
-            else:
-                self.health_check()
-            status = self.status_line()
-            if status != last_status and self.state == "ready":
-                self.notifier.status(status)
-                last_status = status
+                status = self.status_line()
+                if status != last_status and self.state == "ready":
+                    self.notifier.status(status)
+                    last_status = status
+            except Exception:
+                # No ping this round; if it keeps failing, the watchdog restarts the service.
+                log.exception("health_check_failed")
             expected = loop.time() + interval
             await asyncio.sleep(interval)
             lag = loop.time() - expected

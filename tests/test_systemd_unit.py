@@ -59,6 +59,7 @@ def runnable_unit(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.systemd
 @needs_systemd
 def test_systemd_analyze_verify_passes_without_warnings(runnable_unit: Path):
     result = subprocess.run(
@@ -72,6 +73,7 @@ def test_systemd_analyze_verify_passes_without_warnings(runnable_unit: Path):
     assert ours == [], "verify warns about the unit:\n" + "\n".join(ours)
 
 
+@pytest.mark.systemd
 @needs_systemd
 def test_security_exposure_is_at_most_1_5():
     result = subprocess.run(
