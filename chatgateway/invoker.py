@@ -137,6 +137,9 @@ class HttpAgentInvoker:
             self._headers["Authorization"] = f"Bearer {config.bearer_token.get_secret_value()}"
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -147,11 +150,27 @@ class HttpAgentInvoker:
         return self._session
 
     async def close(self) -> None:
+        """Close the pool once the calls in flight are done (they end by their deadline)."""
+        try:
+            async with asyncio.timeout(self.config.timeout + 1):
+                await self._idle.wait()
+        except TimeoutError:
+            pass
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def invoke(self, request: AgentRequest, on_delta: DeltaSink | None = None) -> str:
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._invoke(request, on_delta)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def _invoke(self, request: AgentRequest, on_delta: DeltaSink | None) -> str:
         try:
             async with asyncio.timeout(self.config.timeout):
                 await self._slots.acquire()

@@ -209,7 +209,9 @@ class Pipeline:
             cause: str | None = None
             agent_started = time.monotonic()
             try:
-                text = await tenant.invoker.invoke(request, on_delta)
+                # The tenant's current client: a reload may have replaced it while we queued.
+                current = self.tenants.get(message.tenant_id) or tenant
+                text = await current.invoker.invoke(request, on_delta)
                 outcome: Outcome = "ok" if text else "empty"
             except AgentError as exc:
                 cause = exc.cause

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -53,9 +54,17 @@ class TenantRuntime:
         return TenantId(self.config.id)
 
 
-def _runtime(config: TenantConfig, source: Source) -> TenantRuntime:
+def _runtime(
+    config: TenantConfig, source: Source, previous: TenantRuntime | None = None
+) -> TenantRuntime:
+    """A runtime for `config`; keeps `previous`'s agent client when the agent settings match,
+    so a change elsewhere (a Slack token, a web title) does not disturb calls in flight."""
     hashes = frozenset(hash_key(k.get_secret_value()) for k in config.web.api_keys)
-    return TenantRuntime(config, source, make_invoker(config.agent), hashes)
+    if previous is not None and previous.config.agent == config.agent:
+        invoker = previous.invoker
+    else:
+        invoker = make_invoker(config.agent)
+    return TenantRuntime(config, source, invoker, hashes)
 
 
 class TenantRegistry:
@@ -68,6 +77,7 @@ class TenantRegistry:
         self._config_keys: dict[str, TenantId] = {}
         self._key_cache: dict[str, tuple[ApiKeyRecord, float]] = {}
         self._listeners: list[ChangeListener] = []
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # Reading -------------------------------------------------------------------------------
 
@@ -97,7 +107,7 @@ class TenantRegistry:
             except Exception as exc:
                 log.error("runtime_tenant_invalid", tenant_id=record.tenant_id, error=str(exc))
                 continue
-            await self._put(_runtime(config, "runtime"))
+            await self._put(config, "runtime")
 
     async def apply_config(self, configured: list[TenantConfig]) -> list[str]:
         """Make the config-file tenants match `configured`; return a summary of the changes."""
@@ -113,23 +123,26 @@ class TenantRegistry:
                 continue
             if existing is not None and existing.source == "runtime":
                 log.warning("runtime_tenant_shadowed", tenant_id=tenant_id)
-            await self._put(_runtime(config, "config"))
+            await self._put(config, "config")
             changes.append(f"{'changed' if existing else 'added'} {tenant_id}")
         return changes
 
-    async def _put(self, runtime: TenantRuntime) -> None:
-        old = self._tenants.get(runtime.id)
-        if old is not None and old.config.agent == runtime.config.agent:
-            # Same agent settings: keep the client, so a reload that changes only e.g. a Slack
-            # token does not break (and re-send) the tenant's agent calls in flight.
-            runtime.invoker, unused = old.invoker, runtime.invoker
-            await unused.close()
+    async def _put(self, config: TenantConfig, source: Source) -> TenantRuntime:
+        old = self._tenants.get(TenantId(config.id))
+        runtime = _runtime(config, source, old)
         self._tenants[runtime.id] = runtime
         self._index_keys(old, runtime)
         if old is not None and old.invoker is not runtime.invoker:
-            await old.invoker.close()
+            self._retire(old.invoker)
         for listener in self._listeners:
             await listener(old.config if old else None, runtime.config)
+        return runtime
+
+    def _retire(self, invoker: AgentInvoker) -> None:
+        """Close a replaced agent client in the background, after its calls in flight."""
+        task = asyncio.create_task(invoker.close(), name="retire-agent-client")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _remove(self, tenant_id: TenantId) -> None:
         old = self._tenants.pop(tenant_id, None)
@@ -137,7 +150,7 @@ class TenantRegistry:
             return
         self._index_keys(old, None)
         self._key_cache = {k: v for k, v in self._key_cache.items() if v[0].tenant_id != tenant_id}
-        await old.invoker.close()
+        self._retire(old.invoker)
         for listener in self._listeners:
             await listener(old.config, None)
 
@@ -153,7 +166,8 @@ class TenantRegistry:
 
     async def close(self) -> None:
         for runtime in self._tenants.values():
-            await runtime.invoker.close()
+            self._retire(runtime.invoker)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     # Runtime tenants (admin API) -----------------------------------------------------------
 
@@ -163,8 +177,7 @@ class TenantRegistry:
             raise ConflictError(f"tenant {config.id!r} already exists")
         now = time.time()
         await self._store.save_tenant(TenantRecord(TenantId(config.id), spec, now, now))
-        runtime = _runtime(config, "runtime")
-        await self._put(runtime)
+        runtime = await self._put(config, "runtime")
         log.info("tenant_created", tenant_id=config.id)
         return runtime
 
@@ -174,8 +187,7 @@ class TenantRegistry:
         config = parse_tenant(spec, environ=self._environ)
         now = time.time()
         await self._store.save_tenant(TenantRecord(current.id, spec, now, now))
-        runtime = _runtime(config, "runtime")
-        await self._put(runtime)
+        runtime = await self._put(config, "runtime")
         log.info("tenant_updated", tenant_id=tenant_id)
         return runtime
 

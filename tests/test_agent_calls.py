@@ -232,3 +232,27 @@ def test_idempotency_key_is_stable_per_platform_message():
     assert idempotency_key(msg("a", "1")) == idempotency_key(msg("a", "1"))
     assert idempotency_key(msg("a", "1")) != idempotency_key(msg("b", "1"))
     assert idempotency_key(msg("a", "1")) != idempotency_key(msg("a", "2"))
+
+
+async def test_a_new_agent_url_lets_the_call_in_flight_finish(make_agent, make_gateway, http):
+    from tests.conftest import ADMIN_TOKEN
+
+    old = await make_agent(delay=0.5, prefix="old: ")
+    new = await make_agent(prefix="new: ")
+    gw = await make_gateway({"admin": {"token": {"value": ADMIN_TOKEN}}, "tenants": []})
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    spec = {"id": "acme", "agent": {"url": old.url}}
+    async with http.post(url(gw, "/admin/tenants"), json=spec, headers=admin) as resp:
+        assert resp.status == 201
+    async with http.post(url(gw, "/admin/tenants/acme/keys"), json={}, headers=admin) as resp:
+        key = (await resp.json())["key"]
+    in_flight = asyncio.create_task(chat(http, gw, key, "first"))
+    await old.wait_calls(1)
+    spec["agent"] = {"url": new.url}
+    async with http.put(url(gw, "/admin/tenants/acme"), json=spec, headers=admin) as resp:
+        assert resp.status == 200
+    status, body = await in_flight
+    assert (status, body["response"]) == (200, "old: first")
+    assert len(old.calls) == 1  # finished on the old client, not cut off and sent again
+    _, body = await chat(http, gw, key, "second")
+    assert body["response"] == "new: second"
