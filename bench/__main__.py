@@ -41,6 +41,12 @@ def main() -> None:
             print()
             print(table(rows, ["path", "target", "req/s", "p50 ms", "p99 ms", "cpu us/req",
                                "errors", "ratio (median of rounds)"]))
+        if "slack" in parts:
+            from bench import slack
+
+            print()
+            rows = slack.run_sync(workdir / "slack", 200, 200 if args.smoke else 4000)
+            print(table(rows, ["path", "acks", "ack latency", "replies", "reply latency"]))
         if "discord" in parts:
             from bench import discord
 

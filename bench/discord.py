@@ -29,7 +29,7 @@ async def run(workdir: Path, rate: float, count: int) -> list[list[str]]:
 
         def collect() -> dict[str, float]:
             nonlocal seen
-            now = time.perf_counter()
+            now = time.monotonic()
             for post in fake.posted[seen:]:
                 ref = post.reference
                 if ref and ref.get("message_id"):

@@ -57,17 +57,17 @@ async def paced(
                 all_answered.set()
 
     watcher = asyncio.create_task(watch())
-    start = time.perf_counter()
+    start = time.monotonic()
     lag = 0.0
     try:
         for i in range(count):
             target = start + i / rate
-            delay = target - time.perf_counter()
+            delay = target - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             else:
                 lag = max(lag, -delay)
-            sent_at[await inject(i)] = time.perf_counter()
+            sent_at[await inject(i)] = time.monotonic()
         try:
             async with asyncio.timeout(settle):
                 await all_answered.wait()
