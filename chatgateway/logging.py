@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
@@ -109,6 +110,38 @@ class _PriorityRenderer:
         return f"<{_PRIORITIES.get(level, 6)}>" + str(self._renderer(logger, method, event))
 
 
+class _LineLogger:
+    """structlog's final logger for our own events: one write (and flush) per rendered line.
+
+    Skipping the standard library's Logger/Handler/Formatter chain for the gateway's own events
+    roughly halves the cost of the per-message log line; libraries still log through `logging`.
+    """
+
+    def __init__(self, name: str, stream: TextIO, lock: threading.Lock) -> None:
+        self.name = name
+        self._stream = stream
+        self._lock = lock
+
+    def _write(self, line: str) -> None:
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # a closed or broken stdout must not stop the gateway
+                pass
+
+    debug = info = warning = warn = error = critical = exception = msg = _write
+
+
+class _LineLoggerFactory:
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        return _LineLogger(str(args[0]) if args else "chatgateway", self._stream, self._lock)
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -139,9 +172,10 @@ def configure_logging(
             structlog.stdlib.add_logger_name,
             *shared,
             structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            scrubber,  # again: a rendered traceback can carry a secret too
+            renderer,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        logger_factory=_LineLoggerFactory(stream),
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=False,
     )
