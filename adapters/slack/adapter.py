@@ -12,7 +12,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -23,6 +24,8 @@ from slack_bolt.adapter.socket_mode.async_internals import run_async_bolt_app, s
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.middleware.async_middleware import AsyncMiddleware
+from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.http_retry.builtin_async_handlers import (
@@ -55,7 +58,7 @@ from chatgateway.errors import (
     UnavailableError,
 )
 from chatgateway.models import NormalizedMessage, Platform, SessionKey, TenantId, User
-from chatgateway.pipeline import KeyedLocks, Pipeline
+from chatgateway.pipeline import Pipeline
 
 log = structlog.get_logger("chatgateway.slack")
 _sdk_logger = logging.getLogger("slack_sdk.socket_mode")
@@ -83,11 +86,34 @@ STOP_GRACE = 7.0
 CLOSE_TIMEOUT = 5.0
 #: Users whose display names are remembered (the map is cleared when it grows past this).
 USER_CACHE_SIZE = 10_000
+#: bolt's response status for "do not ack" (see _Gate).
+SHUTTING_DOWN = 503
 BUSY_TEXT = "I'm handling too many messages right now. Please try again in a minute."
 
 #: Reply tasks of adapters that were restarted while an agent was still working: they finish
 #: in the background (a config reload must not lose an acked message).
 _DETACHED: set[asyncio.Task[None]] = set()
+
+
+class _ArrivalOrder:
+    """One FIFO lock per key, dropped when unused: keeps a session's messages in order."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 class _SocketHandler(AsyncSocketModeHandler):
@@ -102,10 +128,32 @@ class _SocketHandler(AsyncSocketModeHandler):
         started = time.time()
         self._on_envelope()
         response: BoltResponse = await run_async_bolt_app(self.app, req)
-        if response.status == 404:
+        if response.status == SHUTTING_DOWN:
+            return  # left unacked: Slack redelivers it to the next connection or process
+        if response.status != 200:
+            # No listener matched (404) or bolt failed on the payload (500): retrying the same
+            # envelope cannot help, so ack it like every other.
             response = BoltResponse(status=200, body="")
-        # Any other non-200 (the gateway is shutting down) stays unacked: Slack redelivers.
         await send_async_response(client, req, response, started)
+
+
+class _Gate(AsyncMiddleware):
+    """While shutting down, leave envelopes unacked instead of accepting work that would be
+    dropped: Slack then redelivers them (to this gateway after its restart)."""
+
+    def __init__(self, accepting: Callable[[], bool]) -> None:
+        self._accepting = accepting
+
+    async def async_process(
+        self,
+        *,
+        req: AsyncBoltRequest,
+        resp: BoltResponse,
+        next: Callable[[], Awaitable[BoltResponse]],
+    ) -> BoltResponse | None:
+        if not self._accepting():
+            return BoltResponse(status=SHUTTING_DOWN, body="")
+        return await next()
 
 
 class SlackAdapter:
@@ -133,10 +181,12 @@ class SlackAdapter:
         self._closing: set[asyncio.Task[None]] = set()
         self._tasks: dict[asyncio.Task[None], str] = {}
         self._in_flight: set[str] = set()
-        self._order = KeyedLocks()
+        self._order = _ArrivalOrder()
         self._user_names: dict[str, str | None] = {}
         self._last_life = 0.0
         self._unhealthy_since: float | None = None
+        #: Set when Slack refuses a token mid-run (or the app is uninstalled): run() parks.
+        self._refusal: str | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -153,6 +203,8 @@ class SlackAdapter:
             while not self._stopping:
                 await self._open_socket()
                 reason = await self._watch()
+                if self._refusal is not None:
+                    raise AdapterAuthError(self._refusal)
                 if reason is None:
                     return
                 self.status.reconnects += 1
@@ -238,6 +290,20 @@ class SlackAdapter:
                 f"check slack.apps[{self.settings.name}].{which}"
             ) from None
 
+    def _park(self, reason: str) -> None:
+        """Slack refused us mid-run: stop serving; run() raises AdapterAuthError (parked)."""
+        if self._refusal is None:
+            self._refusal = reason
+            self._log.error("slack_credentials_refused", reason=reason)
+            self._wake.set()
+
+    def _check_refusal(self, exc: BaseException) -> None:
+        if isinstance(exc, SlackApiError) and _error_code(exc) in AUTH_ERRORS:
+            self._park(
+                f"Slack refused the bot token ({_error_code(exc)}): "
+                f"check slack.apps[{self.settings.name}].bot_token"
+            )
+
     async def _open_socket(self) -> None:
         assert self._app is not None and self._app_client is not None
         app_token = self.settings.app_token.get_secret_value()
@@ -281,7 +347,6 @@ class SlackAdapter:
         self._unhealthy_since = None
         self.status.state = AdapterState.CONNECTED
         self.status.connected_at = time.time()
-        self.status.last_error = None
         self._log.info("slack_connected", team_id=self._identity and self._identity.team_id)
 
     def _retire_handler(self) -> None:
@@ -368,7 +433,7 @@ class SlackAdapter:
                     await self._wake.wait()
             except TimeoutError:
                 pass
-            if self._stopping:
+            if self._stopping or self._refusal is not None:
                 return None
             problem = self._socket_problem()
             if problem is None:
@@ -397,14 +462,6 @@ class SlackAdapter:
             url_verification_enabled=False,
         )
         adapter = self
-
-        async def gate(next: Callable[[], Awaitable[BoltResponse | None]]) -> Any:
-            # While shutting down, leave envelopes unacked: Slack redelivers them to the next
-            # connection (or to this gateway after its restart) instead of them being lost.
-            if adapter._stopping or not adapter._pipeline.accepting:
-                return BoltResponse(status=503, body="")
-            return await next()
-
         async def on_event(body: dict[str, Any]) -> None:
             # bolt acked the envelope before calling this: do nothing slow here.
             adapter._on_event(body)
@@ -412,7 +469,7 @@ class SlackAdapter:
         async def on_command(ack: AsyncAck, body: dict[str, Any]) -> None:
             await adapter._on_command(ack, body)
 
-        app.middleware(gate)
+        app.use(_Gate(lambda: not adapter._stopping and adapter._pipeline.accepting))
         app.event(re.compile(".*"))(on_event)
         app.command(re.compile(".*"))(on_command)
         return app
@@ -428,6 +485,18 @@ class SlackAdapter:
 
     def _on_event(self, body: dict[str, Any]) -> None:
         assert self._identity is not None
+        event = body.get("event") if isinstance(body.get("event"), dict) else {}
+        if event.get("type") == "app_uninstalled":
+            self._park("the Slack app was uninstalled from the workspace: reinstall it")
+            return
+        if event.get("type") == "tokens_revoked":
+            bot_ids = (event.get("tokens") or {}).get("bot") or []
+            if self._identity.user_id in bot_ids:
+                self._park(
+                    "the bot token was revoked in Slack: "
+                    f"install a new one in slack.apps[{self.settings.name}].bot_token"
+                )
+            return
         result = event_to_inbound(self.tenant_id, body, self._identity, app_name=self.settings.name)
         if isinstance(result, Ignored):
             self._log.debug("slack_event_ignored", reason=result.reason,
@@ -570,6 +639,7 @@ class SlackAdapter:
                 name=self.settings.working_reaction,
             )
         except Exception as exc:  # the indicator is cosmetic: never lose the answer over it
+            self._check_refusal(exc)
             self._log.debug("slack_reaction_failed", action=action, error=_describe(exc))
 
     async def _send(self, target: ReplyTarget, text: str) -> None:
@@ -625,26 +695,20 @@ class SlackAdapter:
                     unfurl_media=False,
                 )
         except Exception as exc:
+            self._check_refusal(exc)
             self._log.error("slack_reply_failed", channel=target.channel, error=_describe(exc))
             return False
         return True
 
     async def _finish_tasks(self) -> bool:
-        """Wait for in-flight messages; True if some were left to finish in the background."""
+        """Deal with in-flight messages; True if some were left to finish in the background."""
         if not self._tasks:
             return False
-        if not self._pipeline.accepting:
-            # The daemon is shutting down and its drain deadline has passed: whatever still
-            # waits for the agent is abandoned; replies already being posted get a moment.
-            for task, phase in list(self._tasks.items()):
-                if phase == "agent":
-                    task.cancel()
-        _, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
-        if not pending:
-            return False
         if self._pipeline.accepting:
-            # Restarted (e.g. its config changed) while an agent still works: finish those
-            # messages in the background, then close the HTTP session.
+            # Restarted (its config changed, or the supervisor found it dead) while an agent
+            # still works: those messages were acked, so finish them in the background and
+            # close the HTTP session after them.
+            pending = set(self._tasks)
             finisher = asyncio.create_task(
                 self._finish_detached(pending), name=f"slack-detached:{self.tenant_id}"
             )
@@ -652,10 +716,17 @@ class SlackAdapter:
             finisher.add_done_callback(_DETACHED.discard)
             self._log.info("slack_replies_detached", count=len(pending))
             return True
+        # The daemon is shutting down and its drain deadline has passed: whatever still waits
+        # for the agent is abandoned; replies already being posted get a moment.
+        for task, phase in list(self._tasks.items()):
+            if phase == "agent":
+                task.cancel()
+        _, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
         for task in pending:
             task.cancel()
-        await asyncio.wait(pending, timeout=1)
-        self._log.warning("slack_replies_abandoned", count=len(pending))
+        if pending:
+            await asyncio.wait(pending, timeout=1)
+            self._log.warning("slack_replies_abandoned", count=len(pending))
         return False
 
     async def _finish_detached(self, pending: set[asyncio.Task[None]]) -> None:
