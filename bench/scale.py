@@ -33,8 +33,8 @@ def populate(path: Path, sessions: int, tenants: int = 10) -> list[str]:
         ids.append(sid)
         tenant = f"t{i % tenants:05d}"
         batch_s.append((sid, tenant, "web", f"u{i}", "", f"u{i}", None, "web", now, now, 2))
-        batch_t.append((tenant, sid, "user", "hello", now))
-        batch_t.append((tenant, sid, "agent", "hi there", now))
+        batch_t.append((tenant, sid, 1, "user", "hello", now))
+        batch_t.append((tenant, sid, 2, "agent", "hi there", now))
         if len(batch_s) >= 50_000:
             _flush(conn, batch_s, batch_t)
     _flush(conn, batch_s, batch_t)
@@ -47,7 +47,8 @@ def _flush(conn: sqlite3.Connection, batch_s: list[tuple[object, ...]],
     with conn:
         conn.executemany("INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?)", batch_s)
         conn.executemany(
-            "INSERT INTO turns (tenant_id, session_id, role, text, ts) VALUES (?,?,?,?,?)", batch_t
+            "INSERT INTO turns (tenant_id, session_id, seq, role, text, ts) VALUES (?,?,?,?,?,?)",
+            batch_t,
         )
     batch_s.clear()
     batch_t.clear()

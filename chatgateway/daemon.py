@@ -7,6 +7,7 @@ config's difference; SIGTERM/SIGINT -> stop intake, drain within server.drain_se
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -104,6 +105,22 @@ def restart_needed(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     return found
 
 
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_THRESHOLD = (50_000, 50, 50)
+
+
+def tune_gc() -> None:
+    """Keep the collector off the hot path once everything long-lived exists.
+
+    Everything allocated at start-up (config, tenants, adapters, imported modules) is moved to
+    the permanent generation so collections never rescan it, and young collections run less
+    often: this took the web path's p99 latency from ~45 ms to ~11 ms (docs/performance.md).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 class Daemon:
     """One gateway process. `start` then `stop`, or `run` to serve until a signal."""
 
@@ -156,6 +173,7 @@ class Daemon:
         await self._settle_adapters()
         self._spawn(self._prune_loop(), "maintenance:prune")
         self._spawn(self._health_loop(), "maintenance:health")
+        tune_gc()
         self.started = True
         self.state = "ready"
         log.info(

@@ -55,14 +55,14 @@ CREATE INDEX IF NOT EXISTS sessions_by_key
     ON sessions (tenant_id, platform, conversation_id, thread_id, user_id);
 CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions (tenant_id, last_active);
 CREATE TABLE IF NOT EXISTS turns (
-    id INTEGER PRIMARY KEY,
-    tenant_id TEXT NOT NULL,
     session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tenant_id TEXT NOT NULL,
     role TEXT NOT NULL,
     text TEXT NOT NULL,
-    ts REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS turns_by_session ON turns (session_id, id);
+    ts REAL NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS processed_events (
     tenant_id TEXT NOT NULL,
     platform TEXT NOT NULL,
@@ -144,14 +144,13 @@ class _Exchange:
         _write_exchanges(c, [self])
 
 
-_INSERT_TURNS = "INSERT INTO turns (tenant_id, session_id, role, text, ts) VALUES (?,?,?,?,?)"
+_INSERT_TURNS = (
+    "INSERT INTO turns (tenant_id, session_id, seq, role, text, ts) VALUES (?,?,?,?,?,?)"
+)
 _UPDATE_SESSION = (
     "UPDATE sessions SET last_active = ?, message_count = ? WHERE id = ? AND tenant_id = ?"
 )
-_TRIM_TURNS = (
-    "DELETE FROM turns WHERE session_id = ? AND tenant_id = ? AND id <= "
-    "(SELECT id FROM turns WHERE session_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
-)
+_TRIM_TURNS = "DELETE FROM turns WHERE session_id = ? AND tenant_id = ? AND seq <= ?"
 
 
 def _write_exchanges(c: sqlite3.Connection, exchanges: list[_Exchange]) -> None:
@@ -379,7 +378,7 @@ class SqliteStore:
     def _read_turns(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
         rows = self._read(
             "SELECT role, text, ts FROM turns WHERE session_id = ? AND tenant_id = ? "
-            "ORDER BY id DESC LIMIT ?",
+            "ORDER BY seq DESC LIMIT ?",
             (session_id, tenant_id, limit),
         )
         return [Turn(Role(r[0]), r[1], r[2]) for r in reversed(rows)]
@@ -464,22 +463,31 @@ class SqliteStore:
             raise LookupError(f"no session {session_id} for tenant {tenant_id}")
         session = hot.session
         last_active = max(t.timestamp for t in turns) if turns else time.time()
+        # message_count is every turn ever recorded and numbers them (seq); the table keeps
+        # the last max_turns, one small primary-key range delete per exchange past that.
+        first = session.message_count + 1
         count = session.message_count + len(turns)
-        trim = count > max_turns + max(10, max_turns // 10)
-        new_count = min(count, max_turns) if trim else count
         exchange = _Exchange(
-            turn_rows=[(tenant_id, session_id, t.role.value, t.text, t.timestamp) for t in turns],
-            session_row=(last_active, new_count, session_id, tenant_id),
+            turn_rows=[
+                (tenant_id, session_id, first + i, t.role.value, t.text, t.timestamp)
+                for i, t in enumerate(turns)
+            ],
+            session_row=(last_active, count, session_id, tenant_id),
             event_row=(
                 (tenant_id, processed_event[0].value, processed_event[1], time.time())
                 if processed_event is not None
                 else None
             ),
-            trim=(session_id, tenant_id, session_id, max_turns) if trim else None,
+            trim=(session_id, tenant_id, count - max_turns) if count > max_turns else None,
         )
-        await self._write(exchange)
-        session.last_active = last_active
-        session.message_count = new_count
+        # Reserve the numbers before waiting, so concurrent exchanges never share one.
+        session.message_count = count
+        try:
+            await self._write(exchange)
+        except BaseException:
+            self._forget(session_id)  # the next read takes the committed truth from the file
+            raise
+        session.last_active = max(session.last_active, last_active)
         hot.turns.extend(turns)
 
     async def history(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
@@ -489,6 +497,7 @@ class SqliteStore:
         if hot is None:
             return []
         if limit <= len(hot.turns) or hot.session.message_count <= len(hot.turns):
+            # The cache holds every turn asked for (or every turn there is).
             return list(hot.turns)[-limit:]
         return self._read_turns(tenant_id, session_id, limit)
 
