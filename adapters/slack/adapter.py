@@ -332,7 +332,7 @@ class SlackAdapter:
             handler.client.wss_uri = opened["url"]
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    await handler.connect_async()
+                    await handler.connect_async()  # type: ignore[no-untyped-call]
             except TimeoutError:
                 raise AdapterNotReadyError("the Socket Mode connection did not open") from None
         except BaseException:
@@ -366,7 +366,7 @@ class SlackAdapter:
         client = handler.client
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                await handler.close_async()
+                await handler.close_async()  # type: ignore[no-untyped-call]
         except Exception as exc:
             self._log.debug("slack_socket_close_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
@@ -474,18 +474,20 @@ class SlackAdapter:
         app.command(re.compile(".*"))(on_command)
         return app
 
-    def _authorizer(self) -> Callable[..., Awaitable[AuthorizeResult | None]]:
+    def _authorizer(self) -> Callable[..., Awaitable[AuthorizeResult]]:
         adapter = self
 
-        async def authorize(team_id: str | None) -> AuthorizeResult | None:
+        async def authorize(team_id: str | None) -> AuthorizeResult:
             # The result of our own auth.test: no Web API call before the ack.
+            assert adapter._auth is not None
             return adapter._auth
 
         return authorize
 
     def _on_event(self, body: dict[str, Any]) -> None:
         assert self._identity is not None
-        event = body.get("event") if isinstance(body.get("event"), dict) else {}
+        raw = body.get("event")
+        event: dict[str, Any] = raw if isinstance(raw, dict) else {}
         if event.get("type") == "app_uninstalled":
             self._park("the Slack app was uninstalled from the workspace: reinstall it")
             return

@@ -414,7 +414,7 @@ def _paragraphs(segment: str) -> list[tuple[str, str]]:
 
 def _code_spans(text: str) -> list[tuple[int, int]]:
     """Start and end offsets of each ``` block (an unterminated one runs to the end)."""
-    spans = []
+    spans: list[tuple[int, int]] = []
     pos = 0
     while True:
         start = text.find(_FENCE, pos)
