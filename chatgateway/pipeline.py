@@ -110,6 +110,19 @@ class Pipeline:
             )
         return series
 
+    async def already_processed(self, message: NormalizedMessage) -> bool:
+        """Whether this platform message was handled before (e.g. a redelivery or a replay).
+
+        Adapters use it to skip cosmetic work such as a typing indicator; `handle` makes the
+        real decision. A failing store answers False, so the message is never dropped here.
+        """
+        try:
+            return await self.store.is_processed(
+                message.tenant_id, message.platform, message.message_id
+            )
+        except Exception:
+            return False
+
     @property
     def active(self) -> int:
         """Messages being processed right now (the drain waits for this to reach 0)."""

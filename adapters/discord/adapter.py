@@ -326,7 +326,9 @@ class DiscordAdapter:
         typing: asyncio.Task[None] | None = None
         first_typing = asyncio.Event()
         try:
-            if self.settings.typing_indicator and not await self._already_answered(normalized):
+            if self.settings.typing_indicator and not await self.pipeline.already_processed(
+                normalized
+            ):
                 typing = asyncio.create_task(
                     self._keep_typing(message, first_typing),
                     name=f"discord:{self.tenant_id}:{self.settings.name}:typing",
@@ -362,15 +364,6 @@ class DiscordAdapter:
             if typing is not None:
                 typing.cancel()
             self._handling.discard(message.id)
-
-    async def _already_answered(self, normalized: NormalizedMessage) -> bool:
-        # A replayed message needs no typing indicator; the pipeline still makes the decision.
-        try:
-            return await self.pipeline.store.is_processed(
-                normalized.tenant_id, normalized.platform, normalized.message_id
-            )
-        except Exception:
-            return False
 
     async def _keep_typing(self, message: discord.Message, first: asyncio.Event) -> None:
         channel = message.channel

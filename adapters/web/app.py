@@ -242,14 +242,20 @@ async def visible_session(request: web.Request, principal: Principal) -> Session
 routes = web.RouteTableDef()
 
 
-@routes.post("/api/chat")
-async def chat(request: web.Request) -> web.Response:
+async def chat_request(request: web.Request) -> tuple[Principal, schemas.ChatRequest]:
+    """Authenticate and validate a chat request (shared by /api/chat and /api/chat/stream)."""
     principal = await authenticate(request)
     require_web(principal)
     body = await read_json(request, schemas.ChatRequest)
     check_tenant_claim(principal, body.tenantId)
     if principal.user_id is not None and body.userId != principal.user_id:
         raise ApiError(403, "forbidden", "userId does not match the visitor token")
+    return principal, body
+
+
+@routes.post("/api/chat")
+async def chat(request: web.Request) -> web.Response:
+    principal, body = await chat_request(request)
     reply = await request.app[CONTEXT].pipeline.handle(
         web_message(principal, body),
         session_id=SessionId(body.sessionId) if body.sessionId else None,

@@ -34,8 +34,8 @@ from adapters.web.app import (
     ApiError,
     Handler,
     Principal,
-    authenticate,
     bearer,
+    chat_request,
     check_tenant_claim,
     read_json,
     require_web,
@@ -393,12 +393,7 @@ def _line(event: dict[str, Any]) -> bytes:
 @routes.post("/api/chat/stream")
 async def chat_stream(request: web.Request) -> web.StreamResponse:
     """POST /api/chat answered as NDJSON: delta events as the agent produces text, then done."""
-    principal = await authenticate(request)
-    require_web(principal)
-    body = await read_json(request, schemas.ChatRequest)
-    check_tenant_claim(principal, body.tenantId)
-    if principal.user_id is not None and body.userId != principal.user_id:
-        raise ApiError(403, "forbidden", "userId does not match the visitor token")
+    principal, body = await chat_request(request)
     deltas: asyncio.Queue[str | None] = asyncio.Queue()
 
     async def on_delta(text: str) -> None:
