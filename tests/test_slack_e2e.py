@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from adapters.slack.adapter import BUSY_TEXT
 from adapters.slack.convert import markdown_to_mrkdwn, split_message
 from chatgateway.adapter import AdapterState
 from chatgateway.daemon import Daemon
@@ -181,6 +182,21 @@ async def test_agent_failure_sends_fallback_text(fake_slack, make_agent, make_ga
     await fake_slack.dm(app, "U0ALICE", "hi")
     posts = await fake_slack.wait_posts(1)
     assert posts[0].text == "Sorry, _busy_."
+
+
+async def test_flood_beyond_the_tenants_limit_gets_a_try_again_answer(fake_slack, make_agent,
+                                                                     make_gateway):
+    agent = await make_agent(delay=1.0)
+    app = fake_slack.add_app()
+    await start(make_gateway, fake_slack, slack_tenant(
+        "acme", agent.url, fake_slack, app, agent={"max_concurrency": 1, "max_queue": 0}))
+    await fake_slack.dm(app, "U0001", "first")
+    await agent.wait_calls(1)
+    await fake_slack.dm(app, "U0002", "second")
+    posts = await fake_slack.wait_posts(2, within=10)
+    by_channel = {p.channel: p.text for p in posts}
+    assert by_channel == {"DU0001": "agent: first", "DU0002": BUSY_TEXT}
+    assert agent.texts() == ["first"]
 
 
 # What never reaches the agent ---------------------------------------------------------------
@@ -542,6 +558,7 @@ async def test_reload_while_the_agent_works_still_answers(fake_slack, make_agent
     await fake_slack.wait_posts(2)
     assert len(fake_slack.posts()) == 2
     assert len(fake_slack.reactions) == 2  # the new settings: no reaction for the second
+    assert agent.texts() == ["across a reload", "after the reload"]
 
 
 async def test_credentials_refused_mid_run_park_the_adapter(fake_slack, make_agent,
