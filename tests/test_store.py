@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -95,6 +96,34 @@ async def test_concurrent_writes_group_commit(store: SessionStore) -> None:
     await asyncio.gather(*(store.record_exchange(A, s, turns, max_turns=10) for s in sids * 5))
     for sid in sids:
         assert len(await store.history(A, sid, 100)) == 5
+
+
+async def test_a_queued_exchange_is_invisible_until_committed(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        sid = await new(store, key(A))
+        # Another connection holds the write lock, so the exchange waits in the writer's queue.
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        now = time.time()
+        pending = asyncio.create_task(store.record_exchange(
+            A, sid, [Turn(Role.USER, "q", now), Turn(Role.AGENT, "a", now)], max_turns=100))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        session = await store.get_session(A, sid)
+        assert session is not None and session.message_count == 0
+        assert await store.history(A, sid, 10) == []
+        [listed] = await store.list_sessions(A)
+        assert listed.message_count == 0
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await asyncio.wait_for(pending, 10)
+        session = await store.get_session(A, sid)
+        assert session is not None and session.message_count == 2
+        assert [t.text for t in await store.history(A, sid, 10)] == ["q", "a"]
+    finally:
+        await store.close()
 
 
 async def test_list_and_delete(store: SessionStore) -> None:

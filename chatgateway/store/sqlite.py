@@ -129,6 +129,12 @@ def _session_from_row(row: tuple[Any, ...]) -> Session:
 class _Hot:
     session: Session
     turns: deque[Turn] = field(default_factory=lambda: deque(maxlen=HISTORY_CACHE))
+    #: The last turn number handed out; ahead of session.message_count while a write is queued.
+    reserved: int = -1
+
+    def __post_init__(self) -> None:
+        if self.reserved < 0:
+            self.reserved = self.session.message_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,8 +471,8 @@ class SqliteStore:
         last_active = max(t.timestamp for t in turns) if turns else time.time()
         # message_count is every turn ever recorded and numbers them (seq); the table keeps
         # the last max_turns, one small primary-key range delete per exchange past that.
-        first = session.message_count + 1
-        count = session.message_count + len(turns)
+        first = hot.reserved + 1
+        count = hot.reserved + len(turns)
         exchange = _Exchange(
             turn_rows=[
                 (tenant_id, session_id, first + i, t.role.value, t.text, t.timestamp)
@@ -480,13 +486,15 @@ class SqliteStore:
             ),
             trim=(session_id, tenant_id, count - max_turns) if count > max_turns else None,
         )
-        # Reserve the numbers before waiting, so concurrent exchanges never share one.
-        session.message_count = count
+        # Reserve the numbers before waiting, so concurrent exchanges never share one; readers
+        # see the new count only once the turns are committed.
+        hot.reserved = count
         try:
             await self._write(exchange)
         except BaseException:
             self._forget(session_id)  # the next read takes the committed truth from the file
             raise
+        session.message_count = max(session.message_count, count)
         session.last_active = max(session.last_active, last_active)
         hot.turns.extend(turns)
 
