@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from chatgateway.errors import NotFoundError
 from chatgateway.models import ConversationKind, Platform, Role, SessionKey, TenantId, Turn
 from chatgateway.store.base import ApiKeyRecord, SessionStore, TenantRecord
 from chatgateway.store.sqlite import SqliteStore
@@ -66,7 +67,7 @@ async def test_every_read_is_scoped_by_tenant(store: SessionStore) -> None:
     assert await store.list_sessions(B) == []
     assert not await store.delete_session(B, sid)
     assert await store.get_session(A, sid) is not None
-    with pytest.raises(LookupError):
+    with pytest.raises(NotFoundError):
         await store.record_exchange(B, sid, [Turn(Role.USER, "x", time.time())], max_turns=100)
 
 

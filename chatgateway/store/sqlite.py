@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from chatgateway.errors import NotFoundError
 from chatgateway.models import (
     ConversationKind,
     Platform,
@@ -466,7 +467,7 @@ class SqliteStore:
     ) -> None:
         hot = self._load(tenant_id, session_id)
         if hot is None:
-            raise LookupError(f"no session {session_id} for tenant {tenant_id}")
+            raise NotFoundError(f"no session {session_id!r}")
         session = hot.session
         last_active = max(t.timestamp for t in turns) if turns else time.time()
         # message_count is every turn ever recorded and numbers them (seq); the table keeps
