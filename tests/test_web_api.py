@@ -184,6 +184,7 @@ BAD_BODIES = [
      400, "invalid_body"),
     ("empty message", b'{"message": "", "userId": "u"}', "application/json", 400, "invalid_body"),
     ("not utf-8", b'{"message": "\xff\xfe"}', "application/json", 400, "malformed_json"),
+    ("nested too deeply", b"[" * 4000, "application/json", 400, "malformed_json"),
     ("wrong content type", b'{"message": "hi", "userId": "u"}', "text/plain", 415,
      "unsupported_media_type"),
     ("too large", b'{"message": "' + b"x" * 10_000 + b'", "userId": "u"}', "application/json",
@@ -313,6 +314,13 @@ async def test_admin_api_manages_tenants_and_keys(two_tenants, http, make_agent)
     # Other tenants were not disturbed.
     _, a = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "still", "userId": "u"})
     assert a["response"] == "A says: still"
+
+
+async def test_admin_api_refuses_a_deeply_nested_body(two_tenants, http):
+    gw, _, _ = two_tenants
+    for path in ("/admin/tenants", "/admin/tenants/acme/keys"):
+        status, body = await call(http, gw, "POST", path, ADMIN_TOKEN, raw=b"[" * 4000)
+        assert (status, body["error"]["code"]) == (400, "malformed_json"), path
 
 
 async def test_admin_api_disabled_without_token(make_gateway, http):

@@ -127,12 +127,18 @@ async def read_json(request: web.Request, model: type[B]) -> B:
     """Read and validate a JSON body, answering 415/413/400 with the reason."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    raw = await request.read()
+    return validate(model, parse_json(await request.read()))
+
+
+def parse_json(raw: bytes) -> Any:
+    """Decode a JSON body, answering 400 malformed_json for anything json.loads refuses."""
     try:
-        data = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
-    return validate(model, data)
+    except RecursionError:
+        # json.loads recurses per nesting level: "[" * 100000 would otherwise be a 500.
+        raise ApiError(400, "malformed_json", "body is not valid JSON: nested too deeply") from None
 
 
 def validate(model: type[B], data: Any) -> B:
@@ -356,10 +362,7 @@ def tenant_info(runtime: TenantRuntime) -> dict[str, Any]:
 async def _admin_body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    try:
-        data = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+    data = parse_json(await request.read())
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "body must be a JSON object")
     return data
