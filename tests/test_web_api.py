@@ -220,9 +220,14 @@ async def test_unknown_route_and_method_are_json(two_tenants, http):
 
 async def test_bad_query_parameters(two_tenants, http):
     gw, _, _ = two_tenants
-    for query in ("limit=abc", "limit=0", "offset=-1", "platform=telegram"):
+    for query in ("limit=abc", "limit=0", "limit=1001", "limit=100000000000000000000",
+                  "offset=-1", "offset=x", "offset=2147483648", "offset=100000000000000000000",
+                  "platform=telegram"):
         status, body = await call(http, gw, "GET", f"/api/sessions?{query}", KEY_A)
         assert status == 400 and body["error"]["code"] == "invalid_query", query
+        assert query.partition("=")[0] in body["error"]["message"], query
+    status, _ = await call(http, gw, "GET", "/api/sessions?offset=2147483647&limit=1000", KEY_A)
+    assert status == 200
 
 
 async def test_malformed_authorization_header(two_tenants, http):

@@ -272,15 +272,23 @@ async def chat(request: web.Request) -> web.Response:
     return web.json_response({"sessionId": reply.session.id, "response": reply.text})
 
 
-def _page(request: web.Request) -> tuple[int, int]:
+#: The largest offset accepted; SQLite would raise OverflowError past 64 bits (a 500).
+MAX_OFFSET = 2**31 - 1
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     try:
-        limit = int(request.query.get("limit", "100"))
-        offset = int(request.query.get("offset", "0"))
+        value = int(request.query.get(name, str(default)))
     except ValueError:
-        raise ApiError(400, "invalid_query", "limit and offset must be integers") from None
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise ApiError(400, "invalid_query", "limit must be 1-1000 and offset >= 0")
-    return limit, offset
+        raise ApiError(400, "invalid_query", f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise ApiError(400, "invalid_query", f"{name} must be {low}-{high}")
+    return value
+
+
+def _page(request: web.Request) -> tuple[int, int]:
+    limit = _int_query(request, "limit", 100, 1, 1000)
+    return limit, _int_query(request, "offset", 0, 0, MAX_OFFSET)
 
 
 @routes.get("/api/sessions")

@@ -141,7 +141,7 @@ def openapi_document() -> dict[str, Any]:
                             "name": "offset",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "integer", "minimum": 0},
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
                         },
                     ],
                     "responses": {
