@@ -185,6 +185,18 @@ BAD_BODIES = [
     ("empty message", b'{"message": "", "userId": "u"}', "application/json", 400, "invalid_body"),
     ("not utf-8", b'{"message": "\xff\xfe"}', "application/json", 400, "malformed_json"),
     ("nested too deeply", b"[" * 4000, "application/json", 400, "malformed_json"),
+    # JSON may spell lone surrogates, which are not text: SQLite cannot store them.
+    ("surrogate message", rb'{"message": "\ud800", "userId": "u"}', "application/json", 400,
+     "invalid_body"),
+    ("surrogate userId", rb'{"message": "hi", "userId": "a\udfff"}', "application/json", 400,
+     "invalid_body"),
+    ("surrogate sessionId", rb'{"message": "hi", "userId": "u", "sessionId": "\ud800"}',
+     "application/json", 400, "invalid_body"),
+    ("surrogate metadata key", rb'{"message": "hi", "userId": "u", "metadata": {"\ud800": 1}}',
+     "application/json", 400, "invalid_body"),
+    ("surrogate metadata value",
+     rb'{"message": "hi", "userId": "u", "metadata": {"k": ["ok", {"x": "\udc00"}]}}',
+     "application/json", 400, "invalid_body"),
     ("wrong content type", b'{"message": "hi", "userId": "u"}', "text/plain", 415,
      "unsupported_media_type"),
     ("too large", b'{"message": "' + b"x" * 10_000 + b'", "userId": "u"}', "application/json",
@@ -208,6 +220,16 @@ async def test_unknown_field_is_named(two_tenants, http):
     assert "colour" in body["error"]["message"]
     _, body = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": 5, "userId": "u"})
     assert "message" in body["error"]["message"]
+    for raw, field in [(rb'{"message": "\ud800", "userId": "u"}', "message"),
+                       (rb'{"message": "hi", "userId": "\ud800"}', "userId"),
+                       (rb'{"message": "hi", "userId": "u", "sessionId": "\ud800"}', "sessionId"),
+                       (rb'{"message": "hi", "userId": "u", "metadata": {"\ud800": 1}}',
+                        "metadata"),
+                       (rb'{"message": "hi", "userId": "u", "metadata": {"k": [{"x": "\udc00"}]}}',
+                        "metadata.k[0].x")]:
+        _, body = await call(http, gw, "POST", "/api/chat", KEY_A, raw=raw)
+        assert body["error"]["message"].startswith(f"{field}: "), body
+        assert "UTF-8" in body["error"]["message"]
 
 
 async def test_unknown_route_and_method_are_json(two_tenants, http):
@@ -326,6 +348,19 @@ async def test_admin_api_refuses_a_deeply_nested_body(two_tenants, http):
     for path in ("/admin/tenants", "/admin/tenants/acme/keys"):
         status, body = await call(http, gw, "POST", path, ADMIN_TOKEN, raw=b"[" * 4000)
         assert (status, body["error"]["code"]) == (400, "malformed_json"), path
+
+
+async def test_admin_api_refuses_lone_surrogates(two_tenants, http):
+    gw, _, _ = two_tenants
+    for method, path, raw, field in [
+        ("POST", "/admin/tenants", rb'{"id": "gamma", "name": "\ud800", "agent": {}}', "name"),
+        ("PUT", "/admin/tenants/gamma", rb'{"id": "gamma", "name": "\ud800", "agent": {}}',
+         "name"),
+        ("POST", "/admin/tenants/acme/keys", rb'{"label": "\ud800"}', "label"),
+    ]:
+        status, body = await call(http, gw, method, path, ADMIN_TOKEN, raw=raw)
+        assert (status, body["error"]["code"]) == (400, "invalid_body"), (path, body)
+        assert body["error"]["message"].startswith(f"{field}: "), body
 
 
 async def test_admin_api_disabled_without_token(make_gateway, http):

@@ -131,14 +131,44 @@ async def read_json(request: web.Request, model: type[B]) -> B:
 
 
 def parse_json(raw: bytes) -> Any:
-    """Decode a JSON body, answering 400 malformed_json for anything json.loads refuses."""
+    """Decode a JSON body: 400 malformed_json if it is not JSON, invalid_body if not text."""
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
     except RecursionError:
         # json.loads recurses per nesting level: "[" * 100000 would otherwise be a 500.
         raise ApiError(400, "malformed_json", "body is not valid JSON: nested too deeply") from None
+    check_text(data)
+    return data
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(data: Any) -> None:
+    """Refuse strings that are not UTF-8 text, e.g. the lone surrogate JSON may spell "\\ud800".
+
+    Python decodes them, but the store cannot encode them: left alone they are a 500 later.
+    """
+    stack: list[tuple[tuple[int | str, ...], Any]] = [((), data)]
+    while stack:  # not recursive: the JSON may be nested nearly to the recursion limit
+        loc, value = stack.pop()
+        where = format_loc(loc) or "body"
+        if isinstance(value, str) and not _is_text(value):
+            raise ApiError(400, "invalid_body", f"{where}: not valid UTF-8 text")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_text(key):
+                    raise ApiError(400, "invalid_body", f"{where}: a key is not valid UTF-8 text")
+                stack.append(((*loc, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), item) for i, item in enumerate(value))
 
 
 def validate(model: type[B], data: Any) -> B:
