@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -82,7 +83,6 @@ async def test_session_expires_after_idle_time(make_gateway, http):
     _, first = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "a", "userId": "u"})
     _, again = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "b", "userId": "u"})
     assert again["sessionId"] == first["sessionId"]
-    import asyncio
     await asyncio.sleep(0.3)
     _, later = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "c", "userId": "u"})
     assert later["sessionId"] != first["sessionId"]
@@ -259,6 +259,37 @@ async def test_malformed_authorization_header(two_tenants, http):
         assert (await resp.json())["error"]["code"] == "unauthorized"
 
 
+async def raw_request(gw, request: bytes) -> tuple[int, Any]:
+    """Send bytes the aiohttp client would refuse to write; return the status and JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("token", [b"\xff\xfe", b"cgv1.\xff", "k\u00e9y".encode(),
+                                   "cgv1.p.default.dg.1.\u00e4".encode()],
+                         ids=["latin-1", "visitor-latin-1", "utf-8", "visitor-utf-8"])
+@pytest.mark.parametrize("method,path", [("GET", "/api/sessions"), ("POST", "/api/chat"),
+                                         ("POST", "/api/visitor-token"),
+                                         ("GET", "/admin/tenants"), ("GET", "/metrics")])
+async def test_non_ascii_credential_is_401_not_500(two_tenants, method, path, token):
+    gw, agent_a, _ = two_tenants
+    body = b'{"message": "hi", "userId": "u"}' if path == "/api/chat" else b"{}"
+    status, answer = await raw_request(gw, (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    ).encode() + b"Authorization: Bearer " + token + b"\r\n\r\n" + body)
+    assert (status, answer["error"]["code"]) == (401, "unauthorized"), answer
+    assert agent_a.calls == []
+
+
 async def test_web_disabled_tenant_is_refused(make_gateway, http):
     gw = await make_gateway({"tenants": [tenant("acme", keys=[KEY_A], web={"enabled": False})]})
     status, body = await call(http, gw, "POST", "/api/chat", KEY_A, {"message": "x", "userId": "u"})
@@ -281,8 +312,6 @@ async def test_anonymous_default_refused_off_loopback(make_gateway, http):
 
 
 async def test_flood_from_one_tenant_gets_429_while_another_is_served(make_agent, make_gateway, http):
-    import asyncio
-
     slow = await make_agent(delay=1.0)
     fast = await make_agent()
     gw = await make_gateway({"tenants": [

@@ -194,9 +194,14 @@ def bearer(request: web.Request) -> str | None:
     if header is None:
         return None
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "unauthorized", "Authorization must be 'Bearer <api key>'")
-    return token.strip()
+    # Keys and tokens are printable ASCII; anything else would make the str comparison and
+    # hashing behind authentication raise (a 500) instead of failing to match.
+    if not (token.isascii() and token.isprintable()):
+        raise ApiError(401, "unauthorized", "the credential must be printable ASCII")
+    return token
 
 
 #: Resolves a bearer token that is not an API key (e.g. a visitor token) to a principal.
