@@ -38,6 +38,8 @@ async def call(http, gw, method: str, path: str, key: str | None = None,
     async with http.request(method, url(gw, path), data=data, headers=headers) as resp:
         text = await resp.text()
         assert "Traceback" not in text
+        if resp.content_type == "application/x-ndjson":  # /api/chat/stream: a list of events
+            return resp.status, [json.loads(line) for line in text.splitlines() if line]
         return resp.status, (json.loads(text) if text else None)
 
 
@@ -100,14 +102,21 @@ CREDENTIALS = {
 
 
 def endpoints(own_sid: str, foreign_sid: str) -> dict[str, tuple[str, str, Any]]:
+    chat_calls = {}
+    for kind, path in (("chat", "/api/chat"), ("stream", "/api/chat/stream")):
+        chat_calls.update({
+            kind: ("POST", path, {"message": "hi", "userId": "user-a"}),
+            f"{kind}_forged_tenant": ("POST", path,
+                                      {"message": "hi", "userId": "user-a", "tenantId": "acme"}),
+            f"{kind}_forged_tenant_query": ("POST", f"{path}?tenantId=acme",
+                                            {"message": "hi", "userId": "user-a"}),
+            f"{kind}_foreign_session": ("POST", path, {"message": "hi", "userId": "user-b",
+                                                       "sessionId": foreign_sid}),
+            f"{kind}_other_users_session": ("POST", path, {"message": "hi", "userId": "mallory",
+                                                           "sessionId": own_sid}),
+        })
     return {
-        "chat": ("POST", "/api/chat", {"message": "hi", "userId": "user-a"}),
-        "chat_forged_tenant": ("POST", "/api/chat",
-                               {"message": "hi", "userId": "user-a", "tenantId": "acme"}),
-        "chat_foreign_session": ("POST", "/api/chat",
-                                 {"message": "hi", "userId": "user-b", "sessionId": foreign_sid}),
-        "chat_other_users_session": ("POST", "/api/chat",
-                                     {"message": "hi", "userId": "mallory", "sessionId": own_sid}),
+        **chat_calls,
         "list": ("GET", "/api/sessions", None),
         "list_forged_tenant": ("GET", "/api/sessions?tenantId=acme", None),
         "get": ("GET", f"/api/sessions/{own_sid}", None),
@@ -116,16 +125,20 @@ def endpoints(own_sid: str, foreign_sid: str) -> dict[str, tuple[str, str, Any]]
         "get_foreign": ("GET", f"/api/sessions/{foreign_sid}", None),
         "delete_foreign": ("DELETE", f"/api/sessions/{foreign_sid}", None),
         "delete_other_user": ("DELETE", f"/api/sessions/{own_sid}?userId=mallory", None),
+        "delete_forged_tenant": ("DELETE", f"/api/sessions/{own_sid}?tenantId=acme", None),
     }
 
 
 # Expected status for (endpoint, credential) with the caller being tenant A's key ("own"):
 # "other" is tenant B's key, so for B "own_sid" is foreign and "foreign_sid" is its own.
 EXPECTED: dict[str, dict[str, int]] = {
-    "chat": {"own": 200, "other": 200},
-    "chat_forged_tenant": {"own": 403, "other": 200},
-    "chat_foreign_session": {"own": 404, "other": 200},
-    "chat_other_users_session": {"own": 404, "other": 404},
+    **{name: expected for kind in ("chat", "stream") for name, expected in {
+        kind: {"own": 200, "other": 200},
+        f"{kind}_forged_tenant": {"own": 403, "other": 200},
+        f"{kind}_forged_tenant_query": {"own": 403, "other": 200},
+        f"{kind}_foreign_session": {"own": 404, "other": 200},
+        f"{kind}_other_users_session": {"own": 404, "other": 404},
+    }.items()},
     "list": {"own": 200, "other": 200},
     "list_forged_tenant": {"own": 403, "other": 200},
     "get": {"own": 200, "other": 404},
@@ -134,6 +147,7 @@ EXPECTED: dict[str, dict[str, int]] = {
     "get_foreign": {"own": 404, "other": 200},
     "delete_foreign": {"own": 404, "other": 204},
     "delete_other_user": {"own": 404, "other": 404},
+    "delete_forged_tenant": {"own": 403, "other": 404},
 }
 
 

@@ -287,6 +287,7 @@ async def chat_request(request: web.Request) -> tuple[Principal, schemas.ChatReq
     """Authenticate and validate a chat request (shared by /api/chat and /api/chat/stream)."""
     principal = await authenticate(request)
     require_web(principal)
+    check_tenant_claim(principal, request.query.get("tenantId"))
     body = await read_json(request, schemas.ChatRequest)
     check_tenant_claim(principal, body.tenantId)
     if principal.user_id is not None and body.userId != principal.user_id:

@@ -580,7 +580,7 @@ async def tenant_page(request: web.Request) -> web.Response:
 
 def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
     """The browser chat's API paths for the OpenAPI document; adds their schemas to `components`."""
-    from adapters.web.openapi import _REF, _errors, _json, _ref
+    from adapters.web.openapi import _REF, _TENANT_QUERY, _errors, _json, _ref
 
     for model in (VisitorTokenRequest, VisitorTokenResponse):
         schema = model.model_json_schema(ref_template=_REF)
@@ -627,7 +627,7 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
             "post": {
                 "summary": "POST /api/chat answered as NDJSON: delta events, then done",
                 "security": [{"apiKey": []}],
-                "parameters": [tenant_header],
+                "parameters": [tenant_header, _TENANT_QUERY],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("ChatRequest")}},

@@ -108,6 +108,7 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Send a message to the tenant's agent and get its answer",
                     "security": auth,
+                    "parameters": [_TENANT_QUERY],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("ChatRequest")}},
