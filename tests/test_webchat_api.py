@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from adapters.web.chat import TENANT_HEADER, derive_key, issue_token
+from chatgateway.models import ConversationKind, Platform, Role, SessionKey, TenantId, Turn
 from tests.browser import GatedAgent
 from tests.conftest import ADMIN_TOKEN, tenant, url
 
@@ -201,6 +202,34 @@ async def test_a_visitor_sees_and_continues_only_their_own_sessions(gateway, htt
     status, body, _ = await request(http, gw, "GET", f"/api/sessions/{bob_session}",
                                     token=bob["token"])
     assert [t["text"] for t in body["transcript"]] == ["bob here", "agent: bob here"]
+
+
+async def test_a_visitor_never_sees_sessions_of_other_platforms(gateway, http):
+    """A visitor id that equals a Slack user's id does not reach that user's Slack sessions."""
+    gw, _ = gateway
+    now = time.time()
+    key = SessionKey(tenant_id=TenantId("a"), platform=Platform.SLACK, conversation_id="D042",
+                     thread_id="", user_id="U042")
+    slack = await gw.store.create_session(key, kind=ConversationKind.DM, user_name=None, now=now)
+    await gw.store.record_exchange(TenantId("a"), slack.id, [Turn(Role.USER, "slack secret", now)],
+                                   max_turns=50)
+    status, minted, _ = await request(http, gw, "POST", "/api/visitor-token", token=KEY_A,
+                                      body={"userId": "U042"})
+    assert status == 200
+    web_session = (await say(http, gw, minted, "hello from the web"))["sessionId"]
+    for query in ("", "?platform=slack", "?platform=web", "?userId=U042"):
+        status, listed, _ = await request(http, gw, "GET", f"/api/sessions{query}",
+                                          token=minted["token"])
+        expected = [] if query == "?platform=slack" else [web_session]
+        assert (status, [s["sessionId"] for s in listed]) == (200, expected), query
+    for method in ("GET", "DELETE"):
+        status, body, _ = await request(http, gw, method, f"/api/sessions/{slack.id}",
+                                        token=minted["token"])
+        assert (status, body["error"]["code"]) == (404, "not_found"), method
+        assert "slack secret" not in json.dumps(body)
+    # The tenant's API key still sees it: the session was not deleted.
+    status, detail, _ = await request(http, gw, "GET", f"/api/sessions/{slack.id}", token=KEY_A)
+    assert status == 200 and detail["transcript"][0]["text"] == "slack secret"
 
 
 async def test_tenant_a_visitor_token_is_refused_by_tenant_b(gateway, http):

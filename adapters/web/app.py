@@ -273,7 +273,12 @@ async def visible_session(request: web.Request, principal: Principal) -> Session
     session_id = SessionId(request.match_info["session_id"])
     session = await ctx.store.get_session(principal.tenant.id, session_id)
     user_id = principal.user_id or request.query.get("userId")
-    if session is None or (user_id is not None and session.user_id != user_id):
+    if (
+        session is None
+        or (user_id is not None and session.user_id != user_id)
+        # A visitor id may equal a Slack or Discord user's id; a visitor sees web sessions only.
+        or (principal.user_id is not None and session.platform != Platform.WEB)
+    ):
         raise ApiError(404, "not_found", f"no session {session_id!r}")
     return session
 
@@ -335,6 +340,10 @@ async def list_sessions(request: web.Request) -> web.Response:
     platform = request.query.get("platform")
     if platform is not None and platform not in {p.value for p in Platform}:
         raise ApiError(400, "invalid_query", "platform must be web, slack or discord")
+    if principal.user_id is not None:  # a visitor: web sessions only (see visible_session)
+        if platform not in (None, Platform.WEB.value):
+            return web.json_response([])
+        platform = Platform.WEB.value
     sessions = await request.app[CONTEXT].store.list_sessions(
         principal.tenant.id,
         user_id=principal.user_id or request.query.get("userId"),
