@@ -318,6 +318,22 @@ async def test_anonymous_default_only_when_configured(make_gateway, http):
     assert (await call(http, gw2, "POST", "/api/chat", None, {"message": "x", "userId": "u"}))[0] == 401
 
 
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded", "X-Real-IP"])
+async def test_anonymous_default_refused_through_a_proxy(make_gateway, http, header):
+    """A reverse proxy on loopback would make every caller on the internet look local."""
+    gw = await make_gateway({"tenants": [tenant("default", web={"anonymous": True})]})
+    value = "for=203.0.113.7" if header == "Forwarded" else "203.0.113.7"
+    async with http.post(url(gw, "/api/chat"), json={"message": "x", "userId": "u"},
+                         headers={header: value}) as resp:
+        body = await resp.json()
+        assert (resp.status, body["error"]["code"]) == (401, "unauthorized")
+        assert "proxy" in body["error"]["message"] and header in body["error"]["message"]
+    async with http.get(url(gw, "/api/sessions"), headers={header: value}) as resp:
+        assert resp.status == 401
+    status, _ = await call(http, gw, "POST", "/api/chat", None, {"message": "x", "userId": "u"})
+    assert status == 200  # a local caller without the header still is anonymous
+
+
 async def test_anonymous_default_refused_off_loopback(make_gateway, http):
     gw = await make_gateway({"listen": {"host": "0.0.0.0", "port": 0},
                              "tenants": [tenant("default", web={"anonymous": True})]})

@@ -43,6 +43,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: The tenant that may run without a key on a loopback address when configured so.
 ANONYMOUS_TENANT = "default"
+#: Headers a reverse proxy adds; a request carrying one is never anonymous.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 @dataclass
@@ -216,6 +218,15 @@ async def authenticate(request: web.Request) -> Principal:
     if token is None:
         tenant = ctx.tenants.get(ANONYMOUS_TENANT)
         if tenant is not None and tenant.config.web.anonymous and ctx.loopback:
+            # Behind a reverse proxy on loopback every caller would look local.
+            proxied = [h for h in PROXY_HEADERS if h in request.headers]
+            if proxied:
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    f"missing API key: anonymous access is only for local callers, and this "
+                    f"request came through a proxy ({proxied[0]} header)",
+                )
             return Principal(tenant)
         raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer <key>)")
     tenant = await ctx.tenants.authenticate(token)
