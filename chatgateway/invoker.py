@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -216,6 +217,14 @@ class HttpAgentInvoker:
             timestamp = str(int(time.time()))
             headers[TIMESTAMP_HEADER] = timestamp
             headers[SIGNATURE_HEADER] = sign(self._secret, timestamp, body)
+        delivered = False
+
+        async def sink(delta: str) -> None:
+            nonlocal delivered
+            delivered = True
+            if on_delta is not None:
+                await on_delta(delta)
+
         try:
             async with self._client().post(self._url, data=body, headers=headers) as resp:
                 if resp.status >= 500:
@@ -223,16 +232,24 @@ class HttpAgentInvoker:
                 if resp.status >= 400:
                     raise AgentError("http_4xx", f"agent answered HTTP {resp.status}")
                 if resp.content_type == NDJSON:
-                    return await _read_stream(resp, on_delta)
+                    return await _read_stream(resp, sink if on_delta else None)
                 try:
                     data = await resp.json(content_type=None)
                 except (ValueError, aiohttp.ContentTypeError):
                     raise AgentError("bad_response", "agent answer is not JSON") from None
-        except aiohttp.ClientConnectionError as exc:
-            raise _Retryable("connection_error", type(exc).__name__ + ": " + str(exc)) from None
-        except aiohttp.ClientPayloadError as exc:
-            raise _Retryable("connection_error", str(exc)) from None
-        text = data.get("response") if isinstance(data, dict) else None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            if delivered:
+                # The visitor already saw part of the answer; a retry would show it twice.
+                raise AgentError("stream_broken", detail) from None
+            raise _Retryable("connection_error", detail) from None
+        except (aiohttp.ClientError, HttpProcessingError, ValueError) as exc:
+            # A malformed answer (bad HTTP, redirect loop, an overlong stream line): the agent's
+            # fault, not the gateway's, so the user gets the fallback instead of a 500.
+            raise AgentError("bad_response", f"{type(exc).__name__}: {exc}"[:300]) from None
+        if not isinstance(data, dict):
+            raise AgentError("bad_response", "agent answer is not a JSON object")
+        text = data.get("response")
         if text is None:
             text = ""
         if not isinstance(text, str):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
+import pytest
 from aiohttp import web
 
 from chatgateway.invoker import (
@@ -18,6 +21,42 @@ from chatgateway.testing.agent import AgentCall
 from tests.conftest import tenant, url
 
 FALLBACK = "The agent is away, try later."
+
+
+@dataclass
+class RawAgent:
+    """An agent on 127.0.0.1:0 that answers every request with fixed bytes, then hangs up."""
+
+    answer: bytes
+    url: str = ""
+    calls: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        self.calls += 1
+        writer.write(self.answer)
+        await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def make_raw_agent() -> AsyncIterator[Callable[[bytes], Awaitable[RawAgent]]]:
+    servers: list[asyncio.Server] = []
+
+    async def make(answer: bytes) -> RawAgent:
+        agent = RawAgent(answer)
+        server = await asyncio.start_server(agent.handle, "127.0.0.1", 0)
+        servers.append(server)
+        agent.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/agent"
+        return agent
+
+    yield make
+    for server in servers:
+        server.close()
+        await server.wait_closed()
 
 
 async def chat(http, gw, key, message, user="u1", **extra):
@@ -256,3 +295,84 @@ async def test_a_new_agent_url_lets_the_call_in_flight_finish(make_agent, make_g
     assert len(old.calls) == 1  # finished on the old client, not cut off and sent again
     _, body = await chat(http, gw, key, "second")
     assert body["response"] == "new: second"
+
+
+def _answer(body: bytes, content_type: str = "application/json", status: int = 200):
+    async def behaviour(call: AgentCall) -> web.Response:
+        return web.Response(body=body, status=status, headers={"Content-Type": content_type})
+
+    return behaviour
+
+
+@pytest.mark.parametrize("behaviour", [
+    _answer(b"{not json"),
+    _answer(b'["a", "list"]'),
+    _answer(b'"just a string"'),
+    _answer(b'{"response": 42}'),
+    _answer(b'{"delta": "' + b"x" * 1_000_000 + b'"}\n', "application/x-ndjson"),
+    _answer(b"[1]\n", "application/x-ndjson"),
+], ids=["invalid_json", "json_list", "json_string", "response_not_text", "stream_line_too_long",
+        "stream_line_not_object"])
+async def test_a_malformed_answer_gives_fallback(behaviour, make_agent, make_gateway, http, capsys):
+    agent = await make_agent(behaviour=behaviour)
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"],
+                                                agent={"fallback_text": FALLBACK})]})
+    status, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert (status, body["response"]) == (200, FALLBACK)
+    assert len(agent.calls) == 1
+    failed = [e for e in log_events(capsys) if e.get("event") == "agent_failed"]
+    assert [e["cause"] for e in failed] == ["bad_response"]
+
+
+async def test_too_many_redirects_gives_fallback(make_agent, make_gateway, http, capsys):
+    async def loop(call: AgentCall) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/agent")  # 307 keeps the POST: a redirect loop
+
+    agent = await make_agent(behaviour=loop)
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"],
+                                                agent={"fallback_text": FALLBACK})]})
+    status, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert (status, body["response"]) == (200, FALLBACK)
+    failed = [e for e in log_events(capsys) if e.get("event") == "agent_failed"]
+    assert [e["cause"] for e in failed] == ["bad_response"]
+    assert "TooManyRedirects" in failed[0]["detail"]
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 abc\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: nonsense\r\n\r\n{}",
+], ids=["bad_status_line", "bad_header"])
+async def test_malformed_http_gives_fallback(answer, make_raw_agent, make_gateway, http, capsys):
+    agent = await make_raw_agent(answer)
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"],
+                                                agent={"fallback_text": FALLBACK})]})
+    status, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert (status, body["response"]) == (200, FALLBACK)
+    assert agent.calls == 1
+    failed = [e for e in log_events(capsys) if e.get("event") == "agent_failed"]
+    assert [e["cause"] for e in failed] == ["bad_response"]
+
+
+async def test_a_stream_broken_after_a_delta_is_not_retried(make_raw_agent, make_gateway, http,
+                                                            capsys):
+    line = b'{"delta": "Hel"}\n'
+    agent = await make_raw_agent(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(line):x}".encode() + b"\r\n" + line
+        + b"\r\n"  # ...and the connection drops before the last chunk
+    )
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", agent.url, keys=["acme-key-0001"],
+        agent={"fallback_text": FALLBACK, "retry": {"attempts": 3, "backoff_initial": 0.01}},
+    )]})
+    async with http.post(url(gw, "/api/chat/stream"), json={"message": "hi", "userId": "u1"},
+                         headers={"Authorization": "Bearer acme-key-0001"}) as resp:
+        assert resp.status == 200
+        events = [json.loads(line) async for line in resp.content if line.strip()]
+    assert [e["text"] for e in events if e["type"] == "delta"] == ["Hel"]
+    assert events[-1]["type"] == "done"
+    assert (events[-1]["response"], events[-1]["outcome"]) == (FALLBACK, "fallback")
+    assert agent.calls == 1
+    failed = [e for e in log_events(capsys) if e.get("event") == "agent_failed"]
+    assert [e["cause"] for e in failed] == ["stream_broken"]
+
