@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -194,15 +195,19 @@ class HttpAgentInvoker:
             if self.config.retry.attempts == 1:
                 raise AgentError(exc.cause, exc.detail) from None
         retry = self.config.retry
+        # Full jitter on every wait, the first included, so clients that failed together do not
+        # retry together. Attempt n of the loop is the call's attempt n + 1, hence 2 * initial.
         retrying = AsyncRetrying(
             stop=stop_after_attempt(retry.attempts - 1),
-            wait=wait_random_exponential(multiplier=retry.backoff_initial, max=retry.backoff_max),
+            wait=wait_random_exponential(
+                multiplier=2 * retry.backoff_initial, max=retry.backoff_max
+            ),
             retry=retry_if_exception_type(_Retryable),
             reraise=True,
             sleep=asyncio.sleep,
         )
         try:
-            await asyncio.sleep(min(retry.backoff_initial, retry.backoff_max))
+            await asyncio.sleep(random.uniform(0, min(retry.backoff_initial, retry.backoff_max)))
             async for attempt in retrying:
                 with attempt:
                     return await self._call_once(body, headers, on_delta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -376,3 +377,25 @@ async def test_a_stream_broken_after_a_delta_is_not_retried(make_raw_agent, make
     failed = [e for e in log_events(capsys) if e.get("event") == "agent_failed"]
     assert [e["cause"] for e in failed] == ["stream_broken"]
 
+
+async def test_every_retry_wait_is_jittered(make_agent, make_gateway, http):
+    seen: dict[str, list[float]] = {}
+
+    async def fails_once(call: AgentCall) -> web.Response:
+        times = seen.setdefault(call.headers["Idempotency-Key"], [])
+        times.append(time.monotonic())
+        if len(times) == 1:
+            return web.json_response({"error": "busy"}, status=503)
+        return web.json_response({"response": "ok"})
+
+    agent = await make_agent(behaviour=fails_once)
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", agent.url, keys=["acme-key-0001"],
+        agent={"retry": {"attempts": 2, "backoff_initial": 0.5, "backoff_max": 2}},
+    )]})
+    results = await asyncio.gather(
+        *(chat(http, gw, "acme-key-0001", "x", user=f"u{i}") for i in range(6)))
+    assert [body["response"] for _, body in results] == ["ok"] * 6
+    waits = [times[1] - times[0] for times in seen.values()]
+    # A fixed first wait would be 0.5 s for all six; full jitter draws each from [0, 0.5].
+    assert max(waits) < 0.75 and min(waits) < 0.4, waits
