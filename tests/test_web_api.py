@@ -442,9 +442,15 @@ async def test_openapi_document_is_valid_and_matches_the_code(two_tenants, http)
     assert set(chat_schema["properties"]) == set(ChatRequest.model_fields)
     assert set(chat_schema["required"]) == {"message", "userId"}
     assert chat_schema.get("additionalProperties") is False
-    from adapters.web.app import routes
-
-    served = {(r.method, r.path) for r in routes if r.method != "HEAD"}
-    documented = {(m.upper(), p.replace("{session_id}", "{session_id}"))
-                  for p, ops in doc["paths"].items() for m in ops}
-    assert served - {("GET", "/api/openapi.json")} <= documented
+    # Every route the running gateway serves (chat, browser, admin and operations), except the
+    # pages and files, which are for browsers (docs/web-chat.md), and the document itself.
+    pages = {"/", "/chat/{tenant_id}", "/widget.js", "/static/{name}", "/api/openapi.json"}
+    served = {(r.method, r.resource.canonical) for r in gw.runner.app.router.routes()
+              if r.method != "HEAD" and r.resource is not None}
+    served = {(m, p) for m, p in served if p not in pages}
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+            ("GET", "/admin/status"), ("POST", "/admin/reload")} <= served
+    assert served == documented
+    for path in ("/api/chat", "/api/chat/stream"):
+        assert "503" in doc["paths"][path]["post"]["responses"], path

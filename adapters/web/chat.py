@@ -619,7 +619,7 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json(_ref("VisitorTokenResponse"), "The token"),
-                    **_errors(400, 401, 403, 404, 415),
+                    **_errors(400, 401, 403, 404, 415, 503),
                 },
             }
         },
@@ -637,7 +637,7 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
                         "description": "One JSON event per line: delta*, then done (or error)",
                         "content": {NDJSON: {"schema": event}},
                     },
-                    **_errors(400, 401, 403, 404, 413, 415, 429),
+                    **_errors(400, 401, 403, 404, 413, 415, 429, 503),
                 },
             }
         },

@@ -44,6 +44,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Body larger than server.max_body_bytes",
         415: "Content-Type is not application/json",
         429: "The tenant has too many messages in flight",
+        503: "The gateway is starting or shutting down (unavailable)",
     }
     return {str(s): _json(_ref("ErrorResponse"), text[s]) for s in statuses}
 
@@ -64,6 +65,111 @@ _USER_QUERY = {
     "schema": {"type": "string"},
     "description": "Only this user's sessions",
 }
+
+
+def _object(description: str, **properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": description,
+        "required": list(properties),
+        "properties": properties,
+    }
+
+
+def _ops_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """The operations endpoints of adapters/web/ops.py (docs/operations.md)."""
+    reload_result = _object(
+        "What a reload changed",
+        ok={"type": "boolean"},
+        at={"type": "number", "description": "Unix time"},
+        changes={"type": "array", "items": {"type": "string"}},
+        restartNeeded={"type": "array", "items": {"type": "string"}},
+        errors={"type": "array", "items": {"type": "string"}},
+    )
+    readiness = _object(
+        "Readiness",
+        status={"type": "string", "enum": ["ready", "unavailable"]},
+        state={"type": "string", "description": "starting, ready, reloading, draining, stopped"},
+    )
+    return {
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: the process serves HTTP (HEAD works too)",
+                "security": [{}],
+                "responses": {
+                    "200": _json(
+                        _object(
+                            "Alive",
+                            status={"type": "string", "enum": ["ok"]},
+                            uptimeSeconds={"type": "number"},
+                        ),
+                        "Alive",
+                    )
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness, for load balancers (HEAD works too)",
+                "security": [{}],
+                "responses": {
+                    "200": _json(readiness, "Ready: the store is open, every adapter started"),
+                    "503": _json(readiness, "Not ready: starting or draining"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics; open to loopback, else the admin token",
+                "security": [{}, *admin],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(401, 403),
+                },
+            }
+        },
+        "/admin/status": {
+            "get": {
+                "summary": "The per-tenant, per-adapter status report",
+                "security": admin,
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "description": "See docs/operations.md",
+                            "properties": {
+                                "version": {"type": "string"},
+                                "state": {"type": "string"},
+                                "ready": {"type": "boolean"},
+                                "inFlight": {"type": "integer"},
+                                "lastReload": {"anyOf": [reload_result, {"type": "null"}]},
+                                "tenants": {"type": "array", "items": {"type": "object"}},
+                            },
+                        },
+                        "The status",
+                    ),
+                    **_errors(401, 403),
+                },
+            }
+        },
+        "/admin/reload": {
+            "post": {
+                "summary": "Re-read the config file and apply the difference",
+                "security": admin,
+                "responses": {
+                    "200": _json(reload_result, "Applied"),
+                    "400": _json(
+                        _ref("ErrorResponse"),
+                        "invalid_config: the new file is invalid; the old one keeps running",
+                    ),
+                    **_errors(401, 403, 503),
+                },
+            }
+        },
+    }
 
 
 @functools.cache
@@ -104,6 +210,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": {
             **webchat,
+            **_ops_paths(admin),
             "/api/chat": {
                 "post": {
                     "summary": "Send a message to the tenant's agent and get its answer",
@@ -115,7 +222,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _json(_ref("ChatResponse"), "The agent's answer"),
-                        **_errors(400, 401, 403, 404, 413, 415, 429),
+                        **_errors(400, 401, 403, 404, 413, 415, 429, 503),
                     },
                 }
             },
