@@ -226,13 +226,19 @@ class Pipeline:
                 current = self.tenants.get(message.tenant_id) or tenant
                 text = await current.invoker.invoke(request, on_delta)
                 outcome: Outcome = "ok" if text else "empty"
-            except AgentError as exc:
-                cause = exc.cause
+            except Exception as exc:
+                # An unexpected error (a bug) gets the fallback too, never a 500; its traceback
+                # goes to the log, scrubbed of secrets like every line.
+                cause = exc.cause if isinstance(exc, AgentError) else "internal"
                 text, outcome = config.agent.fallback_text, "fallback"
                 self.metrics.agent_failures.labels(
                     message.tenant_id, message.platform.value, cause
                 ).inc()
-                log.warning("agent_failed", cause=cause, detail=str(exc))
+                if isinstance(exc, AgentError):
+                    log.warning("agent_failed", cause=cause, detail=str(exc))
+                else:
+                    detail = f"{type(exc).__name__}: {exc}"
+                    log.exception("agent_failed", cause=cause, detail=detail)
             series = self._metrics_for(message)
             series.agent_latency.observe(time.monotonic() - agent_started)
             now = time.time()

@@ -399,3 +399,32 @@ async def test_every_retry_wait_is_jittered(make_agent, make_gateway, http):
     waits = [times[1] - times[0] for times in seen.values()]
     # A fixed first wait would be 0.5 s for all six; full jitter draws each from [0, 0.5].
     assert max(waits) < 0.75 and min(waits) < 0.4, waits
+
+
+async def test_an_unexpected_invoker_error_gives_fallback_and_a_scrubbed_traceback(
+    make_gateway, http, capsys
+):
+    bearer = "bearer-that-must-not-leak-1234"
+
+    class BrokenInvoker:
+        async def invoke(self, request, on_delta=None):
+            raise RuntimeError(f"a bug holding {bearer}")
+
+        async def close(self):
+            return None
+
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", "http://127.0.0.1:9/agent", keys=["acme-key-0001"],
+        agent={"fallback_text": FALLBACK, "bearer_token": {"value": bearer}},
+    )]})
+    runtime = gw.tenants.get("acme")
+    await runtime.invoker.close()
+    runtime.invoker = BrokenInvoker()
+    status, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert (status, body["response"]) == (200, FALLBACK)
+    out = capsys.readouterr().out
+    assert bearer not in out
+    failed = [json.loads(line) for line in out.splitlines()
+              if line.startswith("{") and '"agent_failed"' in line]
+    assert [e["cause"] for e in failed] == ["internal"]
+    assert "RuntimeError" in failed[0]["detail"] and "Traceback" in failed[0]["exception"]
