@@ -224,6 +224,15 @@ class DiscordBotConfig(Model):
 class DiscordConfig(Model):
     bots: list[DiscordBotConfig] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _unique_names(self) -> DiscordConfig:
+        # Adapters are keyed by name: two bots of one name would silently run as one.
+        names = [bot.name for bot in self.bots]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"bot names must be unique within a tenant: {', '.join(duplicates)}")
+        return self
+
 
 class TenantConfig(Model):
     id: Annotated[str, Field(pattern=TENANT_ID_PATTERN)]

@@ -152,3 +152,17 @@ def test_allowed_origins_must_be_origins(tmp_path):
         load_config(path, {})
     assert [p.path for p in info.value.problems] == ["tenants[0].web.allowed_origins[1]",
                                                      "tenants[0].web.allowed_origins[2]"]
+
+
+def test_discord_bot_names_are_unique_within_a_tenant(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text("tenants:\n  - id: a\n    agent: {builtin: echo}\n"
+                    "    discord: {bots: [{token: {value: one-token-1}},"
+                    " {token: {value: two-token-2}}]}\n"
+                    "  - id: b\n    agent: {builtin: echo}\n"
+                    "    discord: {bots: [{name: x, token: {value: one-token-1}},"
+                    " {name: y, token: {value: two-token-2}}]}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert [(p.path, p.message) for p in info.value.problems] == [
+        ("tenants[0].discord", "bot names must be unique within a tenant: default")]
