@@ -154,7 +154,10 @@ async def test_reload_restores_and_new_conversation_starts_fresh(browser, make_a
     await expect(page.locator(".cg-messages .cg-bubble")).to_have_text(
         ["first question", "agent: first question", "second question", "agent: second question"])
 
-    await page.get_by_role("button", name="Start a new conversation").click()
+    # WCAG 2.5.3: the accessible name contains the visible label "New chat".
+    new_chat = page.get_by_role("button", name="New chat: start a new conversation", exact=True)
+    await expect(new_chat).to_contain_text("New chat")
+    await new_chat.click()
     await expect(page.locator(".cg-messages .cg-msg")).to_have_count(0)
     await expect(page.get_by_role("textbox")).to_be_focused()
     await expect(page.get_by_role("status")).to_have_text("Started a new conversation.")

@@ -367,7 +367,8 @@
           type: "button",
           class: "cg-button cg-new",
           title: "Start a new conversation",
-          "aria-label": "Start a new conversation",
+          // The accessible name starts with the visible text, so "click New chat" works by voice.
+          "aria-label": "New chat: start a new conversation",
           disabled: true,
           onclick: () => this.newConversation(),
         },
