@@ -325,9 +325,24 @@ def parse_config(
         config = GatewayConfig.model_validate(data, context=validation_context(environ, base_dir))
     except ValidationError as exc:
         raise ConfigError(problems_from_validation(exc, file) + problems) from None
+    problems += _shared_api_keys(config, file)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _shared_api_keys(config: GatewayConfig, file: str) -> list[ConfigProblem]:
+    """A key value given to two tenants would authenticate as whichever was loaded last."""
+    problems: list[ConfigProblem] = []
+    seen: dict[str, tuple[int, str]] = {}
+    for t_index, tenant in enumerate(config.tenants):
+        for k_index, key in enumerate(tenant.web.api_keys):
+            path = f"tenants[{t_index}].web.api_keys[{k_index}]"
+            first = seen.setdefault(key.get_secret_value(), (t_index, path))
+            if first[0] != t_index:
+                message = f"the same API key as {first[1]}: a key must belong to one tenant"
+                problems.append(ConfigProblem(file, path, message))
+    return problems
 
 
 def _duplicate_tenant_ids(tenants: Any, file: str) -> list[ConfigProblem]:

@@ -104,6 +104,7 @@ class TenantRegistry:
                 continue
             try:
                 config = parse_tenant(record.spec, environ=self._environ, source="store")
+                self._check_keys(config)
             except Exception as exc:
                 log.error("runtime_tenant_invalid", tenant_id=record.tenant_id, error=str(exc))
                 continue
@@ -162,7 +163,25 @@ class TenantRegistry:
                     del self._config_keys[digest]
         if new is not None:
             for digest in new.config_key_hashes:
+                owner = self._config_keys.get(digest)
+                if owner is not None and owner != new.id:
+                    # Never silently: a key authenticates one tenant, and the config file's
+                    # tenant keeps it over a runtime one (create and update refuse such keys).
+                    log.error("api_key_conflict", tenant_id=new.id, other_tenant_id=owner)
+                    other = self._tenants.get(owner)
+                    if new.source == "runtime" or (other is not None and other.source == "config"):
+                        continue
                 self._config_keys[digest] = new.id
+
+    def _check_keys(self, config: TenantConfig) -> None:
+        """Raise ConflictError if one of `config`'s API keys authenticates another tenant."""
+        taken = [
+            f"web.api_keys[{index}]"
+            for index, key in enumerate(config.web.api_keys)
+            if self._config_keys.get(hash_key(key.get_secret_value()), config.id) != config.id
+        ]
+        if taken:
+            raise ConflictError(f"{', '.join(taken)}: this API key belongs to another tenant")
 
     async def close(self) -> None:
         for runtime in self._tenants.values():
@@ -175,6 +194,7 @@ class TenantRegistry:
         config = parse_tenant(spec, environ=self._environ)
         if TenantId(config.id) in self._tenants:
             raise ConflictError(f"tenant {config.id!r} already exists")
+        self._check_keys(config)
         now = time.time()
         await self._store.save_tenant(TenantRecord(TenantId(config.id), spec, now, now))
         runtime = await self._put(config, "runtime")
@@ -185,6 +205,7 @@ class TenantRegistry:
         current = self._runtime_tenant(tenant_id)
         spec = {**spec, "id": tenant_id}
         config = parse_tenant(spec, environ=self._environ)
+        self._check_keys(config)
         now = time.time()
         await self._store.save_tenant(TenantRecord(current.id, spec, now, now))
         runtime = await self._put(config, "runtime")

@@ -112,7 +112,7 @@ def test_check_config_cli(tmp_path, capsys):
 
 def test_shipped_examples_are_valid():
     for path in sorted((ROOT / "config").glob("*.yaml")):
-        env = {name: "placeholder-value" for name in (
+        env = {name: f"placeholder-{name.lower()}" for name in (
             "ACME_API_KEY", "ACME_AGENT_SECRET", "GLOBEX_API_KEY", "SLACK_BOT_TOKEN",
             "SLACK_APP_TOKEN", "DISCORD_BOT_TOKEN", "CHATGATEWAY_ADMIN_TOKEN")}
         load_config(path, env)
@@ -166,3 +166,39 @@ def test_discord_bot_names_are_unique_within_a_tenant(tmp_path):
         load_config(path, {})
     assert [(p.path, p.message) for p in info.value.problems] == [
         ("tenants[0].discord", "bot names must be unique within a tenant: default")]
+
+
+def test_an_api_key_shared_by_two_tenants_is_refused(tmp_path, capsys):
+    path = tmp_path / "k.yaml"
+    path.write_text("tenants:\n"
+                    "  - {id: a, agent: {builtin: echo}, web: {api_keys: [{value: shared-key-01}]}}\n"
+                    "  - {id: b, agent: {builtin: echo},"
+                    " web: {api_keys: [{value: own-key-0001}, {value: shared-key-01}]}}\n")
+    assert main(["check-config", str(path)], environ={}) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert (f"{path}: tenants[1].web.api_keys[1]: the same API key as tenants[0].web.api_keys[0]"
+            in err)
+    assert "shared-key-01" not in err
+
+
+async def test_admin_api_refuses_a_key_of_another_tenant(make_gateway, http):
+    from tests.conftest import ADMIN_TOKEN, tenant, url
+
+    gw = await make_gateway({"admin": {"token": {"value": ADMIN_TOKEN}},
+                             "tenants": [tenant("acme", keys=["acme-key-0001"])]})
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    spec = {"id": "other", "agent": {"builtin": "echo"},
+            "web": {"api_keys": [{"value": "acme-key-0001"}]}}
+    async with http.post(url(gw, "/admin/tenants"), json=spec, headers=admin) as resp:
+        assert resp.status == 409
+        assert "web.api_keys[0]" in (await resp.json())["error"]["message"]
+    spec["web"] = {"api_keys": [{"value": "other-key-001"}]}
+    async with http.post(url(gw, "/admin/tenants"), json=spec, headers=admin) as resp:
+        assert resp.status == 201
+    spec["web"] = {"api_keys": [{"value": "other-key-001"}, {"value": "acme-key-0001"}]}
+    async with http.put(url(gw, "/admin/tenants/other"), json=spec, headers=admin) as resp:
+        assert resp.status == 409
+        assert "web.api_keys[1]" in (await resp.json())["error"]["message"]
+    for key, owner in (("acme-key-0001", "acme"), ("other-key-001", "other")):
+        runtime = await gw.tenants.authenticate(key)
+        assert runtime is not None and runtime.id == owner
