@@ -82,6 +82,18 @@ def _resolve_secret(value: Any, info: ValidationInfo) -> Any:
 Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
 
 
+def _header_value(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, Mapping | SecretStr):
+        raise ValueError("must be text or a secret reference such as {env: NAME}")
+    return _resolve_secret(value, info)
+
+
+#: An agent header value: plain text, or a secret reference for a credential (masked, scrubbed).
+HeaderValue = Annotated[SecretStr | str, BeforeValidator(_header_value)]
+
+
 def _check_http_url(value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError("must be an http:// or https:// URL")
@@ -125,12 +137,21 @@ class AgentConfig(Model):
     timeout: float = Field(30.0, gt=0, le=600, description="Deadline of one agent call, seconds")
     secret: Secret | None = Field(None, description="HMAC-SHA256 key for the signature header")
     bearer_token: Secret | None = Field(None, description="Sent as Authorization: Bearer ...")
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, HeaderValue] = Field(
+        default_factory=dict, description="Extra headers; a value may be a secret reference"
+    )
     retry: RetryConfig = RetryConfig()
     history_turns: int = Field(20, ge=0, le=500)
     fallback_text: str = "Sorry, I can't answer right now. Please try again in a moment."
     max_concurrency: int = Field(32, ge=1, le=10_000)
     max_queue: int = Field(256, ge=0, le=100_000)
+
+    def header_values(self) -> dict[str, str]:
+        """`headers` with every secret reference resolved to its text."""
+        return {
+            name: value.get_secret_value() if isinstance(value, SecretStr) else value
+            for name, value in self.headers.items()
+        }
 
     @model_validator(mode="after")
     def _one_target(self) -> AgentConfig:

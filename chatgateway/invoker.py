@@ -24,6 +24,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from chatgateway import codec
 from chatgateway.config import AgentConfig
 from chatgateway.errors import AgentError
 from chatgateway.models import NormalizedMessage, SessionId, Turn
@@ -134,7 +135,7 @@ class HttpAgentInvoker:
         self.config = config
         self._url = config.url
         self._secret = config.secret.get_secret_value().encode() if config.secret else None
-        self._headers = {"Content-Type": "application/json", **config.headers}
+        self._headers = {"Content-Type": "application/json", **config.header_values()}
         if config.bearer_token is not None:
             self._headers["Authorization"] = f"Bearer {config.bearer_token.get_secret_value()}"
         self._session: aiohttp.ClientSession | None = None
@@ -184,7 +185,7 @@ class HttpAgentInvoker:
             raise AgentError("timeout", f"no answer within {self.config.timeout:g}s") from None
 
     async def _call_with_retries(self, request: AgentRequest, on_delta: DeltaSink | None) -> str:
-        body = json.dumps(agent_payload(request), separators=(",", ":")).encode()
+        body = codec.dumps(agent_payload(request))
         headers = dict(self._headers)
         headers["Idempotency-Key"] = idempotency_key(request.message)
         headers["Accept"] = f"application/json, {NDJSON}" if on_delta else "application/json"

@@ -428,3 +428,24 @@ async def test_an_unexpected_invoker_error_gives_fallback_and_a_scrubbed_traceba
               if line.startswith("{") and '"agent_failed"' in line]
     assert [e["cause"] for e in failed] == ["internal"]
     assert "RuntimeError" in failed[0]["detail"] and "Traceback" in failed[0]["exception"]
+
+
+async def test_agent_headers_may_be_secret_references_and_are_scrubbed(
+    make_agent, make_gateway, http, capsys
+):
+    import structlog
+
+    header_secret = "header-secret-from-env-77"
+    agent = await make_agent()
+    gw = await make_gateway({"tenants": [tenant(
+        "acme", agent.url, keys=["acme-key-0001"],
+        agent={"headers": {"X-Api-Key": {"env": "AGENT_KEY"}, "X-Plain": "as-given"}},
+    )]}, environ={"AGENT_KEY": header_secret})
+    assert header_secret not in repr(gw.tenants.get("acme").config)
+    _, body = await chat(http, gw, "acme-key-0001", "hi")
+    assert body["response"] == "agent: hi"
+    assert agent.calls[0].headers["X-Api-Key"] == header_secret
+    assert agent.calls[0].headers["X-Plain"] == "as-given"
+    structlog.get_logger("test").info("probe", detail=f"key={header_secret}")
+    out = capsys.readouterr().out
+    assert header_secret not in out and "key=[redacted]" in out

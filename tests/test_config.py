@@ -202,3 +202,15 @@ async def test_admin_api_refuses_a_key_of_another_tenant(make_gateway, http):
     for key, owner in (("acme-key-0001", "acme"), ("other-key-001", "other")):
         runtime = await gw.tenants.authenticate(key)
         assert runtime is not None and runtime.id == owner
+
+
+def test_agent_header_values_are_text_or_secret_references(tmp_path):
+    path = tmp_path / "h.yaml"
+    path.write_text("tenants:\n  - id: a\n    agent:\n      url: http://127.0.0.1:9/agent\n"
+                    "      headers: {X-Key: {env: MISSING}, X-Bad: 3, X-Ok: plain}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert [(p.path, p.message) for p in info.value.problems] == [
+        ("tenants[0].agent.headers.X-Key", "environment variable MISSING is not set"),
+        ("tenants[0].agent.headers.X-Bad", "must be text or a secret reference such as {env: NAME}"),
+    ]
