@@ -6,11 +6,13 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, BrowserContext, Page, Route, expect
 
-from tests.browser import GatedAgent, chromium, new_page, site, widget_host_page
+from tests import browser as shared
+from tests.browser import GatedAgent, chromium, site, widget_host_page
 from tests.conftest import tenant, url
 
 pytestmark = pytest.mark.browser
@@ -19,12 +21,37 @@ WAIT = 15_000  # ms; generous, the machine is shared
 #: Finished answers only: the typing indicator and a streaming answer are agent bubbles too.
 AGENT = ".cg-messages .cg-agent:not(.cg-typing):not(.cg-streaming)"
 USER = ".cg-messages .cg-user"
+#: The gateway, the fake agents and the fake sites: the chat must never reach anything else.
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
+    """A chromium whose pages reach this machine only; a request elsewhere fails the test."""
     async with chromium() as running:
+        running.foreign_requests = []  # type: ignore[attr-defined]
         yield running
+        foreign = running.foreign_requests  # type: ignore[attr-defined]
+    assert foreign == [], f"the page requested other hosts: {foreign}"
+
+
+async def local_only(browser: Browser, context: BrowserContext) -> None:
+    """Abort and record every request of `context` to a host other than this machine."""
+    async def check(route: Route) -> None:
+        if urlsplit(route.request.url).hostname in LOCAL_HOSTS:
+            await route.continue_()
+        else:
+            browser.foreign_requests.append(route.request.url)  # type: ignore[attr-defined]
+            await route.abort()
+
+    await context.route("**/*", check)
+
+
+async def new_page(browser: Browser, *, phone: bool = False) -> Page:
+    """tests.browser.new_page, with requests to other hosts refused and recorded."""
+    page = await shared.new_page(browser, phone=phone)
+    await local_only(browser, page.context)
+    return page
 
 
 def public(tenant_id: str, agent_url: str | None = None, **web: Any) -> dict[str, Any]:
@@ -99,6 +126,32 @@ async def storage_key(page: Page) -> str:
 async def storage_value(page: Page) -> str:
     return await page.evaluate(
         "localStorage.getItem(Object.keys(localStorage).find(k => k.startsWith('chatgateway:')))")
+
+
+async def test_no_sideways_scrolling_at_320px(browser, make_agent, make_gateway, output_dir):
+    """The smallest phones in use are 320 CSS px wide: nothing may stick out sideways."""
+    agent = await make_agent(prefix="")
+    gw = await make_gateway({"tenants": [public(
+        "acme", agent.url, title="Acme Support for Very Long Company Names Incorporated",
+        welcome="Hi! Ask me anything: https://support.acme.example/a/very/long/path/to/the/faq")]})
+    context = await browser.new_context(viewport={"width": 320, "height": 640},
+                                        device_scale_factor=2, is_mobile=True, has_touch=True)
+    await local_only(browser, context)
+    page = await context.new_page()
+    await open_chat(page, url(gw, "/chat/acme"))
+    await send(page, "x" * 300)  # one unbreakable word, echoed back by the agent
+    await expect(page.locator(AGENT)).to_have_count(1, timeout=WAIT)
+    await send(page, "`" + "y" * 200 + "` and https://track.example/" + "z" * 200)
+    await expect(page.locator(AGENT)).to_have_count(2, timeout=WAIT)
+    scroll_width, inner_width, log_overflow = await page.evaluate(
+        """[document.documentElement.scrollWidth, window.innerWidth,
+            document.querySelector('.cg-log').scrollWidth
+              - document.querySelector('.cg-log').clientWidth]""")
+    # A phone zooms out to fit a page that is too wide: then innerWidth grows past 320.
+    assert inner_width == 320
+    assert scroll_width <= inner_width, f"the page scrolls sideways ({scroll_width} px)"
+    assert log_overflow <= 0, "the conversation scrolls sideways"
+    await shot(page, output_dir, "320px")
 
 
 async def test_streaming_reply_grows_in_place(browser, make_gateway, output_dir):
