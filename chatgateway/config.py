@@ -54,6 +54,13 @@ def _resolve_secret(value: Any, info: ValidationInfo) -> Any:
     environ: Mapping[str, str] = context.get("environ", {})
     if source == "value":
         return SecretStr(ref)
+    if context.get("inline_secrets_only"):
+        # A runtime tenant comes from an admin-token holder, who must not be able to send the
+        # host's files, environment or credentials (another tenant's secrets) to their agent.
+        raise ValueError(
+            f"a runtime tenant takes only inline secrets {{value: ...}}, not {{{source}: ...}}: "
+            "it must not read the gateway host's files, environment or credentials"
+        )
     if source == "env":
         if ref not in environ:
             raise ValueError(f"environment variable {ref} is not set")
@@ -403,9 +410,13 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str]) -> Gat
 
 
 def parse_tenant(data: Any, *, environ: Mapping[str, str], source: str = "request") -> TenantConfig:
-    """Validate one tenant definition (from the admin API or the store)."""
+    """Validate one runtime tenant definition (from the admin API or the store).
+
+    Its secrets must be inline {value: ...}; `environ` is not read.
+    """
+    context = {**validation_context(environ, None), "inline_secrets_only": True}
     try:
-        return TenantConfig.model_validate(data, context=validation_context(environ, None))
+        return TenantConfig.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(problems_from_validation(exc, source)) from None
 

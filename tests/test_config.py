@@ -214,3 +214,29 @@ def test_agent_header_values_are_text_or_secret_references(tmp_path):
         ("tenants[0].agent.headers.X-Key", "environment variable MISSING is not set"),
         ("tenants[0].agent.headers.X-Bad", "must be text or a secret reference such as {env: NAME}"),
     ]
+
+
+async def test_runtime_tenants_take_only_inline_secrets(make_gateway, http, tmp_path):
+    from tests.conftest import ADMIN_TOKEN, tenant, url
+
+    victim = tmp_path / "victim-secret.txt"
+    victim.write_text("victims-agent-secret-0001")
+    gw = await make_gateway({"admin": {"token": {"value": ADMIN_TOKEN}}, "tenants": [
+        tenant("victim", agent={"builtin": "echo"})]}, environ={"VICTIM_TOKEN": "victim-token-01"})
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    agent = {"url": "http://127.0.0.1:9/agent"}
+    for path, spec in (
+        ("agent.bearer_token", {"agent": {**agent, "bearer_token": {"file": str(victim)}}}),
+        ("agent.secret", {"agent": {**agent, "secret": {"env": "VICTIM_TOKEN"}}}),
+        ("agent.headers.X-Key", {"agent": {**agent, "headers": {"X-Key": {"credential": "k"}}}}),
+        ("web.api_keys[0]", {"agent": agent, "web": {"api_keys": [{"env": "VICTIM_TOKEN"}]}}),
+    ):
+        async with http.post(url(gw, "/admin/tenants"), json={"id": "thief", **spec},
+                             headers=admin) as resp:
+            assert resp.status == 400, path
+            message = (await resp.json())["error"]["message"]
+        assert message.startswith(f"{path}: a runtime tenant takes only inline secrets"), message
+    spec = {"id": "thief", "agent": {**agent, "bearer_token": {"value": "own-token-0001"},
+                                     "headers": {"X-Key": {"value": "own-key-00001"}}}}
+    async with http.post(url(gw, "/admin/tenants"), json=spec, headers=admin) as resp:
+        assert resp.status == 201
