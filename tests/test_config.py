@@ -171,7 +171,8 @@ def test_discord_bot_names_are_unique_within_a_tenant(tmp_path):
 def test_an_api_key_shared_by_two_tenants_is_refused(tmp_path, capsys):
     path = tmp_path / "k.yaml"
     path.write_text("tenants:\n"
-                    "  - {id: a, agent: {builtin: echo}, web: {api_keys: [{value: shared-key-01}]}}\n"
+                    "  - {id: a, agent: {builtin: echo},"
+                    " web: {api_keys: [{value: shared-key-01}]}}\n"
                     "  - {id: b, agent: {builtin: echo},"
                     " web: {api_keys: [{value: own-key-0001}, {value: shared-key-01}]}}\n")
     assert main(["check-config", str(path)], environ={}) == EXIT_CONFIG
@@ -212,7 +213,8 @@ def test_agent_header_values_are_text_or_secret_references(tmp_path):
         load_config(path, {})
     assert [(p.path, p.message) for p in info.value.problems] == [
         ("tenants[0].agent.headers.X-Key", "environment variable MISSING is not set"),
-        ("tenants[0].agent.headers.X-Bad", "must be text or a secret reference such as {env: NAME}"),
+        ("tenants[0].agent.headers.X-Bad",
+         "must be text or a secret reference such as {env: NAME}"),
     ]
 
 

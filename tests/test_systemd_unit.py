@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,10 +19,21 @@ UNIT = ROOT / "systemd" / "chatgateway.service"
 INSTALLED_BINARY = "/opt/chatgateway/bin/chatgateway"
 MAX_EXPOSURE = 1.5
 
-needs_systemd = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze is not installed (scripts/test.sh installs Debian's systemd package)",
-)
+
+
+@pytest.fixture
+def systemd_analyze() -> str:
+    """The systemd-analyze binary; missing, the test is skipped, or fails under CI (CI=true)."""
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        reason = (
+            "systemd-analyze is not installed (scripts/test.sh installs Debian's systemd package)"
+        )
+        # CI must prove the unit, not skip it quietly; a developer's machine may lack systemd.
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip")
+        pytest.skip(reason)
+    return path
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:
@@ -60,10 +72,9 @@ def runnable_unit(tmp_path: Path) -> Path:
 
 
 @pytest.mark.systemd
-@needs_systemd
-def test_systemd_analyze_verify_passes_without_warnings(runnable_unit: Path):
+def test_systemd_analyze_verify_passes_without_warnings(systemd_analyze: str, runnable_unit: Path):
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(runnable_unit)],
+        [systemd_analyze, "verify", str(runnable_unit)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -74,10 +85,9 @@ def test_systemd_analyze_verify_passes_without_warnings(runnable_unit: Path):
 
 
 @pytest.mark.systemd
-@needs_systemd
-def test_security_exposure_is_at_most_1_5():
+def test_security_exposure_is_at_most_1_5_and_documented(systemd_analyze: str):
     result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+        [systemd_analyze, "security", "--offline=true", "--no-pager", str(UNIT)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -85,6 +95,12 @@ def test_security_exposure_is_at_most_1_5():
     match = re.search(r"Overall exposure level for chatgateway\.service: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match[1]) <= MAX_EXPOSURE, result.stdout
+    # The figure quoted in the unit's comment and in the deploy guide is the measured one.
+    quoted = re.search(r"exposure (\d+\.\d+)", UNIT.read_text())
+    documented = re.search(r"rates the exposure (\d+\.\d+)",
+                           (ROOT / "docs" / "deploy-systemd.md").read_text())
+    assert quoted and documented
+    assert quoted[1] == documented[1] == match[1], (quoted[1], documented[1], match[1])
 
 
 def test_unit_settings_fit_the_daemon():
