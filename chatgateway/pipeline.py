@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Hashable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +28,9 @@ from chatgateway.tenants import TenantRegistry, TenantRuntime
 log = structlog.get_logger("chatgateway.pipeline")
 
 Outcome = Literal["ok", "empty", "fallback", "duplicate"]
+
+#: True while `Reservation.handle` runs: its message was taken before shutdown began.
+_RESERVED: ContextVar[bool] = ContextVar("chatgateway_reserved", default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,8 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._series: dict[tuple[str, str], _Series] = {}
+        self._reserved = 0
+        self._handing = 0
         self.accepting = True
 
     def _metrics_for(self, message: NormalizedMessage) -> _Series:
@@ -124,12 +130,39 @@ class Pipeline:
             return False
 
     @property
+    def accepting(self) -> bool:
+        """Whether `handle` takes messages: False once shutting down, except reserved ones."""
+        return self._accepting or _RESERVED.get()
+
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self._accepting = value
+
+    @property
     def active(self) -> int:
-        """Messages being processed right now (the drain waits for this to reach 0)."""
-        return self._active
+        """Messages being processed or reserved right now (the drain waits for this to be 0)."""
+        # A reserved message inside `handle` may or may not be in `_active` yet: count it once,
+        # and never less than the reservations, so this is 0 only when nothing is in flight.
+        return max(self._active + self._reserved - self._handing, self._reserved)
 
     async def wait_idle(self) -> None:
-        await self._idle.wait()
+        """Return once no message is being processed or reserved."""
+        while self.active:
+            self._idle.clear()  # `handle` sets it when its own count reaches 0
+            await self._idle.wait()
+
+    def reserve(self) -> Reservation | None:
+        """Count a message an adapter took from its platform (e.g. acked) but has not handed
+        to `handle` yet; None once shutting down. See `Reservation`."""
+        if not self._accepting:
+            return None
+        self._reserved += 1
+        return Reservation(self)
+
+    def _unreserve(self) -> None:
+        self._reserved -= 1
+        if self.active == 0:
+            self._idle.set()
 
     async def handle(
         self,
@@ -292,3 +325,37 @@ class Pipeline:
         return await self.store.create_session(
             key, kind=message.conversation.kind, user_name=message.user.display_name, now=now
         )
+
+
+class Reservation:
+    """A message an adapter took from its platform before it reaches `Pipeline.handle`.
+
+    Until released it counts as in flight (`active`, `wait_idle`), so the drain waits for it,
+    and `handle` lets it in after shutdown began: the platform will not deliver it again.
+    """
+
+    __slots__ = ("_held", "_pipeline")
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self._held = True
+
+    async def handle(self, message: NormalizedMessage, *, dedup: bool = True) -> Reply:
+        """`Pipeline.handle` for the reserved message; releases the reservation."""
+        pipeline = self._pipeline
+        if not self._held:
+            return await pipeline.handle(message, dedup=dedup)
+        token = _RESERVED.set(True)
+        pipeline._handing += 1
+        try:
+            return await pipeline.handle(message, dedup=dedup)
+        finally:
+            pipeline._handing -= 1
+            _RESERVED.reset(token)
+            self.release()
+
+    def release(self) -> None:
+        """Stop counting the message as in flight (idempotent)."""
+        if self._held:
+            self._held = False
+            self._pipeline._unreserve()

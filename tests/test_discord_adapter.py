@@ -489,6 +489,32 @@ async def test_replay_after_a_gateway_restart_is_not_answered(fake, make_agent, 
     assert agent.texts() == ["before restart", "after restart"]
 
 
+async def test_message_received_before_shutdown_is_answered(fake, make_agent, make_gateway):
+    agent = await make_agent()
+    bot = fake.add_bot("acmebot")
+    gw = await make_gateway({"tenants": [discord_tenant("acme", agent.url,
+                                                        fake.bot_settings(bot))]})
+    await fake.wait_ready(bot)
+    # Hold the message between its arrival and the pipeline (at the typing check's store read).
+    arrived, go_on = asyncio.Event(), asyncio.Event()
+    check = gw.pipeline.already_processed
+
+    async def held(message: Any) -> bool:
+        arrived.set()
+        await go_on.wait()
+        return await check(message)
+
+    gw.pipeline.already_processed = held  # type: ignore[method-assign]
+    await fake.message_create(bot, "just before shutdown", channel_id="2001")
+    await arrived.wait()
+    stopping = asyncio.create_task(gw.stop())
+    await until(lambda: not gw.pipeline.accepting)
+    go_on.set()
+    await stopping
+    assert agent.texts() == ["just before shutdown"]
+    assert [p.content for p in fake.posts(bot.token)] == ["agent: just before shutdown"]
+
+
 async def test_missing_permissions_are_survived(fake, make_agent, make_gateway):
     agent = await make_agent()
     bot = fake.add_bot("acmebot")

@@ -541,6 +541,26 @@ async def test_envelope_arriving_during_shutdown_is_left_for_redelivery(
     assert agent.texts() == ["in flight at shutdown", "arrives while draining"]
 
 
+async def test_acked_messages_queued_behind_the_agent_are_answered_at_shutdown(
+    fake_slack, make_agent, make_gateway
+):
+    agent = await make_agent(delay=1.0)
+    app = fake_slack.add_app()
+    daemon = await start(make_gateway, fake_slack,
+                         slack_tenant("acme", agent.url, fake_slack, app))
+    await fake_slack.dm(app, "U0ALICE", "first")
+    await agent.wait_calls(1)
+    # Same session: acked, then queued in the adapter behind the first, outside the pipeline.
+    second = await fake_slack.dm(app, "U0ALICE", "second")
+    await fake_slack.wait_ack(second)
+    assert daemon.pipeline.active == 2
+    await daemon.stop()
+    assert agent.texts() == ["first", "second"]
+    assert [p.text for p in fake_slack.posts()] == ["agent: first", "agent: second"]
+    assert all(d.acked_at is not None for d in fake_slack.deliveries
+               if d.envelope["payload"]["event"].get("user") == "U0ALICE")
+
+
 async def test_reload_while_the_agent_works_still_answers(fake_slack, make_agent,
                                                           make_gateway, tmp_path):
     agent = await make_agent(delay=1.5)

@@ -32,7 +32,7 @@ from chatgateway.errors import (
     UnavailableError,
 )
 from chatgateway.models import NormalizedMessage, Platform, TenantId
-from chatgateway.pipeline import Pipeline
+from chatgateway.pipeline import Pipeline, Reservation
 
 log = structlog.get_logger("chatgateway.discord")
 
@@ -298,12 +298,18 @@ class DiscordAdapter:
                 self._warn_no_content()
             return
         self._handling.add(message.id)
+        # Counted as in flight from now on, so a shutdown beginning before it reaches the
+        # pipeline still answers it (Discord never delivers it again). None once shutting down.
+        reservation = self.pipeline.reserve()
         task = asyncio.create_task(
-            self._answer(message, normalized),
+            self._answer(message, normalized, reservation),
             name=f"discord:{self.tenant_id}:{self.settings.name}:message:{message.id}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if reservation is not None:
+            # Also when the task is cancelled before it ran.
+            task.add_done_callback(lambda _: reservation.release())
 
     def _bot_role_ids(self, message: discord.Message) -> tuple[int, ...]:
         guild = message.guild
@@ -321,7 +327,12 @@ class DiscordAdapter:
             "Developer Portal, or mention the bot",
         )
 
-    async def _answer(self, message: discord.Message, normalized: NormalizedMessage) -> None:
+    async def _answer(
+        self,
+        message: discord.Message,
+        normalized: NormalizedMessage,
+        reservation: Reservation | None,
+    ) -> None:
         bound = self._log.bind(message_id=normalized.message_id, channel_id=str(message.channel.id))
         typing: asyncio.Task[None] | None = None
         first_typing = asyncio.Event()
@@ -334,7 +345,10 @@ class DiscordAdapter:
                     name=f"discord:{self.tenant_id}:{self.settings.name}:typing",
                 )
             try:
-                reply = await self.pipeline.handle(normalized, dedup=True)
+                if reservation is not None:
+                    reply = await reservation.handle(normalized, dedup=True)
+                else:
+                    reply = await self.pipeline.handle(normalized, dedup=True)
                 text = reply.text if reply.outcome != "duplicate" else ""
             except OverloadedError:
                 bound.warning("message_rejected", reason="overloaded")
@@ -361,6 +375,8 @@ class DiscordAdapter:
         except Exception as exc:
             bound.error("discord_message_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
+            if reservation is not None:
+                reservation.release()
             if typing is not None:
                 typing.cancel()
             self._handling.discard(message.id)

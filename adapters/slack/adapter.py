@@ -1,9 +1,9 @@
 """One Slack app of one tenant over Socket Mode: slack-bolt's AsyncApp + AsyncSocketModeHandler.
 
-The ack path does nothing slow: bolt acks an event before its listener runs, the listeners
-only convert the payload and start a task (kept in `_tasks`) that calls the pipeline and
-posts the answer. A watchdog in `run` replaces a socket that went silent or whose client
-wedged (python-slack-sdk #1913/#1922).
+The ack path does nothing slow: the listeners run before the ack and only convert the
+payload and start a task (kept in `_tasks`) that calls the pipeline and posts the answer.
+A watchdog in `run` replaces a socket that went silent or whose client wedged
+(python-slack-sdk #1913/#1922).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 import aiohttp
 import structlog
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
-from slack_bolt.adapter.socket_mode.async_internals import run_async_bolt_app, send_async_response
+from slack_bolt.adapter.socket_mode.async_internals import send_async_response
+from slack_bolt.adapter.socket_mode.internals import build_headers
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.context.ack.async_ack import AsyncAck
-from slack_bolt.middleware.async_middleware import AsyncMiddleware
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError, SlackClientError
@@ -58,7 +58,7 @@ from chatgateway.errors import (
     UnavailableError,
 )
 from chatgateway.models import NormalizedMessage, Platform, SessionKey, TenantId, User
-from chatgateway.pipeline import Pipeline
+from chatgateway.pipeline import Pipeline, Reservation
 
 log = structlog.get_logger("chatgateway.slack")
 _sdk_logger = logging.getLogger("slack_sdk.socket_mode")
@@ -86,8 +86,8 @@ STOP_GRACE = 7.0
 CLOSE_TIMEOUT = 5.0
 #: Users whose display names are remembered (the map is cleared when it grows past this).
 USER_CACHE_SIZE = 10_000
-#: bolt's response status for "do not ack" (see _Gate).
-SHUTTING_DOWN = 503
+#: Where an envelope's pipeline reservation waits for its listener (bolt's context).
+RESERVATION = "chatgateway_reservation"
 BUSY_TEXT = "I'm handling too many messages right now. Please try again in a minute."
 
 #: Reply tasks of adapters that were restarted while an agent was still working: they finish
@@ -118,42 +118,51 @@ class _ArrivalOrder:
 
 class _SocketHandler(AsyncSocketModeHandler):
     """bolt's handler, plus: every envelope counts as a sign of life, and envelopes no listener
-    matched are acked anyway (bolt leaves them unacked, and Slack would redeliver them)."""
+    matched are acked anyway (bolt leaves them unacked, and Slack would redeliver them).
 
-    def __init__(self, on_envelope: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+    While shutting down, envelopes are left unacked instead of accepting work that would be
+    dropped: Slack then redelivers them (to this gateway after its restart). An envelope that
+    is acked holds a pipeline reservation from before the ack, so the drain waits for it and
+    it is answered even if shutdown begins before it reaches the pipeline (Slack never
+    redelivers an acked envelope). A listener that starts work takes the reservation out of
+    bolt's context; otherwise it is released here.
+    """
+
+    def __init__(
+        self,
+        on_envelope: Callable[[], None],
+        reserve: Callable[[], Reservation | None],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._on_envelope = on_envelope
+        self._reserve = reserve
 
     async def handle(self, client: SocketModeClient, req: SocketModeRequest) -> None:  # type: ignore[override]
         started = time.time()
         self._on_envelope()
-        response: BoltResponse = await run_async_bolt_app(self.app, req)
-        if response.status == SHUTTING_DOWN:
+        reservation = self._reserve()
+        if reservation is None:
             return  # left unacked: Slack redelivers it to the next connection or process
+        bolt_req = AsyncBoltRequest(
+            mode="socket_mode",
+            body=req.payload,
+            headers=build_headers(req),
+            context={RESERVATION: reservation},
+        )
+        try:
+            # Listeners run inside dispatch (process_before_response): they only start a task.
+            response: BoltResponse = await self.app.async_dispatch(bolt_req)
+        finally:
+            left = bolt_req.context.pop(RESERVATION, None)
+            if left is not None:
+                left.release()
         if response.status != 200:
             # No listener matched (404) or bolt failed on the payload (500): retrying the same
             # envelope cannot help, so ack it like every other.
             response = BoltResponse(status=200, body="")
         await send_async_response(client, req, response, started)
-
-
-class _Gate(AsyncMiddleware):
-    """While shutting down, leave envelopes unacked instead of accepting work that would be
-    dropped: Slack then redelivers them (to this gateway after its restart)."""
-
-    def __init__(self, accepting: Callable[[], bool]) -> None:
-        self._accepting = accepting
-
-    async def async_process(
-        self,
-        *,
-        req: AsyncBoltRequest,
-        resp: BoltResponse,
-        next: Callable[[], Awaitable[BoltResponse]],
-    ) -> BoltResponse | None:
-        if not self._accepting():
-            return BoltResponse(status=SHUTTING_DOWN, body="")
-        return await next()
 
 
 class SlackAdapter:
@@ -310,6 +319,7 @@ class SlackAdapter:
         self.status.state = AdapterState.CONNECTING
         handler = _SocketHandler(
             self._envelope_seen,
+            lambda: None if self._stopping else self._pipeline.reserve(),
             self._app,
             app_token,
             logger=_sdk_logger,
@@ -458,18 +468,20 @@ class SlackAdapter:
             logger=logging.getLogger("slack_bolt.AsyncApp"),
             name=f"chatgateway:{self.tenant_id}:{self.settings.name}",
             request_verification_enabled=False,  # Socket Mode: the app token authenticates
+            # Listeners run before the ack (they only start a task), so _SocketHandler sees
+            # whether an envelope started work and its reservation is never left unowned.
+            process_before_response=True,
             ssl_check_enabled=False,
             url_verification_enabled=False,
         )
         adapter = self
-        async def on_event(body: dict[str, Any]) -> None:
-            # bolt acked the envelope before calling this: do nothing slow here.
-            adapter._on_event(body)
+        async def on_event(body: dict[str, Any], context: dict[str, Any]) -> None:
+            # The envelope is acked when this returns: do nothing slow here.
+            adapter._on_event(body, context)
 
-        async def on_command(ack: AsyncAck, body: dict[str, Any]) -> None:
-            await adapter._on_command(ack, body)
+        async def on_command(ack: AsyncAck, body: dict[str, Any], context: dict[str, Any]) -> None:
+            await adapter._on_command(ack, body, context)
 
-        app.use(_Gate(lambda: not adapter._stopping and adapter._pipeline.accepting))
         app.event(re.compile(".*"))(on_event)
         app.command(re.compile(".*"))(on_command)
         return app
@@ -484,7 +496,7 @@ class SlackAdapter:
 
         return authorize
 
-    def _on_event(self, body: dict[str, Any]) -> None:
+    def _on_event(self, body: dict[str, Any], context: dict[str, Any]) -> None:
         assert self._identity is not None
         raw = body.get("event")
         event: dict[str, Any] = raw if isinstance(raw, dict) else {}
@@ -504,9 +516,11 @@ class SlackAdapter:
             self._log.debug("slack_event_ignored", reason=result.reason,
                             event_id=body.get("event_id"))
             return
-        self._start(result)
+        self._start(result, context)
 
-    async def _on_command(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+    async def _on_command(
+        self, ack: AsyncAck, body: dict[str, Any], context: dict[str, Any]
+    ) -> None:
         command = self.settings.slash_command
         result = command_to_inbound(
             self.tenant_id, body, command=command, app_name=self.settings.name
@@ -525,23 +539,26 @@ class SlackAdapter:
                 response_type="ephemeral",
                 text=f":{self.settings.working_reaction}: Working on it…",
             )
-        self._start(result)
+        self._start(result, context)
 
     # Processing ----------------------------------------------------------------------------
 
-    def _start(self, inbound: Inbound) -> None:
+    def _start(self, inbound: Inbound, context: dict[str, Any]) -> None:
         message_id = inbound.message.message_id
         if message_id in self._in_flight:
             # Redelivered while the first delivery is still being processed here.
             self._log.info("message_duplicate", message_id=message_id, where="in_flight")
             return
+        reservation: Reservation = context.pop(RESERVATION)
         self._in_flight.add(message_id)
         task = asyncio.create_task(
-            self._process(inbound),
+            self._process(inbound, reservation),
             name=f"slack:{self.tenant_id}:{self.settings.name}:{message_id}",
         )
         self._tasks[task] = "agent"
         task.add_done_callback(self._task_done)
+        # Also when the task is cancelled before it ran.
+        task.add_done_callback(lambda _: reservation.release())
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
@@ -549,7 +566,7 @@ class SlackAdapter:
             exc = task.exception()
             self._log.error("slack_message_failed", error=f"{type(exc).__name__}: {exc}")
 
-    async def _process(self, inbound: Inbound) -> None:
+    async def _process(self, inbound: Inbound, reservation: Reservation) -> None:
         message, target = inbound.message, inbound.target
         reacted = False
         try:
@@ -559,7 +576,7 @@ class SlackAdapter:
                 if self._reacting(target) and not await self._seen(message):
                     reacted = True
                     await self._react("add", target)
-                text = await self._ask_agent(message)
+                text = await self._ask_agent(message, reservation)
             task = asyncio.current_task()
             if task is not None and task in self._tasks:
                 self._tasks[task] = "reply"
@@ -567,6 +584,7 @@ class SlackAdapter:
                 await self._send(target, text)
         finally:
             self._in_flight.discard(message.message_id)
+            reservation.release()
             if reacted:
                 await self._react("remove", target)
 
@@ -582,10 +600,10 @@ class SlackAdapter:
         except Exception:
             return False
 
-    async def _ask_agent(self, message: NormalizedMessage) -> str:
+    async def _ask_agent(self, message: NormalizedMessage, reservation: Reservation) -> str:
         """The text to post for one message ("" for nothing)."""
         try:
-            reply = await self._pipeline.handle(message, dedup=True)
+            reply = await reservation.handle(message, dedup=True)
         except OverloadedError:
             self._log.warning("slack_tenant_overloaded", message_id=message.message_id)
             return BUSY_TEXT
