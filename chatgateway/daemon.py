@@ -337,11 +337,15 @@ class Daemon:
         """Update the active-session gauge from the store (one indexed count per tenant)."""
         if self.tenants is None or self.store is None or self.state == "stopped":
             return
-        counts: dict[str, int] = {}
+        counts: dict[tuple[str, str], int] = {}
         now = time.time()
         for tenant in self.tenants.all():
             idle_since = now - tenant.config.sessions.idle_timeout
-            counts[tenant.id] = await self.store.count_sessions(tenant.id, active_since=idle_since)
+            by_platform = await self.store.count_sessions_by_platform(
+                tenant.id, active_since=idle_since
+            )
+            for platform, count in by_platform.items():
+                counts[tenant.id, platform.value] = count
         self.metrics.set_active_sessions(counts)
 
     async def status_report(self) -> dict[str, Any]:

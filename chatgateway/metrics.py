@@ -76,7 +76,7 @@ class Metrics:
         )
         self._adapters: Callable[[], Iterable[AdapterSample]] = list
         self._gateway: Callable[[], GatewaySample | None] = lambda: None
-        self._sessions: dict[str, int] = {}
+        self._sessions: dict[tuple[str, str], int] = {}
         r.register(_LiveCollector(self))
 
     def watch_adapters(self, source: Callable[[], Iterable[AdapterSample]]) -> None:
@@ -86,8 +86,8 @@ class Metrics:
     def watch_gateway(self, source: Callable[[], GatewaySample | None]) -> None:
         self._gateway = source
 
-    def set_active_sessions(self, counts: Mapping[str, int]) -> None:
-        """Replace the per-tenant active session counts (removed tenants disappear)."""
+    def set_active_sessions(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Replace the active session counts by (tenant, platform); removed tenants disappear."""
         self._sessions = dict(counts)
 
 
@@ -134,10 +134,10 @@ class _LiveCollector(Collector):
         sessions = GaugeMetricFamily(
             "chatgateway_active_sessions",
             "Sessions active within their tenant's idle timeout",
-            labels=["tenant"],
+            labels=["tenant", "platform"],
         )
-        for tenant, count in sorted(self._metrics._sessions.items()):
-            sessions.add_metric([tenant], float(count))
+        for (tenant, platform), count in sorted(self._metrics._sessions.items()):
+            sessions.add_metric([tenant, platform], float(count))
         yield sessions
 
         gateway = self._metrics._gateway()

@@ -139,8 +139,8 @@ async def test_metrics_count_messages_latency_failures_sessions(make_agent, make
         ]
         == 1
     )
-    assert m[("chatgateway_active_sessions", labels(tenant="acme"))] == 1
-    assert m[("chatgateway_active_sessions", labels(tenant="globex"))] == 1
+    assert m[("chatgateway_active_sessions", web_acme)] == 1
+    assert m[("chatgateway_active_sessions", web_globex)] == 1
     assert m[("chatgateway_ready", ())] == 1
     assert m[("chatgateway_tenants", ())] == 2
     assert m[("chatgateway_messages_in_flight", ())] == 0

@@ -140,6 +140,22 @@ async def test_list_and_delete(store: SessionStore) -> None:
     assert await store.count_sessions(A) == 1
 
 
+async def test_count_sessions_by_platform(store: SessionStore) -> None:
+    now = time.time()
+    await new(store, key(A, "u1"))
+    await new(store, key(A, "u2"))
+    slack = SessionKey(A, Platform.SLACK, "D1", "", "U1")
+    await store.create_session(slack, kind=ConversationKind.DM, user_name=None, now=now)
+    await store.create_session(SessionKey(A, Platform.DISCORD, "c", "", "old"),
+                               kind=ConversationKind.CHANNEL, user_name=None, now=now - 1000)
+    await new(store, key(B, "u1"))
+    assert await store.count_sessions_by_platform(A, active_since=now - 60) == {
+        Platform.WEB: 2, Platform.SLACK: 1}
+    assert await store.count_sessions_by_platform(A) == {
+        Platform.WEB: 2, Platform.SLACK: 1, Platform.DISCORD: 1}
+    assert await store.count_sessions_by_platform(B) == {Platform.WEB: 1}
+
+
 async def test_prune_removes_only_old_sessions_of_that_tenant(store: SessionStore) -> None:
     old_a = await store.create_session(key(A, "old"), kind=ConversationKind.WEB, user_name=None,
                                        now=time.time() - 1000)

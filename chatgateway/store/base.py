@@ -81,6 +81,11 @@ class SessionStore(Protocol):
 
     async def count_sessions(self, tenant_id: TenantId, *, active_since: float = 0.0) -> int: ...
 
+    async def count_sessions_by_platform(
+        self, tenant_id: TenantId, *, active_since: float = 0.0
+    ) -> dict[Platform, int]:
+        """Sessions active since `active_since`, by platform (platforms with none are left out)."""
+
     async def prune(self, tenant_id: TenantId, *, idle_before: float) -> int:
         """Delete sessions (and transcripts) last active before `idle_before`."""
 

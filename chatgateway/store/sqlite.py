@@ -558,6 +558,16 @@ class SqliteStore:
         )
         return int(rows[0][0])
 
+    async def count_sessions_by_platform(
+        self, tenant_id: TenantId, *, active_since: float = 0.0
+    ) -> dict[Platform, int]:
+        rows = self._read(
+            "SELECT platform, count(*) FROM sessions WHERE tenant_id = ? AND last_active >= ? "
+            "GROUP BY platform",
+            (tenant_id, active_since),
+        )
+        return {Platform(r[0]): int(r[1]) for r in rows}
+
     async def prune(self, tenant_id: TenantId, *, idle_before: float) -> int:
         def op(c: sqlite3.Connection) -> list[str]:
             ids = [
