@@ -329,6 +329,23 @@ async def test_refresh_requested_mid_conversation_loses_nothing(fake_slack, make
     assert adapter_of(daemon, "acme").status.state == AdapterState.CONNECTED
 
 
+async def test_rate_limited_reaction_does_not_delay_the_answer(fake_slack, make_agent,
+                                                              make_gateway):
+    agent = await make_agent()
+    app = fake_slack.add_app()
+    await start(make_gateway, fake_slack, slack_tenant("acme", agent.url, fake_slack, app))
+    fake_slack.rate_limit("reactions.add", times=1, retry_after=30)
+    delivery = await fake_slack.dm(app, "U0ALICE", "quick one")
+    posts = await fake_slack.wait_posts(1, within=5)
+    assert posts[0].text == "agent: quick one"
+    assert posts[0].at - delivery.sent_at < 3
+    # The indicator is given up, not retried after Retry-After, and nothing is removed.
+    await asyncio.sleep(0.5)
+    assert [c.method for c in fake_slack.calls if c.method.startswith("reactions.")] == [
+        "reactions.add"]
+    assert fake_slack.reactions == []
+
+
 async def test_rate_limited_reply_is_sent_after_retry_after(fake_slack, make_agent,
                                                             make_gateway):
     agent = await make_agent()

@@ -86,6 +86,8 @@ STOP_GRACE = 7.0
 CLOSE_TIMEOUT = 5.0
 #: Users whose display names are remembered (the map is cleared when it grows past this).
 USER_CACHE_SIZE = 10_000
+#: How long the working indicator's reactions.add may take (it is not retried on a 429).
+REACTION_TIMEOUT = 2.0
 #: Where an envelope's pipeline reservation waits for its listener (bolt's context).
 RESERVATION = "chatgateway_reservation"
 BUSY_TEXT = "I'm handling too many messages right now. Please try again in a minute."
@@ -182,6 +184,7 @@ class SlackAdapter:
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._web: AsyncWebClient | None = None
+        self._indicator_web: AsyncWebClient | None = None
         self._app_client: AsyncWebClient | None = None
         self._identity: BotIdentity | None = None
         self._auth: AuthorizeResult | None = None
@@ -263,6 +266,12 @@ class SlackAdapter:
             base_url=self._base_url,
             session=self._session,
             retry_handlers=retries,
+        )
+        self._indicator_web = AsyncWebClient(
+            token=self.settings.bot_token.get_secret_value(),
+            base_url=self._base_url,
+            session=self._session,
+            retry_handlers=[AsyncConnectionErrorRetryHandler(max_retry_count=1)],
         )
         # bolt's own client carries no token: `authorize` hands it the bot token per request.
         self._app_client = AsyncWebClient(
@@ -568,24 +577,32 @@ class SlackAdapter:
 
     async def _process(self, inbound: Inbound, reservation: Reservation) -> None:
         message, target = inbound.message, inbound.target
-        reacted = False
+        adding: asyncio.Task[bool] | None = None
         try:
             # Messages of one session reach the pipeline in arrival order.
             async with self._order.hold(SessionKey.of(message)):
                 message = await self._with_user_name(message)
                 if self._reacting(target) and not await self._seen(message):
-                    reacted = True
-                    await self._react("add", target)
+                    # Alongside the agent call: a slow or rate-limited reaction must not
+                    # delay the answer.
+                    adding = asyncio.create_task(
+                        self._react("add", target),
+                        name=f"slack-reaction:{self.tenant_id}:{self.settings.name}",
+                    )
                 text = await self._ask_agent(message, reservation)
             task = asyncio.current_task()
             if task is not None and task in self._tasks:
                 self._tasks[task] = "reply"
+            if adding is not None:
+                # The indicator precedes the answer (the add gives up after REACTION_TIMEOUT).
+                await asyncio.wait({adding})
             if text:
                 await self._send(target, text)
         finally:
             self._in_flight.discard(message.message_id)
             reservation.release()
-            if reacted:
+            # After the answer, and never before the add: unless Slack refused it.
+            if adding is not None and not adding.cancelled() and await adding:
                 await self._react("remove", target)
 
     def _reacting(self, target: ReplyTarget) -> bool:
@@ -649,18 +666,31 @@ class SlackAdapter:
             return message
         return replace(message, user=User(user_id, name))
 
-    async def _react(self, action: str, target: ReplyTarget) -> None:
-        assert self._web is not None and target.message_ts is not None
-        call = self._web.reactions_add if action == "add" else self._web.reactions_remove
+    async def _react(self, action: str, target: ReplyTarget) -> bool:
+        """Add or remove the working reaction; False if Slack refused it."""
+        assert self._web is not None and self._indicator_web is not None
+        assert target.message_ts is not None
         try:
-            await call(
-                channel=target.channel,
-                timestamp=target.message_ts,
-                name=self.settings.working_reaction,
-            )
+            if action == "add":
+                # An indicator shown late is useless: no 429 retries, a short timeout.
+                async with asyncio.timeout(REACTION_TIMEOUT):
+                    await self._indicator_web.reactions_add(
+                        channel=target.channel,
+                        timestamp=target.message_ts,
+                        name=self.settings.working_reaction,
+                    )
+            else:
+                await self._web.reactions_remove(
+                    channel=target.channel,
+                    timestamp=target.message_ts,
+                    name=self.settings.working_reaction,
+                )
         except Exception as exc:  # the indicator is cosmetic: never lose the answer over it
             self._check_refusal(exc)
             self._log.debug("slack_reaction_failed", action=action, error=_describe(exc))
+            # A timed-out add may still have landed: then it is removed like a shown one.
+            return not isinstance(exc, SlackApiError)
+        return True
 
     async def _send(self, target: ReplyTarget, text: str) -> None:
         parts = split_message(markdown_to_mrkdwn(text))
