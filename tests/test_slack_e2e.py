@@ -439,6 +439,27 @@ async def test_two_tenants_answer_with_their_own_token_and_agent(fake_slack, mak
     assert reactions == {("DA", app_a.bot_token), ("CB", app_b.bot_token)}
 
 
+async def test_two_apps_of_one_tenant_run_side_by_side(fake_slack, make_agent, make_gateway):
+    agent = await make_agent()
+    one = fake_slack.add_app("one", team_id="T0ONE", bot_user_id="UBOTONE")
+    two = fake_slack.add_app("two", team_id="T0TWO", bot_user_id="UBOTTWO")
+    daemon = await start(make_gateway, fake_slack,
+                         slack_tenant("acme", agent.url, fake_slack, one, two))
+    await fake_slack.dm(one, "U0ALICE", "to one", channel="DONE")
+    await fake_slack.dm(two, "U0ALICE", "to two", channel="DTWO")
+    await fake_slack.wait_posts(2)
+    by_channel = {p.channel: p for p in fake_slack.posts()}
+    assert by_channel["DONE"].text == "agent: to one"
+    assert by_channel["DONE"].token == one.bot_token
+    assert by_channel["DTWO"].text == "agent: to two"
+    assert by_channel["DTWO"].token == two.bot_token
+    assert sorted(agent.texts()) == ["to one", "to two"]
+    assert {c.body["tenant"] for c in agent.calls} == {"acme"}
+    assert {c.body["metadata"]["slack"]["app"] for c in agent.calls} == {"one", "two"}
+    for name in ("one", "two"):
+        assert adapter_of(daemon, "acme", name).status.state == AdapterState.CONNECTED
+
+
 async def test_long_reply_with_code_block_is_split(fake_slack, make_agent, make_gateway):
     code = "\n".join(f"    print('line {i:03d}')  # {'x' * 30}" for i in range(40))
     long_text = ("Intro **paragraph** " * 120 + "\n\n```python\n" + code + "\n```\n\n"
