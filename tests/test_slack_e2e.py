@@ -635,3 +635,21 @@ async def test_credentials_refused_mid_run_park_the_adapter(fake_slack, make_age
                      and two.status.state == AdapterState.PARKED, within=20)
     assert "app_token" in one.status.last_error and "invalid_auth" in one.status.last_error
     assert "uninstalled" in two.status.last_error
+    # Parked until a reload replaces it: its HTTP session and sockets are closed meanwhile.
+    for adapter in (one, two):
+        await wait_until(lambda a=adapter: not a._closing)
+        assert adapter._session is None and adapter._handler is None
+    assert not app_token_app.sockets and not uninstalled.sockets
+
+
+async def test_refused_bot_token_at_start_closes_the_parked_adapters_session(
+    fake_slack, make_agent, make_gateway
+):
+    agent = await make_agent()
+    app = fake_slack.add_app()
+    config = slack_tenant("acme", agent.url, fake_slack, app)
+    config["slack"]["apps"][0]["bot_token"] = {"value": "xoxb-not-a-real-token"}
+    daemon = await make_gateway({"tenants": [config]})
+    adapter = adapter_of(daemon, "acme")
+    await wait_until(lambda: adapter.status.state == AdapterState.PARKED)
+    assert adapter._session is None

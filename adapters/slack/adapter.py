@@ -208,10 +208,10 @@ class SlackAdapter:
             return
         self.status.state = AdapterState.CONNECTING
         self._ensure_clients()
-        await self._authenticate()
-        if self._app is None:
-            self._app = self._build_app()
         try:
+            await self._authenticate()
+            if self._app is None:
+                self._app = self._build_app()
             while not self._stopping:
                 await self._open_socket()
                 reason = await self._watch()
@@ -224,6 +224,13 @@ class SlackAdapter:
                 self.status.state = AdapterState.CONNECTING
                 self._log.warning("slack_socket_dead", reason=reason, action="recreate")
                 self._retire_handler()
+        except AdapterAuthError:
+            # Parked until a reload replaces this adapter: close its connections meanwhile.
+            self._retire_handler()
+            self._app = None  # built on the clients closed here
+            await self._wait_closing()
+            await self._close_when_idle()
+            raise
         finally:
             if not self._stopping:
                 self._retire_handler()
@@ -778,6 +785,17 @@ class SlackAdapter:
             await asyncio.wait(pending, timeout=1)
             self._log.warning("slack_replies_abandoned", count=len(pending))
         return False
+
+    async def _close_when_idle(self) -> None:
+        """Close the HTTP session now, or after the replies still in flight (parked)."""
+        if not self._tasks:
+            await self._close_clients()
+            return
+        finisher = asyncio.create_task(
+            self._finish_detached(set(self._tasks)), name=f"slack-parked:{self.tenant_id}"
+        )
+        _DETACHED.add(finisher)
+        finisher.add_done_callback(_DETACHED.discard)
 
     async def _finish_detached(self, pending: set[asyncio.Task[None]]) -> None:
         try:
