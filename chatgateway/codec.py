@@ -21,10 +21,3 @@ def dumps(obj: Any) -> bytes:
     except TypeError:
         return json.dumps(obj, separators=(",", ":")).encode()
 
-
-def dumps_str(obj: Any) -> str:
-    """Encode `obj` as compact JSON text (for log lines and aiohttp's `json_response`)."""
-    try:
-        return orjson.dumps(obj).decode()
-    except TypeError:
-        return json.dumps(obj, separators=(",", ":"))
