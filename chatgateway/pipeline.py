@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Hashable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,9 +27,6 @@ from chatgateway.tenants import TenantRegistry, TenantRuntime
 log = structlog.get_logger("chatgateway.pipeline")
 
 Outcome = Literal["ok", "empty", "fallback", "duplicate"]
-
-#: True while `Reservation.handle` runs: its message was taken before shutdown began.
-_RESERVED: ContextVar[bool] = ContextVar("chatgateway_reserved", default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +96,6 @@ class Pipeline:
         self._idle.set()
         self._series: dict[tuple[str, str], _Series] = {}
         self._reserved = 0
-        self._handing = 0
         self.accepting = True
 
     def _metrics_for(self, message: NormalizedMessage) -> _Series:
@@ -130,33 +125,21 @@ class Pipeline:
             return False
 
     @property
-    def accepting(self) -> bool:
-        """Whether `handle` takes messages: False once shutting down, except reserved ones."""
-        return self._accepting or _RESERVED.get()
-
-    @accepting.setter
-    def accepting(self, value: bool) -> None:
-        self._accepting = value
-
-    @property
     def active(self) -> int:
         """Messages being processed or reserved right now (the drain waits for this to be 0)."""
-        # A reserved message inside `handle` may or may not be in `_active` yet: count it once,
-        # and never less than the reservations, so this is 0 only when nothing is in flight.
-        return max(self._active + self._reserved - self._handing, self._reserved)
+        return self._active + self._reserved
 
     async def wait_idle(self) -> None:
         """Return once no message is being processed or reserved."""
-        while self.active:
-            self._idle.clear()  # `handle` sets it when its own count reaches 0
-            await self._idle.wait()
+        await self._idle.wait()
 
     def reserve(self) -> Reservation | None:
         """Count a message an adapter took from its platform (e.g. acked) but has not handed
         to `handle` yet; None once shutting down. See `Reservation`."""
-        if not self._accepting:
+        if not self.accepting:
             return None
         self._reserved += 1
+        self._idle.clear()
         return Reservation(self)
 
     def _unreserve(self) -> None:
@@ -172,14 +155,32 @@ class Pipeline:
         new_session: bool = False,
         dedup: bool = True,
         on_delta: DeltaSink | None = None,
+        reservation: Reservation | None = None,
     ) -> Reply:
-        """Process one message.
+        """Process one message; a `reservation` taken for it is released on return.
 
         Raises NotFoundError for an unknown tenant or a session the caller may not see, and
         OverloadedError when the tenant already has too many messages in flight, and
-        UnavailableError once the gateway has begun to shut down.
+        UnavailableError once the gateway has begun to shut down (unless the message was
+        reserved before).
         """
-        if not self.accepting:
+        if reservation is None:
+            return await self._admit(message, session_id, new_session, dedup, on_delta, None)
+        try:
+            return await self._admit(message, session_id, new_session, dedup, on_delta, reservation)
+        finally:
+            reservation.release()
+
+    async def _admit(
+        self,
+        message: NormalizedMessage,
+        session_id: SessionId | None,
+        new_session: bool,
+        dedup: bool,
+        on_delta: DeltaSink | None,
+        reservation: Reservation | None,
+    ) -> Reply:
+        if not self.accepting and (reservation is None or not reservation.held):
             raise UnavailableError("the gateway is shutting down")
         tenant = self.tenants.get(message.tenant_id)
         if tenant is None:
@@ -205,6 +206,8 @@ class Pipeline:
                 return Reply(None, "", "duplicate")
             self._in_flight.add(event)
         self._active += 1
+        if reservation is not None:
+            reservation.release()  # from here on `_active` counts the message
         self._per_tenant[message.tenant_id] = self._per_tenant.get(message.tenant_id, 0) + 1
         self._idle.clear()
         try:
@@ -217,7 +220,7 @@ class Pipeline:
                 self._per_tenant[message.tenant_id] = left
             else:
                 del self._per_tenant[message.tenant_id]
-            if self._active == 0:
+            if self.active == 0:
                 self._idle.set()
 
     async def _handle(
@@ -334,28 +337,18 @@ class Reservation:
     and `handle` lets it in after shutdown began: the platform will not deliver it again.
     """
 
-    __slots__ = ("_held", "_pipeline")
+    __slots__ = ("_pipeline", "held")
 
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
-        self._held = True
+        self.held = True
 
     async def handle(self, message: NormalizedMessage, *, dedup: bool = True) -> Reply:
         """`Pipeline.handle` for the reserved message; releases the reservation."""
-        pipeline = self._pipeline
-        if not self._held:
-            return await pipeline.handle(message, dedup=dedup)
-        token = _RESERVED.set(True)
-        pipeline._handing += 1
-        try:
-            return await pipeline.handle(message, dedup=dedup)
-        finally:
-            pipeline._handing -= 1
-            _RESERVED.reset(token)
-            self.release()
+        return await self._pipeline.handle(message, dedup=dedup, reservation=self)
 
     def release(self) -> None:
         """Stop counting the message as in flight (idempotent)."""
-        if self._held:
-            self._held = False
+        if self.held:
+            self.held = False
             self._pipeline._unreserve()
