@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ class Terminal(io.StringIO):
 def _restore() -> Iterator[None]:
     saved = scrubber._secrets
     yield
-    scrubber._secrets = saved
+    scrubber.update(saved)
     configure_logging()
     structlog.contextvars.clear_contextvars()
 
@@ -79,10 +80,11 @@ def test_journald_stream_gets_syslog_priority_prefixes(tmp_path: Path):
     assert other.getvalue().startswith("{")
 
 
-def test_scrubber_masks_secrets_everywhere_a_log_line_can_carry_them():
+@pytest.mark.parametrize("decoys", [0, 2000], ids=["few secrets", "many tenants' secrets"])
+def test_scrubber_masks_secrets_everywhere_a_log_line_can_carry_them(decoys):
     stream = io.StringIO()
     configure_logging("debug", "json", stream)
-    scrubber.update([SECRET, LONGER, "short"])
+    scrubber.update([SECRET, LONGER, "short", *(f"decoy-{i:05d}-secret" for i in range(decoys))])
     structlog.contextvars.bind_contextvars(request_token=SECRET)
     log.info(f"event with {SECRET}", detail=f"Bearer {SECRET}", nested={"headers": [LONGER]})
     try:
@@ -103,6 +105,14 @@ def test_scrubber_masks_secrets_everywhere_a_log_line_can_carry_them():
     assert foreign["event"] == "retrying with token [redacted]"
     assert foreign2["event"] == "auth failed for [redacted]", "the longer secret is masked whole"
     assert tiny["value"] == "short", "values under 6 characters are never treated as secrets"
+
+
+def test_scrubber_with_many_secrets_masks_each_longest_first():
+    many = [f"tenant-{i:04d}-key-{'x' * 20}" for i in range(3000)]
+    scrubber.update([*many, "tenant-0042-key", "sk-live-0123456789abcdef"])
+    text = f"a {many[42]} b {many[2999]} c tenant-0042-key d sk-live-0123456789abcdef e"
+    assert scrubber.scrub(text) == "a [redacted] b [redacted] c [redacted] d [redacted] e"
+    assert scrubber.scrub("nothing secret here, tenant-0042-ke") == "nothing secret here, tenant-0042-ke"
 
 
 def test_scrubber_add_keeps_earlier_secrets():
@@ -135,3 +145,38 @@ def test_secrets_in_finds_every_secret_of_a_config():
         "discord-token-value",
         "key-one-value",
     ]
+
+
+class Writes(io.StringIO):
+    """A stream that remembers each write: one write per loop iteration is the point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+async def test_lines_of_one_loop_iteration_are_one_write_and_warnings_go_at_once() -> None:
+    stream = Writes()
+    configure_logging("info", "json", stream=stream)
+    log.info("first", n=1)
+    log.info("second", n=2)
+    logging.getLogger("somelibrary").info("library line")
+    assert stream.writes == []  # not yet: the iteration is still running
+    await asyncio.sleep(0)
+    assert len(stream.writes) == 1
+    assert [e["event"] for e in lines(stream)] == ["first", "second", "library line"]
+    log.info("third")
+    log.warning("trouble")  # written at once, after what was pending, in order
+    assert len(stream.writes) == 2
+    assert [e["event"] for e in lines(stream)][-2:] == ["third", "trouble"]
+
+
+def test_lines_logged_off_the_event_loop_are_written_at_once() -> None:
+    stream = Writes()
+    configure_logging("info", "json", stream=stream)
+    log.info("before the loop starts")
+    assert [e["event"] for e in lines(stream)] == ["before the loop starts"]
