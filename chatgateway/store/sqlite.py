@@ -178,14 +178,26 @@ class _Writer(threading.Thread):
     def __init__(self, path: str) -> None:
         super().__init__(name="chatgateway-sqlite-writer", daemon=True)
         self._path = path
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
+        self._outbox: list[_Pending] = []
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
     def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put((op, future))
+        """Queue `op`; it is handed to the thread with the rest of this loop iteration's."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._outbox.append((op, future))
+        if len(self._outbox) == 1:
+            loop.call_soon(self.post)
         return future
+
+    def post(self) -> None:
+        """Hand the submitted operations to the thread: one wake-up (and GIL hand-off) per
+        loop iteration instead of one per write, which cost the loop ~30 us per message."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self._queue.put(batch)
 
     def start_and_wait(self) -> None:
         self.start()
@@ -214,9 +226,9 @@ class _Writer(threading.Thread):
         stopping = False
         while not stopping:
             item = self._queue.get()
-            batch = []
+            batch: list[_Pending] = []
             while item is not None:
-                batch.append(item)
+                batch += item
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -326,6 +338,7 @@ class SqliteStore:
     async def close(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
+            writer.post()
             await asyncio.to_thread(writer.stop)
         reader, self._reader = self._reader, None
         if reader is not None:
