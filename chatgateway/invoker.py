@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 from tenacity import (
     AsyncRetrying,
@@ -240,8 +241,9 @@ class HttpAgentInvoker:
                 if resp.content_type == NDJSON:
                     return await _read_stream(resp, sink if on_delta else None)
                 try:
-                    data = await resp.json(content_type=None)
-                except (ValueError, aiohttp.ContentTypeError):
+                    # orjson also refuses what the store could not keep (a lone surrogate).
+                    data = orjson.loads(await resp.read())
+                except orjson.JSONDecodeError:
                     raise AgentError("bad_response", "agent answer is not JSON") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             detail = f"{type(exc).__name__}: {exc}"

@@ -89,6 +89,15 @@ class SecretScrubber:
                     event[key] = scrubbed
         return event
 
+    def exception(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """Scrub the traceback `format_exc_info` rendered (the other fields were scrubbed)."""
+        text = event.get("exception")
+        if self._secrets and isinstance(text, str):
+            event["exception"] = self.scrub(text)
+        return event
+
 
 #: The one scrubber; `configure_logging` installs it and the daemon feeds it the config's secrets.
 scrubber = SecretScrubber()
@@ -221,9 +230,16 @@ class _WriterHandler(logging.Handler):
 class _LineLoggerFactory:
     def __init__(self, stream: TextIO) -> None:
         self.writer = _LineWriter(stream)
+        self._loggers: dict[str, _LineLogger] = {}
 
     def __call__(self, *args: Any) -> _LineLogger:
-        return _LineLogger(str(args[0]) if args else "chatgateway", self.writer)
+        # structlog asks for the logger at every call (loggers are not cached, so that a
+        # reconfiguration reaches them): hand out one per name.
+        name = str(args[0]) if args else "chatgateway"
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers[name] = _LineLogger(name, self.writer)
+        return logger
 
 
 def configure_logging(
@@ -257,7 +273,7 @@ def configure_logging(
             structlog.stdlib.add_logger_name,
             *shared,
             structlog.processors.format_exc_info,
-            scrubber,  # again: a rendered traceback can carry a secret too
+            scrubber.exception,  # a rendered traceback can carry a secret too
             renderer,
         ],
         logger_factory=factory,
@@ -271,7 +287,7 @@ def configure_logging(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                scrubber,
+                scrubber.exception,
                 renderer,
             ],
         )

@@ -447,5 +447,6 @@ async def test_agent_headers_may_be_secret_references_and_are_scrubbed(
     assert agent.calls[0].headers["X-Api-Key"] == header_secret
     assert agent.calls[0].headers["X-Plain"] == "as-given"
     structlog.get_logger("test").info("probe", detail=f"key={header_secret}")
+    await asyncio.sleep(0)  # lines are written at the end of the loop iteration
     out = capsys.readouterr().out
     assert header_secret not in out and "key=[redacted]" in out
