@@ -43,6 +43,7 @@ class SecretScrubber:
 
     def __init__(self) -> None:
         self._secrets: tuple[str, ...] = ()
+        self._known: frozenset[str] = frozenset()
         self._automaton: Any = None
 
     def update(self, secrets: Iterable[str]) -> None:
@@ -50,6 +51,7 @@ class SecretScrubber:
         # Longest first, so a secret containing another is masked whole.
         unique = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
         self._secrets = tuple(sorted(unique, key=len, reverse=True))
+        self._known = frozenset(unique)
         self._automaton = None
         if len(self._secrets) > self.LINEAR_LIMIT:
             automaton = ahocorasick.Automaton()
@@ -60,7 +62,9 @@ class SecretScrubber:
 
     def add(self, secrets: Iterable[str]) -> None:
         """Mask these values too (a reload or a runtime tenant brought new secrets)."""
-        self.update([*self._secrets, *secrets])
+        new = [s for s in secrets if s not in self._known and len(s) >= MIN_SECRET_LENGTH]
+        if new:  # each tenant of a 1,000-tenant file re-adds known secrets at start-up
+            self.update([*self._secrets, *new])
 
     def scrub(self, text: str) -> str:
         candidates: Iterable[str] = self._secrets
