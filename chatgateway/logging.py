@@ -148,9 +148,8 @@ class _PriorityRenderer:
 class _LineWriter:
     """Writes the gateway's own log lines to `stream`, one write per event-loop iteration.
 
-    A write and flush per line cost about 100 us of the event loop's time per message on the
-    web path (docs/performance.md); lines logged from one loop iteration are joined into one
-    write at its end instead (group commit for logs). Warnings and errors are written at once
+    Instead of a write and flush per line, the lines logged during one loop iteration are
+    joined into one write at its end (group commit for logs; docs/performance.md). Warnings and errors are written at once
     (with whatever is pending, in order), as are lines from outside the event loop, and what
     is pending at exit.
     """
