@@ -120,6 +120,19 @@ async def test_renewal_keeps_the_visitor_and_extends_the_expiry(make_gateway, ht
     assert body["expiresAt"] > time.time() + 86400
 
 
+async def test_renewing_a_signed_in_users_token_does_not_extend_it(make_gateway, http):
+    gw = await make_gateway({"server": {"visitor_secret": {"value": SECRET}},
+                             "tenants": [public("a")]})
+    minted, expires_at = issue_token(derive_key(SECRET), "a", "customer-42", "k", ttl=60,
+                                     now=time.time())
+    status, body, _ = await request(http, gw, "POST", "/api/visitor-token", token=minted,
+                                    body={"tenantId": "a"})
+    assert status == 200 and body["userId"] == "customer-42"
+    assert body["token"] == minted and body["expiresAt"] == expires_at  # not a day longer
+    done = await say(http, gw, body, "still signed in?")
+    assert done["response"].endswith("still signed in?")
+
+
 async def test_api_key_mints_a_token_for_a_known_user(gateway, http):
     gw, agent = gateway
     status, minted, _ = await request(http, gw, "POST", "/api/visitor-token", token=KEY_A,

@@ -325,6 +325,7 @@ async def visitor_token(request: web.Request) -> web.Response:
     body = await read_json(request, VisitorTokenRequest)
     presented = bearer(request)
     kind: TokenKind
+    kept: tuple[str, int] | None = None
     if presented is None:
         if body.tenantId is None:
             raise ApiError(400, "invalid_body", "tenantId: required without a credential")
@@ -344,6 +345,10 @@ async def visitor_token(request: web.Request) -> web.Response:
         if body.userId is not None and body.userId != claim.user_id:
             raise ApiError(403, "forbidden", "userId does not match the visitor token")
         user_id, kind = claim.user_id, claim.kind
+        if kind == "k":
+            # A signed-in user's token lives as long as the site that minted it said, no longer:
+            # renewing hands back the same token, so the site stays in charge of who is signed in.
+            kept = (presented, claim.expires_at)
     else:
         found = await ctx.tenants.authenticate(presented)
         if found is None:
@@ -353,9 +358,12 @@ async def visitor_token(request: web.Request) -> web.Response:
         check_tenant_claim(Principal(tenant), body.tenantId)
         check_origin(request, tenant)
         user_id, kind = body.userId or new_visitor_id(), "k"
-    token, expires_at = issue_token(
-        key, tenant.id, user_id, kind, ttl=ctx.server.visitor_token_ttl, now=time.time()
-    )
+    if kept is not None:
+        token, expires_at = kept
+    else:
+        token, expires_at = issue_token(
+            key, tenant.id, user_id, kind, ttl=ctx.server.visitor_token_ttl, now=time.time()
+        )
     log.debug("visitor_token_issued", tenant_id=tenant.id, kind=kind)
     return web.json_response(
         {
