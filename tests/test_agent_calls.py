@@ -20,6 +20,7 @@ from chatgateway.invoker import (
 )
 from chatgateway.testing.agent import AgentCall
 from tests.conftest import tenant, url
+from tests.test_lifecycle_supervisor import wait_until
 
 FALLBACK = "The agent is away, try later."
 
@@ -243,6 +244,40 @@ async def test_messages_of_one_session_reach_the_agent_in_order(make_agent, make
     # Each call saw exactly the turns of the calls before it: no interleaving.
     for call in agent.calls:
         assert len(call.body["history"]) == 2 * agent.calls.index(call)
+
+
+async def test_queued_messages_of_one_session_reach_the_agent_in_arrival_order(
+    make_agent, make_gateway, http
+):
+    """Each message enters the gateway only after the one before it; the agent sees that order."""
+    gate = asyncio.Event()
+
+    async def held(call: AgentCall) -> web.Response:
+        text = call.body["message"]["text"]
+        if text != "m0":
+            await gate.wait()  # m1 holds the session; m2..m7 queue behind it in the gateway
+        return web.json_response({"response": f"re {text}"})
+
+    agent = await make_agent(behaviour=held)
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=["acme-key-0001"])]})
+    _, first = await chat(http, gw, "acme-key-0001", "m0")
+    sid = first["sessionId"]
+    tasks = []
+    for i in range(1, 8):
+        tasks.append(asyncio.create_task(chat(http, gw, "acme-key-0001", f"m{i}", sessionId=sid)))
+        # The pipeline counts a message as active in the same step as it joins the session's
+        # queue, so m{i+1} is sent only once m{i} is queued (or, for m1, holds the session).
+        await wait_until(lambda i=i: gw.pipeline.active == i)
+    await agent.wait_calls(2)
+    assert agent.texts() == ["m0", "m1"], "m2..m7 must wait for m1's answer"
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    assert [body["response"] for _, body in results] == [f"re m{i}" for i in range(1, 8)]
+    assert agent.texts() == [f"m{i}" for i in range(8)]
+    for n, call in enumerate(agent.calls):
+        assert [(t["role"], t["text"]) for t in call.body["history"]] == [
+            turn for i in range(n) for turn in (("user", f"m{i}"), ("agent", f"re m{i}"))
+        ], f"history of m{n}"
 
 
 async def test_different_sessions_run_concurrently(make_agent, make_gateway, http):

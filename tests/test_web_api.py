@@ -98,10 +98,16 @@ CREDENTIALS = {
     "none": None,
     "bad": "not-a-real-key-at-all",
     "bad_prefixed": "cgw_000000000000_forged",
+    # Last: its round creates, changes and deletes tenants and keys, and reloads.
+    "admin": ADMIN_TOKEN,
 }
+#: The tenant whose visitor token each credential may mint.
+TENANT_OF = {"own": "default", "other": "acme"}
+DELTA = {"id": "delta", "name": "Delta", "agent": {"builtin": "echo"}}
 
 
-def endpoints(own_sid: str, foreign_sid: str) -> dict[str, tuple[str, str, Any]]:
+def endpoints(own_sid: str, foreign_sid: str,
+              foreign_key_id: str) -> dict[str, tuple[str, str, Any]]:
     chat_calls = {}
     for kind, path in (("chat", "/api/chat"), ("stream", "/api/chat/stream")):
         chat_calls.update({
@@ -126,6 +132,23 @@ def endpoints(own_sid: str, foreign_sid: str) -> dict[str, tuple[str, str, Any]]
         "delete_foreign": ("DELETE", f"/api/sessions/{foreign_sid}", None),
         "delete_other_user": ("DELETE", f"/api/sessions/{own_sid}?userId=mallory", None),
         "delete_forged_tenant": ("DELETE", f"/api/sessions/{own_sid}?tenantId=acme", None),
+        "visitor_token": ("POST", "/api/visitor-token", {}),
+        "visitor_token_forged_tenant": ("POST", "/api/visitor-token", {"tenantId": "acme"}),
+        # The endpoint reads no query; the token stays the key's tenant's (checked below).
+        "visitor_token_forged_tenant_query": ("POST", "/api/visitor-token?tenantId=acme", {}),
+        # In order: "delta" is created, read, changed and deleted within the admin round.
+        "admin_list": ("GET", "/admin/tenants", None),
+        "admin_create": ("POST", "/admin/tenants", DELTA),
+        "admin_get": ("GET", "/admin/tenants/acme", None),
+        "admin_get_own": ("GET", "/admin/tenants/default", None),
+        "admin_update": ("PUT", "/admin/tenants/delta", {**DELTA, "name": "Delta 2"}),
+        "admin_list_keys": ("GET", "/admin/tenants/acme/keys", None),
+        "admin_create_key": ("POST", "/admin/tenants/acme/keys", {"label": "matrix"}),
+        "admin_delete_key": ("DELETE", f"/admin/tenants/acme/keys/{foreign_key_id}", None),
+        "admin_delete_config_tenant": ("DELETE", "/admin/tenants/acme", None),
+        "admin_delete": ("DELETE", "/admin/tenants/delta", None),
+        "admin_status": ("GET", "/admin/status", None),
+        "admin_reload": ("POST", "/admin/reload", None),
     }
 
 
@@ -148,6 +171,25 @@ EXPECTED: dict[str, dict[str, int]] = {
     "delete_foreign": {"own": 404, "other": 204},
     "delete_other_user": {"own": 404, "other": 404},
     "delete_forged_tenant": {"own": 403, "other": 404},
+    # Without a credential the body must name a public tenant; neither tenant is public.
+    "visitor_token": {"own": 200, "other": 200, "none": 400},
+    "visitor_token_forged_tenant": {"own": 403, "other": 200, "none": 404},
+    "visitor_token_forged_tenant_query": {"own": 200, "other": 200, "none": 400},
+    # A tenant's API key is no admin credential, not even for its own tenant.
+    **{name: {"own": 401, "other": 401, "admin": admin} for name, admin in {
+        "admin_list": 200,
+        "admin_create": 201,
+        "admin_get": 200,
+        "admin_get_own": 200,
+        "admin_update": 200,
+        "admin_list_keys": 200,
+        "admin_create_key": 201,
+        "admin_delete_key": 204,
+        "admin_delete_config_tenant": 409,  # config-file tenants change in the file
+        "admin_delete": 204,
+        "admin_status": 200,
+        "admin_reload": 200,
+    }.items()},
 }
 
 
@@ -156,12 +198,16 @@ async def test_cross_tenant_matrix(two_tenants, http):
     _, own = await call(http, gw, "POST", "/api/chat", KEY_A,
                         {"message": "tenant A private words", "userId": "user-a"})
     own_sid = own["sessionId"]
+    status, foreign_key = await call(http, gw, "POST", "/admin/tenants/acme/keys", ADMIN_TOKEN,
+                                     {"label": "to be deleted by the admin round"})
+    assert status == 201
     failures = []
     for cred_name, key in CREDENTIALS.items():
         # A fresh foreign session each round: "delete_foreign" by B deletes it.
         _, foreign = await call(http, gw, "POST", "/api/chat", KEY_B,
                                 {"message": "tenant B private words", "userId": "user-b"})
-        for name, (method, path, body) in endpoints(own_sid, foreign["sessionId"]).items():
+        for name, (method, path, body) in endpoints(own_sid, foreign["sessionId"],
+                                                    foreign_key["keyId"]).items():
             expected = EXPECTED[name].get(cred_name, 401)
             status, resp = await call(http, gw, method, path, key, body)
             text = json.dumps(resp)
@@ -169,12 +215,19 @@ async def test_cross_tenant_matrix(two_tenants, http):
                 failures.append(f"{name} with {cred_name} key: {status} != {expected} ({text})")
             if status >= 400:
                 assert set(resp) == {"error"} and {"code", "message"} <= set(resp["error"])
+            if name.startswith("visitor_token") and status == 200:
+                assert resp["tenantId"] == TENANT_OF[cred_name], (name, cred_name, resp)
             # No foreign data in any body.
             if cred_name == "own":
                 assert "tenant B" not in text and "B says" not in text and '"acme"' not in text
             if cred_name == "other":
                 assert "tenant A" not in text and "A says" not in text
     assert not failures, "\n".join(failures)
+    # Only the admin round changed tenants and keys: "delta" came and went, the key is gone.
+    _, tenants = await call(http, gw, "GET", "/admin/tenants", ADMIN_TOKEN)
+    assert [t["id"] for t in tenants] == ["acme", "default"]
+    _, keys = await call(http, gw, "GET", "/admin/tenants/acme/keys", ADMIN_TOKEN)
+    assert [k["label"] for k in keys] == ["matrix"]
     # Forged or foreign calls never reached another tenant's agent.
     assert all(c.body["tenant"] == "default" for c in agent_a.calls)
     assert all(c.body["tenant"] == "acme" for c in agent_b.calls)
