@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from chatgateway.testing.agent import AgentCall
-from tests.conftest import write_config
+from tests.conftest import tenant, url, write_config
 
 SECRETS = {
     "agent_secret": "hmac-secret-A1b2C3d4E5f6G7h8",
@@ -207,3 +207,49 @@ async def test_message_log_lines_carry_tenant_platform_and_session(
     assert await asyncio.to_thread(proc.proc.wait, 30) == 0
     stopped = proc.wait_for_event("gateway_stopped")
     assert "session_id" not in stopped and "tenant_id" not in stopped
+
+
+async def test_in_process_message_lines_carry_tenant_platform_and_session(
+    make_agent, make_gateway, http, capsys
+):
+    """One good and one failing (agent answers 500) /api/chat: both lines name the message."""
+    good = await make_agent()
+    failing = await make_agent(status=500)
+    gw = await make_gateway(
+        {
+            "tenants": [
+                tenant("acme", good.url, keys=["acme-key-0123456789"]),
+                tenant(
+                    "globex",
+                    failing.url,
+                    keys=["globex-key-0123456789"],
+                    agent={"retry": {"attempts": 1}},
+                ),
+            ]
+        }
+    )
+    capsys.readouterr()  # start-up lines
+    sessions = {}
+    for tenant_id in ("acme", "globex"):
+        async with http.post(
+            url(gw, "/api/chat"),
+            json={"message": "hi", "userId": "u1"},
+            headers={"Authorization": f"Bearer {tenant_id}-key-0123456789"},
+        ) as resp:
+            assert resp.status == 200
+            sessions[tenant_id] = (await resp.json())["sessionId"]
+    await asyncio.sleep(0)  # lines are written at the end of the loop iteration
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("{")]
+    context = [
+        (e["event"], e.get("tenant_id"), e.get("platform"), e.get("session_id"))
+        for e in events
+        if e["event"] in ("message_handled", "agent_failed")
+    ]
+    assert context == [
+        ("message_handled", "acme", "web", sessions["acme"]),
+        ("agent_failed", "globex", "web", sessions["globex"]),
+        ("message_handled", "globex", "web", sessions["globex"]),
+    ]
+    failed = next(e for e in events if e["event"] == "agent_failed")
+    assert failed["cause"] == "http_5xx" and "500" in failed["detail"]

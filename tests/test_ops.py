@@ -22,6 +22,7 @@ from chatgateway.models import (
     User,
 )
 from tests.conftest import ADMIN_TOKEN, tenant, url, write_config
+from tests.process import GatewayProcess
 from tests.test_lifecycle_supervisor import ScriptedAdapter, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -46,7 +47,9 @@ def bots(*tokens: str) -> dict[str, Any]:
     return {"bots": [{"name": f"bot{i}", "token": {"value": t}} for i, t in enumerate(tokens)]}
 
 
-async def scrape(http, daemon: Daemon, **kwargs: Any) -> dict[tuple[str, tuple], float]:
+async def scrape(
+    http, daemon: Daemon | GatewayProcess, **kwargs: Any
+) -> dict[tuple[str, tuple], float]:
     """GET /metrics as {(sample name, sorted labels): value}."""
     async with http.get(url(daemon, "/metrics"), **kwargs) as resp:
         assert resp.status == 200, await resp.text()
@@ -253,3 +256,25 @@ async def test_admin_status_is_off_without_an_admin_token(make_gateway, http):
         assert resp.status == 403
     async with http.post(url(gw, "/admin/reload"), headers=ADMIN) as resp:
         assert resp.status == 403
+
+
+async def test_metrics_count_a_message_on_the_real_daemon(gateway_process, make_agent, http):
+    """The `chatgateway run` process serves the counters its pipeline updates."""
+    agent = await make_agent()
+    proc = gateway_process({"tenants": [tenant("acme", agent.url, keys=[KEY])]})
+    web_acme = labels(platform="web", tenant="acme")
+    before = await scrape(http, proc)
+    assert ("chatgateway_messages_in_total", web_acme) not in before
+    async with http.post(
+        f"{proc.url}/api/chat",
+        json={"message": "count me", "userId": "u1"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        assert (resp.status, (await resp.json())["response"]) == (200, "agent: count me")
+    m = await scrape(http, proc)
+    assert m[("chatgateway_messages_in_total", web_acme)] == 1
+    assert m[("chatgateway_messages_out_total", web_acme)] == 1
+    assert m[("chatgateway_agent_call_seconds_count", web_acme)] == 1
+    assert m[("chatgateway_active_sessions", web_acme)] == 1
+    assert m[("chatgateway_messages_in_flight", ())] == 0
+    assert await asyncio.to_thread(proc.stop) == 0
