@@ -278,8 +278,20 @@ class ListenConfig(Model):
 
 
 class StorageConfig(Model):
-    backend: Literal["sqlite"] = "sqlite"
-    path: str = "var/chatgateway.db"
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: str = Field("var/chatgateway.db", description="The SQLite database file (sqlite)")
+    dsn: Secret | None = Field(
+        None,
+        validate_default=True,
+        description="libpq connection string or URI of the database (postgres)",
+    )
+
+    @field_validator("dsn", mode="after")
+    @classmethod
+    def _dsn_for_postgres(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None and info.data.get("backend") == "postgres":
+            raise ValueError("required when backend is postgres, e.g. {env: CHATGATEWAY_DSN}")
+        return value
 
 
 class LoggingConfig(Model):

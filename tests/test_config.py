@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from chatgateway.cli import main
-from chatgateway.config import EXIT_CONFIG, load_config
+from chatgateway.config import EXIT_CONFIG, load_config, parse_config
 from chatgateway.errors import ConfigError
+from chatgateway.logging import secrets_in
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -242,3 +243,16 @@ async def test_runtime_tenants_take_only_inline_secrets(make_gateway, http, tmp_
                                      "headers": {"X-Key": {"value": "own-key-00001"}}}}
     async with http.post(url(gw, "/admin/tenants"), json=spec, headers=admin) as resp:
         assert resp.status == 201
+
+
+def test_postgres_storage_needs_a_dsn():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"storage": {"backend": "postgres"}}, file="gw.yaml", environ={})
+    assert [p.path for p in info.value.problems] == ["storage.dsn"]
+    dsn = "postgresql://gw:pw-123@db.internal/gw"
+    config = parse_config({"storage": {"backend": "postgres", "dsn": {"env": "DSN"}}},
+                          file="gw.yaml", environ={"DSN": dsn})
+    assert config.storage.dsn is not None and config.storage.dsn.get_secret_value() == dsn
+    assert dsn not in repr(config)
+    assert dsn in secrets_in(config)
+    assert parse_config({}, file="gw.yaml", environ={}).storage.dsn is None

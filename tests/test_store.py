@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+from pydantic import SecretStr
 
 from chatgateway.errors import NotFoundError
 from chatgateway.models import ConversationKind, Platform, Role, SessionKey, TenantId, Turn
@@ -22,18 +27,62 @@ def key(tenant: TenantId, user: str = "u1", conv: str = "c1", thread: str = "") 
     return SessionKey(tenant, Platform.WEB, conv, thread, user)
 
 
-@pytest.fixture(params=["sqlite"])
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test whose server is missing, except in CI, where that is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is not skipped)")
+    pytest.skip(reason)
+
+
+@asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """A fresh schema on the test server, dropped afterwards; yields a dsn that uses it."""
+    try:
+        import psycopg
+    except ImportError as exc:
+        unavailable(f"psycopg is not installed: {exc}")
+    try:
+        admin = await psycopg.AsyncConnection.connect(PG_SERVER, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        unavailable(f"PostgreSQL is unreachable at {PG_SERVER}: {exc}")
+    schema = f"test_{uuid.uuid4().hex}"
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    s = SqliteStore(tmp_path / "store.db")
-    await s.open()
-    yield s
-    await s.close()
+    async with AsyncExitStack() as stack:
+        s: SessionStore
+        if request.param == "postgres":
+            from chatgateway.store.postgres import PostgresStore
+
+            s = PostgresStore(SecretStr(await stack.enter_async_context(postgres_schema())))
+        else:
+            s = SqliteStore(tmp_path / "store.db")
+        await s.open()
+        stack.push_async_callback(s.close)
+        yield s
 
 
 async def reopen(store: SessionStore) -> SessionStore:
-    assert isinstance(store, SqliteStore)
+    """Close `store` and open the same database again (the caller closes the new one)."""
     await store.close()
-    fresh = SqliteStore(store.path)
+    fresh: SessionStore
+    if isinstance(store, SqliteStore):
+        fresh = SqliteStore(store.path)
+    else:
+        from chatgateway.store.postgres import PostgresStore
+
+        assert isinstance(store, PostgresStore)
+        fresh = PostgresStore(store.dsn)
     await fresh.open()
     return fresh
 
@@ -224,3 +273,21 @@ async def test_gateway_setting_is_created_once_and_survives(store: SessionStore)
         assert await store.gateway_setting("visitor_secret", "third") == "first"
     finally:
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_open_store_picks_the_configured_backend(tmp_path: Path) -> None:
+    from chatgateway.config import StorageConfig
+    from chatgateway.store import open_store
+    from chatgateway.store.postgres import PostgresStore
+
+    sqlite_store = await open_store(StorageConfig(path=str(tmp_path / "s.db")))
+    assert isinstance(sqlite_store, SqliteStore)
+    await sqlite_store.close()
+    async with postgres_schema() as dsn:
+        pg = await open_store(StorageConfig(backend="postgres", dsn=SecretStr(dsn)))
+        try:
+            assert isinstance(pg, PostgresStore)
+            assert await pg.gateway_setting("x", "y") == "y"
+        finally:
+            await pg.close()
