@@ -28,12 +28,12 @@ from chatgateway.models import (
     Turn,
 )
 from chatgateway.store.base import ApiKeyRecord, TenantRecord
-from chatgateway.store.sqlite import (
-    _SESSION_COLUMNS,
+from chatgateway.store.rows import (
     DEDUP_RETENTION,
-    _key_from_row,
-    _session_from_row,
+    SESSION_COLUMNS,
+    key_from_row,
     new_session_id,
+    session_from_row,
 )
 
 # The SQLite schema in PostgreSQL types; timestamps stay float seconds (double precision).
@@ -151,7 +151,7 @@ class PostgresStore:
 
     async def find_active_session(self, key: SessionKey, *, idle_since: float) -> Session | None:
         rows = await self._read(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant_id = %s AND platform = %s "
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = %s AND platform = %s "
             "AND conversation_id = %s AND thread_id = %s AND user_id = %s AND last_active >= %s "
             "ORDER BY last_active DESC LIMIT 1",
             (
@@ -163,14 +163,14 @@ class PostgresStore:
                 idle_since,
             ),
         )
-        return _session_from_row(rows[0]) if rows else None
+        return session_from_row(rows[0]) if rows else None
 
     async def get_session(self, tenant_id: TenantId, session_id: SessionId) -> Session | None:
         rows = await self._read(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = %s AND tenant_id = %s",
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = %s AND tenant_id = %s",
             (session_id, tenant_id),
         )
-        return _session_from_row(rows[0]) if rows else None
+        return session_from_row(rows[0]) if rows else None
 
     async def create_session(
         self, key: SessionKey, *, kind: ConversationKind, user_name: str | None, now: float
@@ -184,7 +184,7 @@ class PostgresStore:
             conversation_kind=kind,
         )
         await self._write(
-            f"INSERT INTO sessions ({_SESSION_COLUMNS}) "
+            f"INSERT INTO sessions ({SESSION_COLUMNS}) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 session.id,
@@ -266,7 +266,7 @@ class PostgresStore:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Session]:
-        sql = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant_id = %s"
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = %s"
         params: list[Any] = [tenant_id]
         if user_id is not None:
             sql += " AND user_id = %s"
@@ -276,7 +276,7 @@ class PostgresStore:
             params.append(platform.value)
         sql += " ORDER BY last_active DESC LIMIT %s OFFSET %s"
         params += [limit, offset]
-        return [_session_from_row(r) for r in await self._read(sql, tuple(params))]
+        return [session_from_row(r) for r in await self._read(sql, tuple(params))]
 
     async def delete_session(self, tenant_id: TenantId, session_id: SessionId) -> bool:
         async with self._connection() as conn, conn.transaction():
@@ -366,7 +366,7 @@ class PostgresStore:
             "WHERE key_id = %s",
             (key_id,),
         )
-        return _key_from_row(rows[0]) if rows else None
+        return key_from_row(rows[0]) if rows else None
 
     async def list_api_keys(self, tenant_id: TenantId) -> list[ApiKeyRecord]:
         rows = await self._read(
@@ -374,7 +374,7 @@ class PostgresStore:
             "WHERE tenant_id = %s ORDER BY created_at",
             (tenant_id,),
         )
-        return [_key_from_row(r) for r in rows]
+        return [key_from_row(r) for r in rows]
 
     async def delete_api_key(self, tenant_id: TenantId, key_id: str) -> bool:
         deleted = await self._write(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import secrets
 import sqlite3
 import threading
 import time
@@ -35,6 +34,13 @@ from chatgateway.models import (
     Turn,
 )
 from chatgateway.store.base import ApiKeyRecord, TenantRecord
+from chatgateway.store.rows import (
+    DEDUP_RETENTION,
+    SESSION_COLUMNS,
+    key_from_row,
+    new_session_id,
+    session_from_row,
+)
 
 T = TypeVar("T")
 
@@ -91,39 +97,8 @@ CREATE TABLE IF NOT EXISTS gateway_settings (
 );
 """
 
-_SESSION_COLUMNS = (
-    "id, tenant_id, platform, conversation_id, thread_id, user_id, user_name, kind, "
-    "created_at, last_active, message_count"
-)
-
 #: How many recent turns of a hot session are kept in memory.
 HISTORY_CACHE = 64
-#: How long a processed event id is remembered (Slack retries for about 5 minutes).
-DEDUP_RETENTION = 24 * 3600.0
-
-
-def new_session_id() -> SessionId:
-    """An opaque, unguessable session id (144 random bits)."""
-    return SessionId("s_" + secrets.token_urlsafe(18))
-
-
-def _session_from_row(row: tuple[Any, ...]) -> Session:
-    key = SessionKey(
-        tenant_id=TenantId(row[1]),
-        platform=Platform(row[2]),
-        conversation_id=row[3],
-        thread_id=row[4],
-        user_id=row[5],
-    )
-    return Session(
-        id=SessionId(row[0]),
-        key=key,
-        user_name=row[6],
-        conversation_kind=ConversationKind(row[7]),
-        created_at=row[8],
-        last_active=row[9],
-        message_count=row[10],
-    )
 
 
 @dataclass(slots=True)
@@ -387,12 +362,12 @@ class SqliteStore:
             self._hot.move_to_end(session_id)
             return hot
         rows = self._read(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND tenant_id = ?",
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND tenant_id = ?",
             (session_id, tenant_id),
         )
         if not rows:
             return None
-        session = _session_from_row(rows[0])
+        session = session_from_row(rows[0])
         return self._remember(session, self._read_turns(tenant_id, session_id, HISTORY_CACHE))
 
     def _read_turns(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
@@ -414,7 +389,7 @@ class SqliteStore:
         rows = self._read(
             # Pinned: without statistics the planner may walk sessions_by_activity instead to
             # avoid sorting, which scans every session of the tenant.
-            f"SELECT {_SESSION_COLUMNS} FROM sessions INDEXED BY sessions_by_key "
+            f"SELECT {SESSION_COLUMNS} FROM sessions INDEXED BY sessions_by_key "
             "WHERE tenant_id = ? AND platform = ? "
             "AND conversation_id = ? AND thread_id = ? AND user_id = ? AND last_active >= ? "
             "ORDER BY last_active DESC LIMIT 1",
@@ -429,7 +404,7 @@ class SqliteStore:
         )
         if not rows:
             return None
-        session = _session_from_row(rows[0])
+        session = session_from_row(rows[0])
         hot = self._remember(session, self._read_turns(key.tenant_id, session.id, HISTORY_CACHE))
         return hot.session
 
@@ -463,7 +438,7 @@ class SqliteStore:
         )
         await self._write(
             lambda c: c.execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row
+                f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row
             )
         )
         self._remember(session)
@@ -532,7 +507,7 @@ class SqliteStore:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Session]:
-        sql = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE tenant_id = ?"
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = ?"
         params: list[Any] = [tenant_id]
         if user_id is not None:
             sql += " AND user_id = ?"
@@ -542,7 +517,7 @@ class SqliteStore:
             params.append(platform.value)
         sql += " ORDER BY last_active DESC LIMIT ? OFFSET ?"
         params += [limit, offset]
-        sessions = [_session_from_row(r) for r in self._read(sql, tuple(params))]
+        sessions = [session_from_row(r) for r in self._read(sql, tuple(params))]
         # The hot copy is authoritative for sessions touched since they were read.
         return [hot.session if (hot := self._hot.get(s.id)) is not None else s for s in sessions]
 
@@ -655,7 +630,7 @@ class SqliteStore:
             "SELECT key_id, tenant_id, key_hash, label, created_at FROM api_keys WHERE key_id = ?",
             (key_id,),
         )
-        return _key_from_row(rows[0]) if rows else None
+        return key_from_row(rows[0]) if rows else None
 
     async def list_api_keys(self, tenant_id: TenantId) -> list[ApiKeyRecord]:
         rows = self._read(
@@ -663,7 +638,7 @@ class SqliteStore:
             "WHERE tenant_id = ? ORDER BY created_at",
             (tenant_id,),
         )
-        return [_key_from_row(r) for r in rows]
+        return [key_from_row(r) for r in rows]
 
     async def delete_api_key(self, tenant_id: TenantId, key_id: str) -> bool:
         cur = await self._write(
@@ -685,6 +660,3 @@ class SqliteStore:
 
         return await self._write(op)
 
-
-def _key_from_row(row: tuple[Any, ...]) -> ApiKeyRecord:
-    return ApiKeyRecord(row[0], TenantId(row[1]), row[2], row[3], row[4])

@@ -1,0 +1,47 @@
+"""What every SQL backend shares: the session columns, row converters, ids and retention."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from chatgateway.models import ConversationKind, Platform, Session, SessionId, SessionKey, TenantId
+from chatgateway.store.base import ApiKeyRecord
+
+SESSION_COLUMNS = (
+    "id, tenant_id, platform, conversation_id, thread_id, user_id, user_name, kind, "
+    "created_at, last_active, message_count"
+)
+
+#: How long a processed event id is remembered (Slack retries for about 5 minutes).
+DEDUP_RETENTION = 24 * 3600.0
+
+
+def new_session_id() -> SessionId:
+    """An opaque, unguessable session id (144 random bits)."""
+    return SessionId("s_" + secrets.token_urlsafe(18))
+
+
+def session_from_row(row: tuple[Any, ...]) -> Session:
+    """A Session from a row of SESSION_COLUMNS."""
+    key = SessionKey(
+        tenant_id=TenantId(row[1]),
+        platform=Platform(row[2]),
+        conversation_id=row[3],
+        thread_id=row[4],
+        user_id=row[5],
+    )
+    return Session(
+        id=SessionId(row[0]),
+        key=key,
+        user_name=row[6],
+        conversation_kind=ConversationKind(row[7]),
+        created_at=row[8],
+        last_active=row[9],
+        message_count=row[10],
+    )
+
+
+def key_from_row(row: tuple[Any, ...]) -> ApiKeyRecord:
+    """An ApiKeyRecord from a row of (key_id, tenant_id, key_hash, label, created_at)."""
+    return ApiKeyRecord(row[0], TenantId(row[1]), row[2], row[3], row[4])
