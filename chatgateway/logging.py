@@ -149,9 +149,9 @@ class _LineWriter:
     """Writes the gateway's own log lines to `stream`, one write per event-loop iteration.
 
     Instead of a write and flush per line, the lines logged during one loop iteration are
-    joined into one write at its end (group commit for logs; docs/performance.md). Warnings and errors are written at once
-    (with whatever is pending, in order), as are lines from outside the event loop, and what
-    is pending at exit.
+    joined into one write at its end (group commit for logs; docs/performance.md). Warnings
+    and errors are written at once (with whatever is pending, in order), as are lines from
+    outside the event loop, and what is pending at exit.
     """
 
     def __init__(self, stream: TextIO) -> None:

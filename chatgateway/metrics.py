@@ -68,6 +68,12 @@ class Metrics:
             ["tenant", "platform"],
             registry=r,
         )
+        self.rejected = Counter(
+            "chatgateway_messages_rejected",
+            "Messages refused before reaching the agent (overloaded: the tenant's queue is full)",
+            ["tenant", "platform", "reason"],
+            registry=r,
+        )
         self.reloads = Counter(
             "chatgateway_config_reloads",
             "Configuration reloads by result (ok, rejected)",

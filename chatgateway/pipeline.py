@@ -190,6 +190,9 @@ class Pipeline:
         agent = tenant.config.agent
         if self._per_tenant.get(message.tenant_id, 0) >= agent.max_concurrency + agent.max_queue:
             # Admission control: a flood from one tenant queues against its own limit only.
+            self.metrics.rejected.labels(
+                message.tenant_id, message.platform.value, "overloaded"
+            ).inc()
             raise OverloadedError(f"tenant {message.tenant_id} has too many messages in flight")
         event = (message.tenant_id, message.platform.value, message.message_id)
         if dedup:

@@ -174,7 +174,7 @@ EXPECTED: dict[str, dict[str, int]] = {
     # Without a credential the body must name a public tenant; neither tenant is public.
     "visitor_token": {"own": 200, "other": 200, "none": 400},
     "visitor_token_forged_tenant": {"own": 403, "other": 200, "none": 404},
-    "visitor_token_forged_tenant_query": {"own": 200, "other": 200, "none": 400},
+    "visitor_token_forged_tenant_query": {"own": 403, "other": 200, "none": 400},
     # A tenant's API key is no admin credential, not even for its own tenant.
     **{name: {"own": 401, "other": 401, "admin": admin} for name, admin in {
         "admin_list": 200,
@@ -408,6 +408,15 @@ async def test_flood_from_one_tenant_gets_429_while_another_is_served(make_agent
     assert (status, body["response"]) == (200, "agent: hi")
     statuses = sorted(s for s, _ in await asyncio.gather(*flood))
     assert statuses.count(200) == 4 and statuses.count(429) == 6
+    rejected = gw.metrics.registry.get_sample_value(
+        "chatgateway_messages_rejected_total",
+        {"tenant": "flood", "platform": "web", "reason": "overloaded"},
+    )
+    assert rejected == 6
+    assert gw.metrics.registry.get_sample_value(
+        "chatgateway_messages_rejected_total",
+        {"tenant": "calm", "platform": "web", "reason": "overloaded"},
+    ) is None
 
 
 # Admin API and runtime tenants ------------------------------------------------------------

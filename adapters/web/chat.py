@@ -356,6 +356,7 @@ async def visitor_token(request: web.Request) -> web.Response:
         tenant = found
         require_web(Principal(tenant))
         check_tenant_claim(Principal(tenant), body.tenantId)
+        check_tenant_claim(Principal(tenant), request.query.get("tenantId"))
         check_origin(request, tenant)
         user_id, kind = body.userId or new_visitor_id(), "k"
     if kept is not None:
