@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import ADMIN_TOKEN, tenant
+from tests.test_store import postgres_schema
 
 
 async def post(http, base, path, key, body):
@@ -20,10 +24,22 @@ async def get(http, base, path, key):
         return resp.status, await resp.json()
 
 
-async def test_kill_and_restart_keeps_everything(gateway_process, make_agent, http, tmp_path):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def storage(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[dict[str, Any]]:
+    """The `storage` section of a config, for each backend (a fresh schema for PostgreSQL)."""
+    if request.param == "sqlite":
+        yield {"path": str(tmp_path / "state" / "gateway.db")}
+        return
+    async with postgres_schema() as dsn:
+        yield {"backend": "postgres", "dsn": {"value": dsn}}
+
+
+async def test_kill_and_restart_keeps_everything(
+    gateway_process, make_agent, http, storage
+):
     agent = await make_agent()
     config = {"admin": {"token": {"value": ADMIN_TOKEN}},
-              "storage": {"path": str(tmp_path / "state" / "gateway.db")},
+              "storage": storage,
               "tenants": [tenant("acme", agent.url, keys=["acme-key-000001"])]}
     proc = gateway_process(config)
     status, first = await post(http, proc.url, "/api/chat", "acme-key-000001",
