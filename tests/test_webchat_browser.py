@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, Route, expect
+from playwright.async_api import Browser, BrowserContext, Page, Response, Route, expect
 
 from tests import browser as shared
 from tests.browser import GatedAgent, chromium, site, widget_host_page
@@ -357,3 +357,137 @@ async def test_a_token_of_another_tenant_is_replaced(browser, make_agent, make_g
     await expect(page.locator(AGENT)).to_have_count(1, timeout=WAIT)
     assert agent.calls[-1].body["tenant"] == "b"
     assert agent.calls[-1].body["history"] == []
+
+
+async def stored_state(page: Page) -> dict[str, Any]:
+    return json.loads(await storage_value(page))
+
+
+async def plant_state(page: Page, key: str, state: dict[str, Any]) -> None:
+    """Overwrite the page's stored chat state, as a visitor with devtools (or a script) could."""
+    await page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, json.dumps(state)])
+
+
+async def page_text(page: Page) -> str:
+    """All text in the document, hidden parts too (a leak into a hidden node is still a leak)."""
+    return await page.evaluate("document.documentElement.textContent")
+
+
+async def test_a_visitor_cannot_open_another_visitors_session(browser, make_agent, make_gateway,
+                                                              output_dir):
+    """Visitor a's page, told to show visitor b's session, gets 404 and starts a clean chat."""
+    agent = await make_agent()
+    gw = await make_gateway({"tenants": [public("acme", agent.url)]})
+    secret = "My locker code is 7391, keep it between us"
+    bob = await new_page(browser)
+    await open_chat(bob, url(gw, "/chat/acme"))
+    await send(bob, secret)
+    await expect(bob.locator(AGENT)).to_have_count(1, timeout=WAIT)
+    bob_state = await stored_state(bob)
+    bob_session = bob_state["sessionId"]
+
+    alice = await new_page(browser)
+    await open_chat(alice, url(gw, "/chat/acme"))
+    await send(alice, "Where is my parcel?")
+    await expect(alice.locator(AGENT)).to_have_count(1, timeout=WAIT)
+    alice_key, alice_state = await storage_key(alice), await stored_state(alice)
+    assert alice_state["userId"] != bob_state["userId"]
+    assert alice_state["sessionId"] != bob_session
+
+    # Alice's own valid token, but Bob's session id: only the server can say no.
+    await plant_state(alice, alice_key, {**alice_state, "sessionId": bob_session})
+    responses: list[Response] = []
+    alice.on("response", lambda r: responses.append(r))
+    bob_path = urlsplit(url(gw, f"/api/sessions/{bob_session}")).path
+    async with alice.expect_response(
+            lambda r: urlsplit(r.url).path == bob_path and r.request.method == "GET",
+            timeout=WAIT) as asked:
+        await alice.reload()
+    refused = await asked.value
+    assert refused.status == 404
+    assert (await refused.json())["error"]["code"] == "not_found"
+    await expect(alice.locator(".cg-chat")).to_have_attribute("data-state", "ready", timeout=WAIT)
+    await expect(alice.locator(".cg-messages .cg-msg")).to_have_count(0)
+    await expect(alice.locator(".cg-notice")).to_be_hidden()
+    assert secret not in await page_text(alice)
+    after = await stored_state(alice)
+    assert after["userId"] == alice_state["userId"]
+    assert "sessionId" not in after  # the page forgot the session it may not see
+
+    # The page still works: Alice chats on, in a session of her own.
+    await send(alice, "Are you still there?")
+    await expect(alice.locator(AGENT)).to_have_text("Acme: agent: Are you still there?",
+                                                    timeout=WAIT)
+    last = agent.calls[-1].body
+    assert last["user"]["id"] == alice_state["userId"]
+    assert last["sessionId"] not in (bob_session, None)
+    assert all(secret not in turn["text"] for turn in last["history"])
+    assert secret not in await page_text(alice)
+    assert [r.status for r in responses if urlsplit(r.url).path == bob_path] == [404]
+    assert alice.script_errors == []
+    await shot(alice, output_dir, "foreign-session-refused")
+
+    # Bob's conversation is untouched by Alice's attempt.
+    await bob.reload()
+    await expect(bob.locator(".cg-messages .cg-bubble")).to_have_text(
+        [secret, f"agent: {secret}"], timeout=WAIT)
+
+
+async def test_tenant_b_refuses_a_visitor_token_of_tenant_a(browser, make_agent, make_gateway,
+                                                            output_dir):
+    """Tenant b's page answers a planted token of tenant a with 401 and a visitor of its own."""
+    agent = await make_agent()
+    gw = await make_gateway({"tenants": [public("a", agent.url), public("b", agent.url)]})
+    secret = "Tenant a's order 5521 goes to Hauptstrasse 9"
+    page_a = await new_page(browser)
+    await open_chat(page_a, url(gw, "/chat/a"))
+    await send(page_a, secret)
+    await expect(page_a.locator(AGENT)).to_have_count(1, timeout=WAIT)
+    a_state = await stored_state(page_a)
+    assert a_state["token"].startswith("cgv1.p.a.") and a_state["sessionId"]
+
+    page_b = await new_page(browser)
+    await open_chat(page_b, url(gw, "/chat/b"))
+    b_key, b_first = await storage_key(page_b), await stored_state(page_b)
+    assert b_key.endswith(":b")
+    # All of a's state, token and session, where b's page keeps its own.
+    await plant_state(page_b, b_key, a_state)
+    responses: list[Response] = []
+    page_b.on("response", lambda r: responses.append(r))
+    token_path = urlsplit(url(gw, "/api/visitor-token")).path
+    a_bearer = f"Bearer {a_state['token']}"
+    async with page_b.expect_response(
+            lambda r: urlsplit(r.url).path == token_path
+            and r.request.headers.get("authorization") == a_bearer,
+            timeout=WAIT) as presented:
+        await page_b.reload()
+    refused = await presented.value
+    assert refused.status == 401
+    assert (await refused.json())["error"]["code"] == "unauthorized"
+    await expect(page_b.locator(".cg-chat")).to_have_attribute("data-state", "ready",
+                                                               timeout=WAIT)
+    await expect(page_b.locator(".cg-messages .cg-msg")).to_have_count(0)
+
+    # The refusal was followed by a fresh token of b, asked for without a credential.
+    token_calls = [r for r in responses if urlsplit(r.url).path == token_path]
+    assert [r.status for r in token_calls] == [401, 200]
+    assert "authorization" not in await token_calls[1].request.all_headers()
+    fresh = await token_calls[1].json()
+    b_state = await stored_state(page_b)
+    assert fresh["tenantId"] == "b" and b_state["token"] == fresh["token"]
+    assert b_state["token"].startswith("cgv1.p.b.")
+    assert b_state["token"] not in (a_state["token"], b_first["token"])
+    assert b_state["userId"] not in (a_state["userId"], b_first["userId"])
+    assert "sessionId" not in b_state
+    # a's session was never even asked for, and nothing of a's conversation is shown.
+    assert not [r for r in responses if a_state["sessionId"] in r.url]
+    assert secret not in await page_text(page_b)
+
+    await send(page_b, "hello b")
+    await expect(page_b.locator(AGENT)).to_have_text("B: agent: hello b", timeout=WAIT)
+    last = agent.calls[-1].body
+    assert (last["tenant"], last["user"]["id"], last["history"]) == ("b", b_state["userId"], [])
+    assert last["sessionId"] != a_state["sessionId"]
+    assert secret not in await page_text(page_b)
+    assert page_b.script_errors == []
+    await shot(page_b, output_dir, "foreign-tenant-token-refused")
