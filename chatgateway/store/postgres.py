@@ -32,6 +32,7 @@ from chatgateway.store.rows import (
     DEDUP_RETENTION,
     SESSION_COLUMNS,
     key_from_row,
+    list_sessions_query,
     new_session_id,
     session_from_row,
 )
@@ -266,17 +267,8 @@ class PostgresStore:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Session]:
-        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = %s"
-        params: list[Any] = [tenant_id]
-        if user_id is not None:
-            sql += " AND user_id = %s"
-            params.append(user_id)
-        if platform is not None:
-            sql += " AND platform = %s"
-            params.append(platform.value)
-        sql += " ORDER BY last_active DESC LIMIT %s OFFSET %s"
-        params += [limit, offset]
-        return [session_from_row(r) for r in await self._read(sql, tuple(params))]
+        sql, params = list_sessions_query("%s", tenant_id, user_id, platform, limit, offset)
+        return [session_from_row(r) for r in await self._read(sql, params)]
 
     async def delete_session(self, tenant_id: TenantId, session_id: SessionId) -> bool:
         async with self._connection() as conn, conn.transaction():

@@ -42,6 +42,27 @@ def session_from_row(row: tuple[Any, ...]) -> Session:
     )
 
 
+def list_sessions_query(
+    mark: str,
+    tenant_id: TenantId,
+    user_id: str | None,
+    platform: Platform | None,
+    limit: int,
+    offset: int,
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL and parameters of `list_sessions`; `mark` is the driver's placeholder."""
+    sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = {mark}"
+    params: list[Any] = [tenant_id]
+    if user_id is not None:
+        sql += f" AND user_id = {mark}"
+        params.append(user_id)
+    if platform is not None:
+        sql += f" AND platform = {mark}"
+        params.append(platform.value)
+    sql += f" ORDER BY last_active DESC LIMIT {mark} OFFSET {mark}"
+    return sql, (*params, limit, offset)
+
+
 def key_from_row(row: tuple[Any, ...]) -> ApiKeyRecord:
     """An ApiKeyRecord from a row of (key_id, tenant_id, key_hash, label, created_at)."""
     return ApiKeyRecord(row[0], TenantId(row[1]), row[2], row[3], row[4])

@@ -38,6 +38,7 @@ from chatgateway.store.rows import (
     DEDUP_RETENTION,
     SESSION_COLUMNS,
     key_from_row,
+    list_sessions_query,
     new_session_id,
     session_from_row,
 )
@@ -507,17 +508,8 @@ class SqliteStore:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Session]:
-        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = ?"
-        params: list[Any] = [tenant_id]
-        if user_id is not None:
-            sql += " AND user_id = ?"
-            params.append(user_id)
-        if platform is not None:
-            sql += " AND platform = ?"
-            params.append(platform.value)
-        sql += " ORDER BY last_active DESC LIMIT ? OFFSET ?"
-        params += [limit, offset]
-        sessions = [session_from_row(r) for r in self._read(sql, tuple(params))]
+        sql, params = list_sessions_query("?", tenant_id, user_id, platform, limit, offset)
+        sessions = [session_from_row(r) for r in self._read(sql, params)]
         # The hot copy is authoritative for sessions touched since they were read.
         return [hot.session if (hot := self._hot.get(s.id)) is not None else s for s in sessions]
 
