@@ -161,12 +161,13 @@ def check_text(data: Any) -> None:
     stack: list[tuple[tuple[int | str, ...], Any]] = [((), data)]
     while stack:  # not recursive: the JSON may be nested nearly to the recursion limit
         loc, value = stack.pop()
-        where = format_loc(loc) or "body"
         if isinstance(value, str) and not _is_text(value):
+            where = format_loc(loc) or "body"
             raise ApiError(400, "invalid_body", f"{where}: not valid UTF-8 text")
         if isinstance(value, dict):
             for key, item in value.items():
                 if not _is_text(key):
+                    where = format_loc(loc) or "body"
                     raise ApiError(400, "invalid_body", f"{where}: a key is not valid UTF-8 text")
                 stack.append(((*loc, key), item))
         elif isinstance(value, list):
