@@ -211,15 +211,19 @@ class SlackAppConfig(Model):
     )
 
 
+def _check_unique(names: list[str], what: str) -> None:
+    """Adapters are keyed by name: two of one name in a tenant would silently run as one."""
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{what} names must be unique within a tenant: {', '.join(duplicates)}")
+
+
 class SlackConfig(Model):
     apps: list[SlackAppConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_names(self) -> SlackConfig:
-        names = [app.name for app in self.apps]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"app names must be unique within a tenant: {', '.join(duplicates)}")
+        _check_unique([app.name for app in self.apps], "app")
         return self
 
 
@@ -254,11 +258,7 @@ class DiscordConfig(Model):
 
     @model_validator(mode="after")
     def _unique_names(self) -> DiscordConfig:
-        # Adapters are keyed by name: two bots of one name would silently run as one.
-        names = [bot.name for bot in self.bots]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"bot names must be unique within a tenant: {', '.join(duplicates)}")
+        _check_unique([bot.name for bot in self.bots], "bot")
         return self
 
 
