@@ -168,14 +168,6 @@ class HttpAgentInvoker:
         self._active += 1
         self._idle.clear()
         try:
-            return await self._invoke(request, on_delta)
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
-
-    async def _invoke(self, request: AgentRequest, on_delta: DeltaSink | None) -> str:
-        try:
             async with asyncio.timeout(self.config.timeout):
                 await self._slots.acquire()
                 try:
@@ -184,6 +176,10 @@ class HttpAgentInvoker:
                     self._slots.release()
         except TimeoutError:
             raise AgentError("timeout", f"no answer within {self.config.timeout:g}s") from None
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
 
     async def _call_with_retries(self, request: AgentRequest, on_delta: DeltaSink | None) -> str:
         body = codec.dumps(agent_payload(request))

@@ -20,6 +20,8 @@ import ahocorasick
 import structlog
 from pydantic import BaseModel, SecretStr
 
+from chatgateway import codec
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -264,7 +266,7 @@ def configure_logging(
         scrubber,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=codec.log_line)
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )

@@ -164,53 +164,40 @@ class Pipeline:
         UnavailableError once the gateway has begun to shut down (unless the message was
         reserved before).
         """
-        if reservation is None:
-            return await self._admit(message, session_id, new_session, dedup, on_delta, None)
         try:
-            return await self._admit(message, session_id, new_session, dedup, on_delta, reservation)
+            if not self.accepting and (reservation is None or not reservation.held):
+                raise UnavailableError("the gateway is shutting down")
+            tenant = self.tenants.get(message.tenant_id)
+            if tenant is None:
+                raise NotFoundError(f"no tenant {message.tenant_id!r}")
+            series = self._metrics_for(message)
+            series.messages_in.inc()
+            agent = tenant.config.agent
+            limit = agent.max_concurrency + agent.max_queue
+            if self._per_tenant.get(message.tenant_id, 0) >= limit:
+                # Admission control: a flood from one tenant queues against its own limit only.
+                self.metrics.rejected.labels(
+                    message.tenant_id, message.platform.value, "overloaded"
+                ).inc()
+                raise OverloadedError(f"tenant {message.tenant_id} has too many messages in flight")
+            event = (message.tenant_id, message.platform.value, message.message_id)
+            if dedup:
+                if event in self._in_flight or await self.store.is_processed(
+                    message.tenant_id, message.platform, message.message_id
+                ):
+                    series.deduplicated.inc()
+                    log.info(
+                        "message_duplicate",
+                        tenant_id=message.tenant_id,
+                        platform=message.platform.value,
+                        message_id=message.message_id,
+                    )
+                    return Reply(None, "", "duplicate")
+                self._in_flight.add(event)
+            self._active += 1
         finally:
-            reservation.release()
-
-    async def _admit(
-        self,
-        message: NormalizedMessage,
-        session_id: SessionId | None,
-        new_session: bool,
-        dedup: bool,
-        on_delta: DeltaSink | None,
-        reservation: Reservation | None,
-    ) -> Reply:
-        if not self.accepting and (reservation is None or not reservation.held):
-            raise UnavailableError("the gateway is shutting down")
-        tenant = self.tenants.get(message.tenant_id)
-        if tenant is None:
-            raise NotFoundError(f"no tenant {message.tenant_id!r}")
-        series = self._metrics_for(message)
-        series.messages_in.inc()
-        agent = tenant.config.agent
-        if self._per_tenant.get(message.tenant_id, 0) >= agent.max_concurrency + agent.max_queue:
-            # Admission control: a flood from one tenant queues against its own limit only.
-            self.metrics.rejected.labels(
-                message.tenant_id, message.platform.value, "overloaded"
-            ).inc()
-            raise OverloadedError(f"tenant {message.tenant_id} has too many messages in flight")
-        event = (message.tenant_id, message.platform.value, message.message_id)
-        if dedup:
-            if event in self._in_flight or await self.store.is_processed(
-                message.tenant_id, message.platform, message.message_id
-            ):
-                series.deduplicated.inc()
-                log.info(
-                    "message_duplicate",
-                    tenant_id=message.tenant_id,
-                    platform=message.platform.value,
-                    message_id=message.message_id,
-                )
-                return Reply(None, "", "duplicate")
-            self._in_flight.add(event)
-        self._active += 1
-        if reservation is not None:
-            reservation.release()  # from here on `_active` counts the message
+            if reservation is not None:
+                reservation.release()  # from here on `_active` counts the message
         self._per_tenant[message.tenant_id] = self._per_tenant.get(message.tenant_id, 0) + 1
         self._idle.clear()
         try:

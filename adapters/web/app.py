@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from adapters.web import schemas
+from chatgateway import codec
 from chatgateway.config import ServerConfig, format_loc
 from chatgateway.errors import (
     ConfigError,
@@ -135,7 +136,7 @@ async def read_json(request: web.Request, model: type[B]) -> B:
 def parse_json(raw: bytes) -> Any:
     """Decode a JSON body: 400 malformed_json if it is not JSON, invalid_body if not text."""
     try:
-        data = json.loads(raw)
+        data = codec.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -273,7 +274,7 @@ def web_message(principal: Principal, body: schemas.ChatRequest) -> NormalizedMe
         conversation=Conversation(id=body.userId, kind=ConversationKind.WEB),
         user=User(id=body.userId, display_name=body.userName),
         text=body.message,
-        message_id=uuid.uuid4().hex,
+        message_id=os.urandom(16).hex(),
         timestamp=time.time(),
         metadata=body.metadata,
     )
