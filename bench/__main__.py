@@ -22,8 +22,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny numbers: checks it all runs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--only", default="web,slack,discord,scale",
-                        help="comma-separated parts: web, slack, discord, scale")
+    parser.add_argument("--only", default="web,instructions,slack,discord,scale",
+                        help="comma-separated parts: web, instructions, slack, discord, scale")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk (C, needs `apt-get install wrk`) or an aiohttp "
                         "client in its own process; auto picks wrk when installed")
@@ -41,6 +41,12 @@ def main() -> None:
             print()
             print(table(rows, ["path", "target", "req/s", "p50 ms", "p99 ms", "cpu us/req",
                                "errors", "ratio (median of rounds)"]))
+        if "instructions" in parts:
+            from bench import instructions
+
+            print()
+            rows = instructions.run(workdir / "instructions", 100 if args.smoke else 400)
+            print(table(rows, ["path", "target", "instructions/request", "vs forwarder"]))
         if "slack" in parts:
             from bench import slack
 

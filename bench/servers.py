@@ -1,7 +1,7 @@
 """Small servers the benchmark runs in their own processes: the fast agent and the bare forwarder.
 
-`python -m bench.servers agent` or `python -m bench.servers forwarder AGENT_URL`; each prints
-`PORT <n>` once listening on 127.0.0.1.
+`python -m bench.servers agent` or `python -m bench.servers forwarder AGENT_URL [PORT]`; each
+prints `PORT <n>` once listening on 127.0.0.1 (on PORT if given, else on a free port).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ def forwarder_app(agent_url: str) -> web.Application:
     return app
 
 
-async def serve(app: web.Application) -> None:
+async def serve(app: web.Application, port: int = 0) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     print(f"PORT {runner.addresses[0][1]}", flush=True)
     await asyncio.Event().wait()
@@ -55,15 +55,17 @@ async def serve(app: web.Application) -> None:
 
 def main() -> None:
     kind = sys.argv[1]
+    port = 0
     if kind == "agent":
         app = web.Application()
         app.router.add_post("/agent", agent_handler)
     elif kind == "forwarder":
         app = forwarder_app(sys.argv[2])
+        port = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     else:
         raise SystemExit(f"unknown server {kind!r}")
     try:
-        asyncio.run(serve(app))
+        asyncio.run(serve(app, port))
     except KeyboardInterrupt:
         pass
 

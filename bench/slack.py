@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.platform import paced
 from bench.procs import start_gateway, start_server
-from tests.fakes.slack import FakeSlack
+from tests.fakes.slack import FakeSlack, Posted
 
 
 async def run(workdir: Path, rate: float, count: int) -> list[list[str]]:
@@ -25,10 +25,20 @@ async def run(workdir: Path, rate: float, count: int) -> list[list[str]]:
         }, name="slack")
         await fake.wait_connected(app, within=60)
         event_of_channel: dict[str, str] = {}
+        replies: dict[str, float] = {}
+        unmatched: list[Posted] = []
+        read = 0
 
         def answered() -> dict[str, float]:
-            return {event_of_channel[p.channel]: p.at for p in fake.posted
-                    if p.channel in event_of_channel}
+            # Only the posts since the last call: it runs on every reply, on the fake's loop,
+            # and a rescan of every post each time slowed the fake (and so its ack timing).
+            nonlocal read, unmatched
+            fresh, read = [*unmatched, *fake.posted[read:]], len(fake.posted)
+            unmatched = [p for p in fresh if p.channel not in event_of_channel]
+            for p in fresh:
+                if p.channel in event_of_channel:
+                    replies.setdefault(event_of_channel[p.channel], p.at)
+            return replies
 
         async def changed() -> None:
             seen = len(fake.posted)

@@ -131,6 +131,9 @@ class FakeSlack:
         self.echo_own_messages = echo_own_messages
         self.apps: list[FakeApp] = []
         self.deliveries: list[Delivery] = []
+        #: Unacked deliveries by envelope id, in delivery order: an ack finds its own at once
+        #: (a scan of every delivery per ack slowed the fake's loop, and so every later ack).
+        self._unacked: dict[str, list[Delivery]] = {}
         self.posted: list[Posted] = []
         self.reactions: list[Reaction] = []
         self.calls: list[ApiCall] = []
@@ -316,6 +319,8 @@ class FakeSlack:
         sock = await self._pick_socket(app)
         delivery = Delivery(envelope, app, sock.id if sock else None, time.monotonic())
         self.deliveries.append(delivery)
+        if "envelope_id" in envelope:
+            self._unacked.setdefault(delivery.envelope_id, []).append(delivery)
         if sock is not None and not sock.silent:
             with contextlib.suppress(Exception):
                 await sock.ws.send_str(json.dumps(envelope))
@@ -570,11 +575,13 @@ class FakeSlack:
             return
         envelope_id = ack.get("envelope_id") if isinstance(ack, dict) else None
         now = time.monotonic()
-        for delivery in self.deliveries:
-            if delivery.envelope_id == envelope_id and delivery.acked_at is None:
-                delivery.acked_at = now
-                delivery.ack = ack
-                break
+        waiting = self._unacked.get(str(envelope_id), [])
+        if waiting:
+            delivery = waiting.pop(0)
+            if not waiting:
+                del self._unacked[delivery.envelope_id]
+            delivery.acked_at = now
+            delivery.ack = ack
         await self._notify()
 
 
