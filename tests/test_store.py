@@ -176,6 +176,75 @@ async def test_a_queued_exchange_is_invisible_until_committed(tmp_path: Path) ->
         await store.close()
 
 
+async def test_a_locked_database_does_not_stall_the_loop_and_keeps_write_order(
+    tmp_path: Path,
+) -> None:
+    """Commits run on the loop, but never wait there: a locked database sends the batch to
+    the writer thread, and the writes after it follow it there, in order."""
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        sid = await new(store, key(A))
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        now = time.time()
+        first = asyncio.create_task(store.record_exchange(
+            A, sid, [Turn(Role.USER, "q1", now), Turn(Role.AGENT, "a1", now)], max_turns=100))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(store.record_exchange(
+            A, sid, [Turn(Role.USER, "q2", now + 1)], max_turns=100))
+        ticks, started = 0, time.monotonic()
+        while ticks < 20:  # the loop keeps running while the writes wait for the lock
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert time.monotonic() - started < 2.0
+        assert not first.done() and not second.done()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        # Free now, but the thread has not caught up: this write must queue behind it.
+        third = asyncio.create_task(store.record_exchange(
+            A, sid, [Turn(Role.AGENT, "a2", now + 2)], max_turns=100))
+        await asyncio.wait_for(asyncio.gather(first, second, third), 10)
+        assert [t.text for t in await store.history(A, sid, 10)] == ["q1", "a1", "q2", "a2"]
+        # Caught up: the loop commits again.
+        await store.record_exchange(A, sid, [Turn(Role.USER, "q3", now + 3)], max_turns=100)
+    finally:
+        await store.close()
+    fresh = SqliteStore(tmp_path / "store.db")
+    await fresh.open()
+    try:
+        session = await fresh.get_session(A, sid)
+        assert session is not None and session.message_count == 5
+        assert [t.text for t in await fresh.history(A, sid, 10)] == ["q1", "a1", "q2", "a2", "q3"]
+    finally:
+        await fresh.close()
+
+
+async def test_the_writer_thread_checkpoints_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's commits never checkpoint (a checkpoint fsyncs); the idle thread does."""
+    from chatgateway.store import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_INTERVAL", 0.05)
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        sid = await new(store, key(A))
+        await asyncio.sleep(0.3)  # the session's page reaches the file
+        before = os.path.getsize(store.path)
+        turns = [Turn(Role.USER, "x" * 2000, time.time())]
+        await asyncio.gather(*(
+            store.record_exchange(A, sid, turns, max_turns=1000) for _ in range(200)
+        ))
+        deadline = time.monotonic() + 10
+        while os.path.getsize(store.path) <= before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert os.path.getsize(store.path) > before + 200 * 2000 // 2
+    finally:
+        await store.close()
+
+
 async def test_list_and_delete(store: SessionStore) -> None:
     s1 = await new(store, key(A, "u1"))
     s2 = await new(store, key(A, "u2"))
