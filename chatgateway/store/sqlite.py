@@ -5,13 +5,14 @@ aiosqlite's thread hop costs more than an indexed read. So the writes of one eve
 iteration are committed together in one transaction (group commit) and the waiting coroutines
 are woken only after the commit. The commit runs on the loop itself: in WAL mode without
 fsync per commit it is a few tens of microseconds, cheaper than handing the batch to a thread
-(measured: 14-28% more requests/s, as the second thread on the other core slowed the loop's
-own work). The loop never waits for a lock, though: when another connection holds the
-database (a `chatgateway keys` command, say), or a batch fails, the batch goes to one
-dedicated writer thread, which waits for the lock and retries each write on its own, and every
-later batch follows it there until it has caught up, so writes stay in order. The thread also
-runs the WAL checkpoints, which fsync. Reads are plain indexed queries on a connection used
-only by the event loop, and hot sessions with their recent turns are kept in memory.
+(measured: 31-39% more requests/s on the web path, as a second thread busy on the other core
+slowed the loop's own work). The loop never waits for a lock, though: when another connection
+holds the database (a `chatgateway keys` command, say), or a batch fails, the batch goes to
+one dedicated writer thread, which waits for the lock and retries each write on its own, and
+every later batch follows it there until it has caught up, so writes stay in order. Writes of
+many rows (pruning, deleting a tenant, the dedup clean-up) always go to the thread, and so do
+the WAL checkpoints, which fsync. Reads are plain indexed queries on a connection used only
+by the event loop, and hot sessions with their recent turns are kept in memory.
 """
 
 from __future__ import annotations
@@ -176,12 +177,18 @@ class _Writer(threading.Thread):
         self._inline: sqlite3.Connection | None = None
         #: Batches handed to the thread and not settled yet; while any are, later ones follow.
         self._handed = 0
+        #: The outbox holds a write that may take long (many rows): the thread commits it.
+        self._outbox_slow = False
 
-    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue `op`; it is committed with the rest of this loop iteration's writes."""
+    def submit(
+        self, op: Callable[[sqlite3.Connection], T], *, slow: bool = False
+    ) -> asyncio.Future[T]:
+        """Queue `op`; it is committed with the rest of this loop iteration's writes. A `slow`
+        op (a delete of many rows) sends its batch to the thread, off the event loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._outbox.append((op, future))
+        self._outbox_slow = self._outbox_slow or slow
         if len(self._outbox) == 1:
             loop.call_soon(self.post)
         return future
@@ -192,7 +199,8 @@ class _Writer(threading.Thread):
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
-        if self._handed == 0 and self._inline is not None:
+        slow, self._outbox_slow = self._outbox_slow, False
+        if self._handed == 0 and self._inline is not None and not slow:
             results = _try_batch(self._inline, batch)
             if results is not None:
                 _settle(results)
@@ -381,7 +389,8 @@ class SqliteStore:
             lambda c: c.execute(
                 "DELETE FROM processed_events WHERE processed_at < ?",
                 (time.time() - DEDUP_RETENTION,),
-            )
+            ),
+            slow=True,
         )
 
     async def close(self) -> None:
@@ -395,10 +404,12 @@ class SqliteStore:
         self._hot.clear()
         self._by_key.clear()
 
-    def _write(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _write(
+        self, op: Callable[[sqlite3.Connection], T], *, slow: bool = False
+    ) -> asyncio.Future[T]:
         if self._writer is None:
             raise RuntimeError("store is closed")
-        return self._writer.submit(op)
+        return self._writer.submit(op, slow=slow)
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         if self._reader is None:
@@ -643,7 +654,7 @@ class SqliteStore:
                 )
             return ids
 
-        ids = await self._write(op)
+        ids = await self._write(op, slow=True)
         for session_id in ids:
             self._forget(SessionId(session_id))
         return len(ids)
@@ -680,7 +691,7 @@ class SqliteStore:
             for table in ("tenants", "api_keys", "sessions", "turns", "processed_events"):
                 c.execute(f"DELETE FROM {table} WHERE tenant_id = ?", (tenant_id,))
 
-        await self._write(op)
+        await self._write(op, slow=True)
         for session_id in [s for s, h in self._hot.items() if h.session.tenant_id == tenant_id]:
             self._forget(session_id)
 
