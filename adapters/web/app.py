@@ -73,6 +73,15 @@ class Principal:
     user_id: str | None = None
 
 
+def json_response(
+    data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON answer, encoded with orjson (`aiohttp.web.json_response` uses `json`)."""
+    return web.Response(
+        body=codec.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
+
+
 class ApiError(web.HTTPException):
     """An error answered as {"error": {"code", "message"}} with the given status."""
 
@@ -323,7 +332,7 @@ async def chat(request: web.Request) -> web.Response:
         dedup=False,
     )
     assert reply.session is not None
-    return web.json_response({"sessionId": reply.session.id, "response": reply.text})
+    return json_response({"sessionId": reply.session.id, "response": reply.text})
 
 
 #: The largest offset accepted; SQLite would raise OverflowError past 64 bits (a 500).
@@ -355,7 +364,7 @@ async def list_sessions(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_query", "platform must be web, slack or discord")
     if principal.user_id is not None:  # a visitor: web sessions only (see visible_session)
         if platform not in (None, Platform.WEB.value):
-            return web.json_response([])
+            return json_response([])
         platform = Platform.WEB.value
     sessions = await request.app[CONTEXT].store.list_sessions(
         principal.tenant.id,
@@ -364,7 +373,7 @@ async def list_sessions(request: web.Request) -> web.Response:
         limit=limit,
         offset=offset,
     )
-    return web.json_response([session_summary(s) for s in sessions])
+    return json_response([session_summary(s) for s in sessions])
 
 
 @routes.get("/api/sessions/{session_id}")
@@ -379,7 +388,7 @@ async def get_session(request: web.Request) -> web.Response:
     detail["transcript"] = [
         {"role": t.role.value, "text": t.text, "timestamp": t.timestamp} for t in turns
     ]
-    return web.json_response(detail)
+    return json_response(detail)
 
 
 @routes.delete("/api/sessions/{session_id}")
@@ -395,7 +404,7 @@ async def delete_session(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     from adapters.web.openapi import openapi_document
 
-    return web.json_response(openapi_document())
+    return json_response(openapi_document())
 
 
 # Admin API -------------------------------------------------------------------------------
@@ -444,7 +453,7 @@ def _config_error(exc: ConfigError) -> ApiError:
 async def admin_list_tenants(request: web.Request) -> web.Response:
     require_admin(request)
     tenants = sorted(request.app[CONTEXT].tenants.all(), key=lambda t: t.id)
-    return web.json_response([tenant_info(t) for t in tenants])
+    return json_response([tenant_info(t) for t in tenants])
 
 
 @routes.post("/admin/tenants")
@@ -457,7 +466,7 @@ async def admin_create_tenant(request: web.Request) -> web.Response:
         raise _config_error(exc) from None
     except ConflictError as exc:
         raise ApiError(409, "conflict", str(exc)) from None
-    return web.json_response(tenant_info(runtime), status=201)
+    return json_response(tenant_info(runtime), status=201)
 
 
 def _admin_tenant(request: web.Request) -> TenantRuntime:
@@ -471,7 +480,7 @@ def _admin_tenant(request: web.Request) -> TenantRuntime:
 @routes.get("/admin/tenants/{tenant_id}")
 async def admin_get_tenant(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response(tenant_info(_admin_tenant(request)))
+    return json_response(tenant_info(_admin_tenant(request)))
 
 
 @routes.put("/admin/tenants/{tenant_id}")
@@ -487,7 +496,7 @@ async def admin_update_tenant(request: web.Request) -> web.Response:
         raise _config_error(exc) from None
     except ConflictError as exc:
         raise ApiError(409, "conflict", str(exc)) from None
-    return web.json_response(tenant_info(runtime))
+    return json_response(tenant_info(runtime))
 
 
 @routes.delete("/admin/tenants/{tenant_id}")
@@ -505,7 +514,7 @@ async def admin_list_keys(request: web.Request) -> web.Response:
     require_admin(request)
     runtime = _admin_tenant(request)
     keys = await request.app[CONTEXT].store.list_api_keys(runtime.id)
-    return web.json_response(
+    return json_response(
         [{"keyId": k.key_id, "label": k.label, "createdAt": k.created_at} for k in keys]
     )
 
@@ -520,7 +529,7 @@ async def admin_create_key(request: web.Request) -> web.Response:
         else schemas.KeyCreateRequest()
     )
     record, key = await request.app[CONTEXT].tenants.create_key(runtime.id, body.label)
-    return web.json_response(
+    return json_response(
         {"keyId": record.key_id, "key": key, "label": record.label}, status=201
     )
 

@@ -37,6 +37,7 @@ from adapters.web.app import (
     bearer,
     chat_request,
     check_tenant_claim,
+    json_response,
     read_json,
     require_web,
     web_message,
@@ -366,7 +367,7 @@ async def visitor_token(request: web.Request) -> web.Response:
             key, tenant.id, user_id, kind, ttl=ctx.server.visitor_token_ttl, now=time.time()
         )
     log.debug("visitor_token_issued", tenant_id=tenant.id, kind=kind)
-    return web.json_response(
+    return json_response(
         {
             "token": token,
             "tenantId": tenant.id,

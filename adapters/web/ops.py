@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapters.web.app import ApiError, bearer, require_admin
+from adapters.web.app import ApiError, bearer, json_response, require_admin
 from chatgateway.errors import ConfigError
 from chatgateway.metrics import Metrics
 
@@ -47,11 +47,11 @@ def ops_routes(ops: Operations) -> list[web.RouteDef]:
 
     async def healthz(request: web.Request) -> web.Response:
         # The process answers HTTP: it is alive (readiness is a separate question).
-        return web.json_response({"status": "ok", "uptimeSeconds": round(time.time() - started, 1)})
+        return json_response({"status": "ok", "uptimeSeconds": round(time.time() - started, 1)})
 
     async def readyz(request: web.Request) -> web.Response:
         ready, state = ops.readiness()
-        return web.json_response(
+        return json_response(
             {"status": "ready" if ready else "unavailable", "state": state},
             status=200 if ready else 503,
         )
@@ -66,7 +66,7 @@ def ops_routes(ops: Operations) -> list[web.RouteDef]:
 
     async def admin_status(request: web.Request) -> web.Response:
         require_admin(request)
-        return web.json_response(await ops.status_report())
+        return json_response(await ops.status_report())
 
     async def admin_reload(request: web.Request) -> web.Response:
         require_admin(request)
@@ -79,7 +79,7 @@ def ops_routes(ops: Operations) -> list[web.RouteDef]:
                 "the new configuration is invalid and was not applied; the old one keeps "
                 "running: " + "; ".join(f"{p.path or p.file}: {p.message}" for p in exc.problems),
             ) from None
-        return web.json_response(result.as_dict())
+        return json_response(result.as_dict())
 
     return [
         web.get("/healthz", healthz, allow_head=True),
