@@ -294,8 +294,8 @@ def _connect_inline(path: str) -> sqlite3.Connection:
 
 
 def _try_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[_Result] | None:
-    """Run a batch in one transaction at once; None (and nothing written) if the database is
-    locked or any operation fails: the writer thread then takes the batch."""
+    """Run a batch in one transaction; None (and nothing written) if the database is locked
+    (past the connection's busy timeout) or any operation fails."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         results = _run_ops(conn, batch)
@@ -319,14 +319,9 @@ def _run_ops(conn: sqlite3.Connection, batch: list[_Pending]) -> list[_Result]:
 
 def _run_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[_Result]:
     """Run a batch in one transaction; if anything fails, run each op in its own."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        results = _run_ops(conn, batch)
-        conn.execute("COMMIT")
+    results = _try_batch(conn, batch)
+    if results is not None:
         return results
-    except Exception:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
     # One bad write must not undo its neighbours: each waiter gets its own outcome.
     return [_run_alone(conn, op, future) for op, future in batch]
 
