@@ -95,3 +95,49 @@ async def test_embedded_default_config_runs_and_echoes(gateway_process, tmp_path
     handled = [e for e in proc.events() if e.get("event") == "message_handled"]
     assert handled and {"tenant_id", "platform", "session_id", "latency_ms", "outcome"} <= set(
         handled[0])
+
+
+async def test_a_held_write_lock_delays_replies_but_not_the_gateway_and_loses_nothing(
+    gateway_process, make_agent, http, tmp_path
+):
+    """Another program holding SQLite's write lock (a backup, an `sqlite3` shell): replies wait
+    for their transcript, the event loop keeps answering, and every exchange is kept."""
+    import asyncio
+    import sqlite3
+    import time
+
+    agent = await make_agent()
+    db = tmp_path / "state" / "gateway.db"
+    config = {"storage": {"path": str(db)},
+              "tenants": [tenant("acme", agent.url, keys=["acme-key-000001"])]}
+    proc = gateway_process(config)
+    status, first = await post(http, proc.url, "/api/chat", "acme-key-000001",
+                               {"message": "before", "userId": "u1"})
+    assert status == 200
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        chats = [asyncio.create_task(post(http, proc.url, "/api/chat", "acme-key-000001",
+                                          {"message": f"during {i}", "userId": f"v{i}"}))
+                 for i in range(1, 6)]
+        await asyncio.sleep(0.5)
+        assert not any(c.done() for c in chats)  # each reply waits for its transcript
+        started = time.monotonic()
+        async with http.get(proc.url + "/healthz") as resp:
+            assert resp.status == 200
+        assert time.monotonic() - started < 1.0  # the event loop is not stuck on the lock
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    answers = await asyncio.wait_for(asyncio.gather(*chats), 10)
+    assert [status for status, _ in answers] == [200] * 5
+    proc.kill()
+    proc2 = gateway_process(config)
+    for i, (_, body) in enumerate(answers, start=1):
+        status, detail = await get(http, proc2.url, f"/api/sessions/{body['sessionId']}",
+                                   "acme-key-000001")
+        assert [t["text"] for t in detail["transcript"]] == [f"during {i}", f"agent: during {i}"]
+    status, detail = await get(http, proc2.url, f"/api/sessions/{first['sessionId']}",
+                               "acme-key-000001")
+    assert [t["text"] for t in detail["transcript"]] == ["before", "agent: before"]
+    assert proc2.stop() == 0
