@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, tenant
-from tests.test_store import postgres_schema
+from tests.test_store import postgres_schema, write_locked
 
 
 async def post(http, base, path, key, body):
@@ -103,7 +103,6 @@ async def test_a_held_write_lock_delays_replies_but_not_the_gateway_and_loses_no
     """Another program holding SQLite's write lock (a backup, an `sqlite3` shell): replies wait
     for their transcript, the event loop keeps answering, and every exchange is kept."""
     import asyncio
-    import sqlite3
     import time
 
     agent = await make_agent()
@@ -114,9 +113,7 @@ async def test_a_held_write_lock_delays_replies_but_not_the_gateway_and_loses_no
     status, first = await post(http, proc.url, "/api/chat", "acme-key-000001",
                                {"message": "before", "userId": "u1"})
     assert status == 200
-    blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    with write_locked(str(db)):
         chats = [asyncio.create_task(post(http, proc.url, "/api/chat", "acme-key-000001",
                                           {"message": f"during {i}", "userId": f"v{i}"}))
                  for i in range(1, 6)]
@@ -126,9 +123,6 @@ async def test_a_held_write_lock_delays_replies_but_not_the_gateway_and_loses_no
         async with http.get(proc.url + "/healthz") as resp:
             assert resp.status == 200
         assert time.monotonic() - started < 1.0  # the event loop is not stuck on the lock
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     answers = await asyncio.wait_for(asyncio.gather(*chats), 10)
     assert [status for status, _ in answers] == [200] * 5
     proc.kill()

@@ -8,8 +8,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -149,15 +149,32 @@ async def test_concurrent_writes_group_commit(store: SessionStore) -> None:
         assert len(await store.history(A, sid, 100)) == 5
 
 
-async def test_a_queued_exchange_is_invisible_until_committed(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "store.db")
-    await store.open()
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """An open SQLite store, for what only this backend does (its writer thread, its locks)."""
+    s = SqliteStore(tmp_path / "store.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+@contextmanager
+def write_locked(path: str) -> Iterator[None]:
+    """Another connection holds the database's write lock meanwhile (a backup, a shell)."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
     try:
-        sid = await new(store, key(A))
-        # Another connection holds the write lock, so the exchange waits in the writer's queue.
-        blocker = sqlite3.connect(store.path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        now = time.time()
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+async def test_a_queued_exchange_is_invisible_until_committed(sqlite_store: SqliteStore) -> None:
+    store = sqlite_store
+    sid = await new(store, key(A))
+    now = time.time()
+    with write_locked(store.path):  # so the exchange waits in the writer's queue
         pending = asyncio.create_task(store.record_exchange(
             A, sid, [Turn(Role.USER, "q", now), Turn(Role.AGENT, "a", now)], max_turns=100))
         await asyncio.sleep(0.05)
@@ -167,52 +184,39 @@ async def test_a_queued_exchange_is_invisible_until_committed(tmp_path: Path) ->
         assert await store.history(A, sid, 10) == []
         [listed] = await store.list_sessions(A)
         assert listed.message_count == 0
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        await asyncio.wait_for(pending, 10)
-        session = await store.get_session(A, sid)
-        assert session is not None and session.message_count == 2
-        assert [t.text for t in await store.history(A, sid, 10)] == ["q", "a"]
-    finally:
-        await store.close()
+    await asyncio.wait_for(pending, 10)
+    session = await store.get_session(A, sid)
+    assert session is not None and session.message_count == 2
+    assert [t.text for t in await store.history(A, sid, 10)] == ["q", "a"]
 
 
 async def test_a_locked_database_does_not_stall_the_loop_and_keeps_write_order(
-    tmp_path: Path,
+    sqlite_store: SqliteStore,
 ) -> None:
     """Commits run on the loop, but never wait there: a locked database sends the batch to
     the writer thread, and the writes after it follow it there, in order."""
-    store = SqliteStore(tmp_path / "store.db")
-    await store.open()
-    try:
-        sid = await new(store, key(A))
-        blocker = sqlite3.connect(store.path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        now = time.time()
+    store = sqlite_store
+    sid = await new(store, key(A))
+    now = time.time()
+    with write_locked(store.path):
         first = asyncio.create_task(store.record_exchange(
             A, sid, [Turn(Role.USER, "q1", now), Turn(Role.AGENT, "a1", now)], max_turns=100))
         await asyncio.sleep(0)
         second = asyncio.create_task(store.record_exchange(
             A, sid, [Turn(Role.USER, "q2", now + 1)], max_turns=100))
-        ticks, started = 0, time.monotonic()
-        while ticks < 20:  # the loop keeps running while the writes wait for the lock
+        started = time.monotonic()
+        for _ in range(20):  # the loop keeps running while the writes wait for the lock
             await asyncio.sleep(0.005)
-            ticks += 1
         assert time.monotonic() - started < 2.0
         assert not first.done() and not second.done()
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        # Free now, but the thread has not caught up: this write must queue behind it.
-        third = asyncio.create_task(store.record_exchange(
-            A, sid, [Turn(Role.AGENT, "a2", now + 2)], max_turns=100))
-        await asyncio.wait_for(asyncio.gather(first, second, third), 10)
-        assert [t.text for t in await store.history(A, sid, 10)] == ["q1", "a1", "q2", "a2"]
-        # Caught up: the loop commits again.
-        await store.record_exchange(A, sid, [Turn(Role.USER, "q3", now + 3)], max_turns=100)
-    finally:
-        await store.close()
-    fresh = SqliteStore(tmp_path / "store.db")
-    await fresh.open()
+    # Free now, but the thread has not caught up: this write must queue behind it.
+    third = asyncio.create_task(store.record_exchange(
+        A, sid, [Turn(Role.AGENT, "a2", now + 2)], max_turns=100))
+    await asyncio.wait_for(asyncio.gather(first, second, third), 10)
+    assert [t.text for t in await store.history(A, sid, 10)] == ["q1", "a1", "q2", "a2"]
+    # Caught up: the loop commits again.
+    await store.record_exchange(A, sid, [Turn(Role.USER, "q3", now + 3)], max_turns=100)
+    fresh = await reopen(store)
     try:
         session = await fresh.get_session(A, sid)
         assert session is not None and session.message_count == 5
@@ -229,9 +233,10 @@ async def test_the_writer_thread_checkpoints_the_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loop's commits never checkpoint (a checkpoint fsyncs); the idle thread does."""
-    from chatgateway.store import sqlite as sqlite_store
+    from chatgateway.store import sqlite as sqlite_module
 
-    monkeypatch.setattr(sqlite_store, "CHECKPOINT_INTERVAL", 0.05)
+    # Before the store opens: the thread's first wait already uses it.
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_INTERVAL", 0.05)
     store = SqliteStore(tmp_path / "store.db")
     await store.open()
     try:
@@ -252,24 +257,19 @@ async def test_the_writer_thread_checkpoints_the_wal(
 
 
 async def test_slow_writes_run_on_the_writer_thread_and_the_rest_on_the_loop(
-    tmp_path: Path,
+    sqlite_store: SqliteStore,
 ) -> None:
     """A prune or a tenant's deletion may touch many rows: never on the event loop."""
-    store = SqliteStore(tmp_path / "store.db")
-    await store.open()
     seen: list[str] = []
 
     def where(c: sqlite3.Connection) -> None:
         seen.append(threading.current_thread().name)
 
-    try:
-        await store._write(where)
-        await store._write(where, slow=True)
-        await store._write(where)
-        assert seen == [threading.main_thread().name, "chatgateway-sqlite-writer",
-                        threading.main_thread().name]
-    finally:
-        await store.close()
+    await sqlite_store._write(where)
+    await sqlite_store._write(where, slow=True)
+    await sqlite_store._write(where)
+    loop_thread = threading.main_thread().name
+    assert seen == [loop_thread, "chatgateway-sqlite-writer", loop_thread]
 
 
 async def test_list_and_delete(store: SessionStore) -> None:

@@ -368,6 +368,17 @@ async def plant_state(page: Page, key: str, state: dict[str, Any]) -> None:
     await page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, json.dumps(state)])
 
 
+async def visitor_who_said(
+    browser: Browser, address: str, text: str
+) -> tuple[Page, dict[str, Any]]:
+    """A new visitor's page at `address` after one message and its answer, and its stored state."""
+    page = await new_page(browser)
+    await open_chat(page, address)
+    await send(page, text)
+    await expect(page.locator(AGENT)).to_have_count(1, timeout=WAIT)
+    return page, await stored_state(page)
+
+
 async def page_text(page: Page) -> str:
     """All text in the document, hidden parts too (a leak into a hidden node is still a leak)."""
     return await page.evaluate("document.documentElement.textContent")
@@ -379,11 +390,7 @@ async def test_a_visitor_cannot_open_another_visitors_session(browser, make_agen
     agent = await make_agent()
     gw = await make_gateway({"tenants": [public("acme", agent.url)]})
     secret = "My locker code is 7391, keep it between us"
-    bob = await new_page(browser)
-    await open_chat(bob, url(gw, "/chat/acme"))
-    await send(bob, secret)
-    await expect(bob.locator(AGENT)).to_have_count(1, timeout=WAIT)
-    bob_state = await stored_state(bob)
+    bob, bob_state = await visitor_who_said(browser, url(gw, "/chat/acme"), secret)
     bob_session = bob_state["sessionId"]
 
     alice = await new_page(browser)
@@ -439,11 +446,7 @@ async def test_tenant_b_refuses_a_visitor_token_of_tenant_a(browser, make_agent,
     agent = await make_agent()
     gw = await make_gateway({"tenants": [public("a", agent.url), public("b", agent.url)]})
     secret = "Tenant a's order 5521 goes to Hauptstrasse 9"
-    page_a = await new_page(browser)
-    await open_chat(page_a, url(gw, "/chat/a"))
-    await send(page_a, secret)
-    await expect(page_a.locator(AGENT)).to_have_count(1, timeout=WAIT)
-    a_state = await stored_state(page_a)
+    _, a_state = await visitor_who_said(browser, url(gw, "/chat/a"), secret)
     assert a_state["token"].startswith("cgv1.p.a.") and a_state["sessionId"]
 
     page_b = await new_page(browser)
