@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs (venv, packages, Debian's chromium, PostgreSQL
-# running) and run the whole suite. Extra arguments go to pytest.
+# Install everything the test suite needs (venv, packages, Debian's chromium, PostgreSQL and
+# Redis running) and run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,13 @@ fi
 # The PostgreSQL tests use the server on 127.0.0.1:5432; start it if it is installed but down.
 if command -v pg_ctlcluster >/dev/null 2>&1 && ! pg_isready -h 127.0.0.1 -q 2>/dev/null; then
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start || true
+fi
+
+# The multi-instance limit tests use Redis on 127.0.0.1:6379; start it if installed but down.
+if command -v redis-server >/dev/null 2>&1 && ! (redis-cli -h 127.0.0.1 ping >/dev/null 2>&1); then
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+        --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
 fi
 
 PYTHON=${PYTHON:-python3}
