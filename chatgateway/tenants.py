@@ -55,11 +55,17 @@ class TenantRuntime:
 
 
 def _runtime(
-    config: TenantConfig, source: Source, previous: TenantRuntime | None = None
+    config: TenantConfig,
+    source: Source,
+    previous: TenantRuntime | None = None,
+    refused: frozenset[str] = frozenset(),
 ) -> TenantRuntime:
     """A runtime for `config`; keeps `previous`'s agent client when the agent settings match,
-    so a change elsewhere (a Slack token, a web title) does not disturb calls in flight."""
-    hashes = frozenset(hash_key(k.get_secret_value()) for k in config.web.api_keys)
+    so a change elsewhere (a Slack token, a web title) does not disturb calls in flight.
+
+    Keys whose hash is in `refused` (generated keys of another tenant) are not indexed.
+    """
+    hashes = frozenset(hash_key(k.get_secret_value()) for k in config.web.api_keys) - refused
     if previous is not None and previous.config.agent == config.agent:
         invoker = previous.invoker
     else:
@@ -104,7 +110,7 @@ class TenantRegistry:
                 continue
             try:
                 config = parse_tenant(record.spec, environ=self._environ, source="store")
-                self._check_keys(config)
+                await self._check_keys(config)
             except Exception as exc:
                 log.error("runtime_tenant_invalid", tenant_id=record.tenant_id, error=str(exc))
                 continue
@@ -124,13 +130,47 @@ class TenantRegistry:
                 continue
             if existing is not None and existing.source == "runtime":
                 log.warning("runtime_tenant_shadowed", tenant_id=tenant_id)
-            await self._put(config, "config")
+            refused = await self._generated_conflicts(config)
+            await self._put(config, "config", refused)
             changes.append(f"{'changed' if existing else 'added'} {tenant_id}")
         return changes
 
-    async def _put(self, config: TenantConfig, source: Source) -> TenantRuntime:
+    async def _generated_conflicts(self, config: TenantConfig) -> frozenset[str]:
+        """Hashes of `config`'s keys that are another tenant's generated key, each logged.
+
+        A config file cannot be refused as a whole for this at start-up or reload (the store is
+        not known to `check-config`), so the key is refused: it keeps authenticating the tenant
+        it was generated for, never this one.
+        """
+        refused: set[str] = set()
+        for index, key in enumerate(config.web.api_keys):
+            owner = await self._generated_owner(key.get_secret_value())
+            if owner is not None and owner != config.id:
+                log.error(
+                    "api_key_conflict",
+                    tenant_id=config.id,
+                    path=f"web.api_keys[{index}]",
+                    other_tenant_id=owner,
+                    problem="the key is a generated key of another tenant; refused",
+                )
+                refused.add(hash_key(key.get_secret_value()))
+        return frozenset(refused)
+
+    async def _generated_owner(self, raw_key: str) -> TenantId | None:
+        """The tenant `raw_key` was generated for (a key in the store), or None."""
+        if not raw_key.startswith(KEY_PREFIX):
+            return None  # every generated key has the prefix: no store lookup for the others
+        key_id = raw_key[len(KEY_PREFIX) :].split("_", 1)[0]
+        record = await self._store.find_api_key(key_id)
+        if record is None or not hmac.compare_digest(record.key_hash, hash_key(raw_key)):
+            return None
+        return record.tenant_id
+
+    async def _put(
+        self, config: TenantConfig, source: Source, refused: frozenset[str] = frozenset()
+    ) -> TenantRuntime:
         old = self._tenants.get(TenantId(config.id))
-        runtime = _runtime(config, source, old)
+        runtime = _runtime(config, source, old, refused)
         self._tenants[runtime.id] = runtime
         self._index_keys(old, runtime)
         if old is not None and old.invoker is not runtime.invoker:
@@ -173,13 +213,17 @@ class TenantRegistry:
                         continue
                 self._config_keys[digest] = new.id
 
-    def _check_keys(self, config: TenantConfig) -> None:
-        """Raise ConflictError if one of `config`'s API keys authenticates another tenant."""
-        taken = [
-            f"web.api_keys[{index}]"
-            for index, key in enumerate(config.web.api_keys)
-            if self._config_keys.get(hash_key(key.get_secret_value()), config.id) != config.id
-        ]
+    async def _check_keys(self, config: TenantConfig) -> None:
+        """Raise ConflictError if one of `config`'s API keys authenticates another tenant.
+
+        Another tenant's key is one of its config or runtime keys, or one generated for it.
+        """
+        taken = []
+        for index, key in enumerate(config.web.api_keys):
+            raw = key.get_secret_value()
+            owner = self._config_keys.get(hash_key(raw)) or await self._generated_owner(raw)
+            if owner is not None and owner != config.id:
+                taken.append(f"web.api_keys[{index}]")
         if taken:
             raise ConflictError(f"{', '.join(taken)}: this API key belongs to another tenant")
 
@@ -194,7 +238,7 @@ class TenantRegistry:
         config = parse_tenant(spec, environ=self._environ)
         if TenantId(config.id) in self._tenants:
             raise ConflictError(f"tenant {config.id!r} already exists")
-        self._check_keys(config)
+        await self._check_keys(config)
         now = time.time()
         await self._store.save_tenant(TenantRecord(TenantId(config.id), spec, now, now))
         runtime = await self._put(config, "runtime")
@@ -205,7 +249,7 @@ class TenantRegistry:
         current = self._runtime_tenant(tenant_id)
         spec = {**spec, "id": tenant_id}
         config = parse_tenant(spec, environ=self._environ)
-        self._check_keys(config)
+        await self._check_keys(config)
         now = time.time()
         await self._store.save_tenant(TenantRecord(current.id, spec, now, now))
         runtime = await self._put(config, "runtime")
