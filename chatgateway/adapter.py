@@ -17,6 +17,8 @@ class AdapterState(enum.StrEnum):
     BACKOFF = "backoff"
     PARKED = "parked"
     STOPPED = "stopped"
+    #: Another instance owns this connection (a Discord bot is connected by one instance).
+    STANDBY = "standby"
 
 
 @dataclass(slots=True)
@@ -31,6 +33,8 @@ class AdapterStatus:
     last_event_at: float | None = None
     connected_at: float | None = None
     reconnects: int = 0
+    #: The instance that owns the connection, for an adapter that needs one owner (standby).
+    owner: str | None = None
 
     def event_seen(self) -> None:
         self.last_event_at = time.time()
@@ -44,6 +48,7 @@ class AdapterStatus:
             "lastEventAt": self.last_event_at,
             "connectedAt": self.connected_at,
             "reconnects": self.reconnects,
+            "owner": self.owner,
         }
 
 

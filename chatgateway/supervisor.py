@@ -9,12 +9,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
 from chatgateway.adapter import Adapter, AdapterState, AdapterStatus
 from chatgateway.config import TenantConfig
+from chatgateway.coordination import Coordinator, Lease
 from chatgateway.errors import AdapterAuthError
 from chatgateway.metrics import AdapterSample, Metrics
 from chatgateway.models import Platform, TenantId
@@ -37,9 +38,48 @@ ALIVE_GRACE = 15.0
 STOP_TIMEOUT = 10.0
 #: A restart still unfinished after this long means the supervisor itself is stuck.
 STUCK_AFTER = 30.0
+#: A Discord bot's lease: its owner renews it every ttl/3; another instance takes it over at
+#: most LEASE_TTL + STANDBY_RETRY seconds after the owner died (docs/deploy-cluster.md).
+LEASE_TTL = 10.0
+#: How often an instance in standby tries to take a bot's lease.
+STANDBY_RETRY = 2.0
+#: Platforms whose connection one instance owns at a time. Slack is not here: Slack spreads an
+#: app's events over every open Socket Mode connection, so every instance connects (docs/slack.md).
+LEASED_PLATFORMS = frozenset({Platform.DISCORD})
 
 AdapterKey = tuple[TenantId, Platform, str]
 AdapterFactory = Callable[[TenantId, Platform, Any], Adapter]
+
+
+@runtime_checkable
+class HandoverLease(Protocol):
+    """A lease that carries a small JSON object from one owner to the next."""
+
+    data: dict[str, Any] | None
+
+    def save(self, data: dict[str, Any], *, now: bool = False) -> None: ...
+
+
+@runtime_checkable
+class HandsOver(Protocol):
+    """An adapter that can continue its predecessor's connection (a Discord gateway session)."""
+
+    def hand_over(
+        self, data: dict[str, Any] | None, save: Callable[[dict[str, Any], bool], None]
+    ) -> None:
+        """Resume from `data` (the last owner's, or None); report new state with `save`."""
+
+
+@runtime_checkable
+class KnowsHolders(Protocol):
+    """A coordinator that can tell which instance holds a lease it could not take."""
+
+    def lease_holder(self, name: str) -> str | None: ...
+
+
+def lease_name(key: AdapterKey) -> str:
+    """The lease of one platform connection: `discord:<tenant>:<bot name>`."""
+    return f"{key[1].value}:{key[0]}:{key[2]}"
 
 
 def load_adapter_class(platform: Platform) -> Callable[..., Adapter]:
@@ -80,6 +120,7 @@ class _Supervised:
         self.stop_event = asyncio.Event()
         self.reconnect_base = reconnect_base
         self.not_alive_since: float | None = None
+        self.lease: Lease | None = None
 
     @property
     def status(self) -> AdapterStatus:
@@ -93,7 +134,10 @@ class Supervisor:
         self,
         factory: AdapterFactory,
         metrics: Metrics,
+        coordinator: Coordinator | None = None,
         *,
+        lease_ttl: float | None = None,
+        standby_retry: float | None = None,
         backoff_initial: float | None = None,
         backoff_max: float | None = None,
         alive_grace: float | None = None,
@@ -102,6 +146,10 @@ class Supervisor:
     ) -> None:
         self._factory = factory
         self._metrics = metrics
+        # None: this process is the only instance, so no connection is leased.
+        self._coordinator = coordinator
+        self.lease_ttl = LEASE_TTL if lease_ttl is None else lease_ttl
+        self.standby_retry = STANDBY_RETRY if standby_retry is None else standby_retry
         # Module defaults are read here (not bound in the signature) so tests can shorten them.
         self.backoff_initial = BACKOFF_INITIAL if backoff_initial is None else backoff_initial
         self.backoff_max = BACKOFF_MAX if backoff_max is None else backoff_max
@@ -216,6 +264,10 @@ class Supervisor:
                     "adapter_task_stuck", tenant_id=tenant_id, platform=platform.value, adapter=name
                 )
                 self._leaked[task] = _label(supervised.key)
+        lease, supervised.lease = supervised.lease, None
+        if lease is not None:
+            # After the adapter disconnected, so the next owner never overlaps with it.
+            await lease.release()
         supervised.status.state = AdapterState.STOPPED
 
     async def stop_all(self) -> None:
@@ -282,21 +334,88 @@ class Supervisor:
     async def _supervise(self, supervised: _Supervised) -> None:
         tenant_id, platform, name = supervised.key
         bound = log.bind(tenant_id=tenant_id, platform=platform.value, adapter=name)
-        try:
-            adapter = self._factory(tenant_id, platform, supervised.settings)
-        except Exception as exc:
-            # A missing platform library or a constructor bug: retrying would not help.
-            status = supervised.placeholder
-            status.state = AdapterState.PARKED
-            status.last_error = f"cannot create the adapter: {type(exc).__name__}: {exc}"
-            bound.error("adapter_parked", reason=status.last_error)
-            return
-        supervised.adapter = adapter
+        leased = self._coordinator is not None and platform in LEASED_PLATFORMS
+        while not supervised.stopping:
+            lease: Lease | None = None
+            if leased:
+                lease = await self._take_lease(supervised, bound)
+                if lease is None:
+                    return  # stopped while in standby
+            try:
+                adapter = self._factory(tenant_id, platform, supervised.settings)
+            except Exception as exc:
+                # A missing platform library or a constructor bug: retrying would not help.
+                status = supervised.placeholder
+                status.state = AdapterState.PARKED
+                status.last_error = f"cannot create the adapter: {type(exc).__name__}: {exc}"
+                bound.error("adapter_parked", reason=status.last_error)
+                return
+            if lease is not None and isinstance(lease, HandoverLease):
+                if isinstance(adapter, HandsOver):
+                    adapter.hand_over(lease.data, _saver(lease))
+            supervised.adapter = adapter
+            await self._serve(supervised, adapter, lease, bound)
+            if supervised.stopping or lease is None or not lease.lost.is_set():
+                return
+            # Another instance may own the bot now: back to standby with a fresh adapter.
+            supervised.lease = None
+            supervised.reconnect_base += adapter.status.reconnects
+            supervised.adapter = None
+
+    async def _take_lease(self, supervised: _Supervised, bound: Any) -> Lease | None:
+        """Wait in standby until this instance holds the adapter's lease (None once stopping)."""
+        assert self._coordinator is not None
+        name = lease_name(supervised.key)
+        status = supervised.placeholder
+        waiting = False
+        while not supervised.stopping:
+            try:
+                lease = await self._coordinator.try_lease(name, ttl=self.lease_ttl)
+            except Exception as exc:
+                lease = None
+                status.last_error = f"cannot take the lease: {type(exc).__name__}: {exc}"
+                bound.warning("lease_failed", lease=name, error=status.last_error)
+            if lease is not None:
+                if supervised.stopping:
+                    await lease.release()
+                    return None
+                supervised.lease = lease
+                status.owner = getattr(self._coordinator, "instance_id", None)
+                if waiting:
+                    bound.info("adapter_taking_over", lease=name)
+                return lease
+            owner = None
+            if isinstance(self._coordinator, KnowsHolders):
+                owner = self._coordinator.lease_holder(name)
+            if status.state != AdapterState.STANDBY or status.owner != owner:
+                bound.info("adapter_standby", lease=name, owner=owner)
+            status.state = AdapterState.STANDBY
+            status.owner = owner
+            waiting = True
+            with contextlib.suppress(TimeoutError):
+                # Jittered so standby instances do not all ask at the same moment.
+                delay = self.standby_retry * random.uniform(0.75, 1.0)
+                await asyncio.wait_for(supervised.stop_event.wait(), delay)
+        return None
+
+    async def _serve(
+        self, supervised: _Supervised, adapter: Adapter, lease: Lease | None, bound: Any
+    ) -> None:
+        """Run the adapter, retrying transient failures, until stopped, parked or lease lost."""
+        if lease is not None:
+            adapter.status.owner = supervised.placeholder.owner
         failures = 0
         while not supervised.stopping:
+            if lease is not None and lease.lost.is_set():
+                await self._give_up(supervised, adapter, bound)
+                return
             started = time.monotonic()
             try:
-                await adapter.run()
+                if lease is None:
+                    await adapter.run()
+                elif not await self._run_leased(adapter, lease):
+                    await self._give_up(supervised, adapter, bound)
+                    return
                 if supervised.stopping:
                     return
                 raise ConnectionError("adapter stopped on its own")
@@ -328,8 +447,63 @@ class Supervisor:
                     attempt=failures,
                     retry_in=round(delay, 3),
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(supervised.stop_event.wait(), delay)
+                waits = [supervised.stop_event.wait()]
+                if lease is not None:
+                    waits.append(lease.lost.wait())
+                await _first_of(waits, delay)
+
+    async def _run_leased(self, adapter: Adapter, lease: Lease) -> bool:
+        """Run the adapter while the lease holds: True if run() returned, False if lease lost."""
+        run = asyncio.ensure_future(adapter.run())
+        lost = asyncio.ensure_future(lease.lost.wait())
+        try:
+            await asyncio.wait({run, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
+        finally:
+            lost.cancel()
+        if run.done():
+            run.result()
+            return True
+        # Stop at once: another instance may take the bot over in a moment.
+        try:
+            await asyncio.wait_for(adapter.stop(), timeout=self.stop_timeout)
+        except Exception:
+            pass
+        done, _ = await asyncio.wait({run}, timeout=self.stop_timeout)
+        if not done:
+            run.cancel()
+            done, _ = await asyncio.wait({run}, timeout=self.stop_timeout)
+        if done and not run.cancelled():
+            run.exception()  # its failure is moot: the adapter is stopped either way
+        return False
+
+    async def _give_up(self, supervised: _Supervised, adapter: Adapter, bound: Any) -> None:
+        """The lease is lost: make sure the adapter is disconnected, and say so."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(adapter.stop(), timeout=self.stop_timeout)
+        adapter.status.state = AdapterState.STANDBY
+        supervised.placeholder.state = AdapterState.STANDBY
+        supervised.placeholder.owner = None
+        bound.warning("adapter_lease_lost", lease=lease_name(supervised.key))
+
+
+def _saver(lease: HandoverLease) -> Callable[[dict[str, Any], bool], None]:
+    def save(data: dict[str, Any], now: bool) -> None:
+        lease.save(data, now=now)
+
+    return save
+
+
+async def _first_of(waits: list[Any], within: float) -> None:
+    """Wait until one of the awaitables finishes or `within` seconds pass; cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _alive(adapter: Adapter) -> bool:
