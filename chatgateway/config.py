@@ -311,9 +311,24 @@ class ServerConfig(Model):
     public_url: HttpUrl | None = None
 
 
+class ClusterConfig(Model):
+    coordination: Literal["local", "postgres"] = Field(
+        "local",
+        description="local: one instance; postgres: several instances on storage's database",
+    )
+    claim_timeout: float = Field(
+        120.0,
+        gt=0,
+        le=86400,
+        description="seconds after which another instance may take over a platform event "
+        "whose first instance never finished it (postgres)",
+    )
+
+
 class GatewayConfig(Model):
     listen: ListenConfig = ListenConfig()
     storage: StorageConfig = StorageConfig()
+    cluster: ClusterConfig = ClusterConfig()
     logging: LoggingConfig = LoggingConfig()
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
@@ -366,9 +381,18 @@ def parse_config(
     except ValidationError as exc:
         raise ConfigError(problems_from_validation(exc, file) + problems) from None
     problems += _shared_api_keys(config, file)
+    problems += _cluster_problems(config, file)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _cluster_problems(config: GatewayConfig, file: str) -> list[ConfigProblem]:
+    """Several instances coordinate through the database they share: PostgreSQL only."""
+    if config.cluster.coordination == "postgres" and config.storage.backend != "postgres":
+        message = "postgres needs storage.backend: postgres (the instances share its database)"
+        return [ConfigProblem(file, "cluster.coordination", message)]
+    return []
 
 
 def _shared_api_keys(config: GatewayConfig, file: str) -> list[ConfigProblem]:

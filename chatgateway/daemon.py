@@ -29,6 +29,7 @@ from chatgateway.config import (
     is_loopback,
     load_config,
 )
+from chatgateway.coordination import Coordinator, LocalCoordinator
 from chatgateway.errors import ConfigError, UnavailableError
 from chatgateway.logging import configure_logging, scrubber, secrets_in
 from chatgateway.metrics import GatewaySample, Metrics
@@ -57,7 +58,7 @@ STARTUP_SETTLE = 10.0
 #: After the drain, how long the web server waits for responses still being written.
 HTTP_SHUTDOWN_GRACE = 3.0
 #: Config keys a reload cannot change in a running process (a restart applies them).
-RESTART_KEYS = ("storage", "server.max_body_bytes", "server.visitor_secret")
+RESTART_KEYS = ("storage", "cluster", "server.max_body_bytes", "server.visitor_secret")
 
 State = Literal["starting", "ready", "reloading", "draining", "stopped"]
 
@@ -93,11 +94,28 @@ class ReloadResult:
         }
 
 
+async def start_coordinator(config: GatewayConfig) -> Coordinator:
+    """The coordinator `cluster.coordination` names, started."""
+    coordinator: Coordinator
+    if config.cluster.coordination == "postgres":
+        # Imported only here: a single instance needs no psycopg.
+        from chatgateway.coordination.postgres import PostgresCoordinator
+
+        assert config.storage.dsn is not None  # the config check requires it
+        coordinator = PostgresCoordinator(config.storage.dsn)
+    else:
+        coordinator = LocalCoordinator()
+    await coordinator.start()
+    return coordinator
+
+
 def restart_needed(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     """The RESTART_KEYS whose value differs between two configs."""
     found = []
     if old.storage != new.storage:
         found.append("storage")
+    if old.cluster != new.cluster:
+        found.append("cluster")
     if old.server.max_body_bytes != new.server.max_body_bytes:
         found.append("server.max_body_bytes")
     if old.server.visitor_secret != new.server.visitor_secret:
@@ -131,6 +149,7 @@ class Daemon:
         self.metrics = Metrics()
         self.notifier = Notifier(environ)
         self.store: SessionStore | None = None
+        self.coordinator: Coordinator | None = None
         self.tenants: TenantRegistry | None = None
         self.pipeline: Pipeline | None = None
         self.supervisor: Supervisor | None = None
@@ -162,13 +181,23 @@ class Daemon:
         scrubber.update(secrets_in(config))
         self._storage = resolve_storage(config.storage, self.environ)
         self.store = await open_store(self._storage)
+        self.coordinator = await start_coordinator(config)
         self.tenants = TenantRegistry(self.store, self.environ)
         # First listener: mask a tenant's secrets before its adapters can log anything.
         self.tenants.on_change(self._tenant_secrets)
-        self.pipeline = Pipeline(self.store, self.tenants, self.metrics)
+        clustered = config.cluster.coordination != "local"
+        self.pipeline = Pipeline(
+            self.store,
+            self.tenants,
+            self.metrics,
+            self.coordinator,
+            # One instance keeps the cheaper in-process dedup; several claim events in the store.
+            claim_timeout=config.cluster.claim_timeout if clustered else None,
+        )
         self.supervisor = Supervisor(self._make_adapter, self.metrics)
         self.tenants.on_change(self.supervisor.tenant_changed)
         await self.tenants.load(config.tenants)
+        self.tenants.attach(self.coordinator)
         await self._start_web(config)
         await self._settle_adapters()
         self._spawn(self._prune_loop(), "maintenance:prune")
@@ -182,6 +211,8 @@ class Daemon:
             host=config.listen.host,
             port=self.port,
             storage=config.storage.backend,
+            coordination=config.cluster.coordination,
+            instance_id=self.coordinator.instance_id,
             version=__version__,
             watchdog_seconds=self.notifier.watchdog_interval
             and self.notifier.watchdog_interval * 2,
@@ -382,6 +413,10 @@ class Daemon:
             "state": self.state,
             "ready": self.readiness()[0],
             "pid": os.getpid(),
+            "instance": {
+                "id": self.coordinator.instance_id if self.coordinator else None,
+                "coordination": self.config.cluster.coordination if self.config else "local",
+            },
             "startedAt": self.started_at,
             "uptimeSeconds": round(now - self.started_at, 1),
             "configFile": str(self.config_path),
@@ -453,7 +488,11 @@ class Daemon:
         pending = restart_needed(old, config)
         # Keys that need a restart keep their running values so status and stop stay truthful.
         self.config = config.model_copy(
-            update={"storage": old.storage, "server": self._running_server(old, config)}
+            update={
+                "storage": old.storage,
+                "cluster": old.cluster,
+                "server": self._running_server(old, config),
+            }
         )
         if pending:
             log.warning("reload_needs_restart", keys=pending)
@@ -543,6 +582,7 @@ class Daemon:
             ("adapters", self.supervisor.stop_all() if self.supervisor else None),
             ("web", self.runner.cleanup() if self.runner else None),
             ("agents", self.tenants.close() if self.tenants else None),
+            ("coordination", self.coordinator.close() if self.coordinator else None),
             ("store", self.store.close() if self.store else None),
         ]
         for name, step in steps:

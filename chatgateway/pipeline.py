@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -23,6 +23,9 @@ from chatgateway.models import (
 )
 from chatgateway.store.base import SessionStore
 from chatgateway.tenants import TenantRegistry, TenantRuntime
+
+if TYPE_CHECKING:  # coordination.local imports KeyedLocks from here
+    from chatgateway.coordination.base import Coordinator
 
 log = structlog.get_logger("chatgateway.pipeline")
 
@@ -83,12 +86,28 @@ class _Series:
 class Pipeline:
     """Takes normalized messages from every adapter and returns what to answer."""
 
-    def __init__(self, store: SessionStore, tenants: TenantRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        tenants: TenantRegistry,
+        metrics: Metrics,
+        coordinator: Coordinator | None = None,
+        *,
+        claim_timeout: float | None = None,
+    ) -> None:
+        """`claim_timeout` (seconds): claim platform events in the store before processing
+        them, so a redelivery to another instance waits for or takes over the first one."""
+        if coordinator is None:
+            from chatgateway.coordination.local import LocalCoordinator  # it imports KeyedLocks
+
+            coordinator = LocalCoordinator()
         self.store = store
         self.tenants = tenants
         self.metrics = metrics
+        self.coordinator = coordinator
+        self._session_lock = coordinator.session_lock
+        self._claim_timeout = claim_timeout
         self._key_locks = KeyedLocks()
-        self._session_locks = KeyedLocks()
         self._in_flight: set[tuple[str, str, str]] = set()
         self._active = 0
         self._per_tenant: dict[str, int] = {}
@@ -229,10 +248,14 @@ class Pipeline:
         # conversation make one session; then hold the session's lock for the agent call so
         # its messages reach the agent one at a time, in arrival order.
         lock_key: Hashable = session_id or key
+        if dedup and self._claim_timeout is not None and not await self._claim(message):
+            return Reply(None, "", "duplicate")
         await self._key_locks.acquire(lock_key)
         try:
             session = await self._resolve(tenant, message, key, session_id, new_session)
-            await self._session_locks.acquire(session.id)
+            # Across instances (coordination: postgres) this also waits for other instances.
+            session_lock = self._session_lock(session.id)
+            await session_lock.__aenter__()
         finally:
             self._key_locks.release(lock_key)
         try:
@@ -289,7 +312,30 @@ class Pipeline:
             return Reply(session, text, outcome, cause)
         finally:
             structlog.contextvars.unbind_contextvars("tenant_id", "platform", "session_id")
-            self._session_locks.release(session.id)
+            await session_lock.__aexit__(None, None, None)
+
+    async def _claim(self, message: NormalizedMessage) -> bool:
+        """Claim a platform event for this instance; False when another one has it or had it."""
+        assert self._claim_timeout is not None
+        now = time.time()
+        claimed = await self.store.claim_event(
+            message.tenant_id,
+            message.platform,
+            message.message_id,
+            self.coordinator.instance_id,
+            now,
+            stale_before=now - self._claim_timeout,
+        )
+        if not claimed:
+            self._metrics_for(message).deduplicated.inc()
+            log.info(
+                "message_duplicate",
+                tenant_id=message.tenant_id,
+                platform=message.platform.value,
+                message_id=message.message_id,
+                claimed_elsewhere=True,
+            )
+        return claimed
 
     async def _resolve(
         self,

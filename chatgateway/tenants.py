@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -18,6 +18,9 @@ from chatgateway.errors import ConflictError, NotFoundError
 from chatgateway.invoker import AgentInvoker, make_invoker
 from chatgateway.models import TenantId
 from chatgateway.store.base import ApiKeyRecord, SessionStore, TenantRecord
+
+if TYPE_CHECKING:  # coordination imports the pipeline, which imports this module
+    from chatgateway.coordination.base import Coordinator
 
 log = structlog.get_logger("chatgateway.tenants")
 
@@ -84,6 +87,7 @@ class TenantRegistry:
         self._key_cache: dict[str, tuple[ApiKeyRecord, float]] = {}
         self._listeners: list[ChangeListener] = []
         self._retiring: set[asyncio.Task[None]] = set()
+        self._coordinator: Coordinator | None = None
 
     # Reading -------------------------------------------------------------------------------
 
@@ -243,6 +247,7 @@ class TenantRegistry:
         await self._store.save_tenant(TenantRecord(TenantId(config.id), spec, now, now))
         runtime = await self._put(config, "runtime")
         log.info("tenant_created", tenant_id=config.id)
+        await self._notify("tenant", tenant_id=config.id)
         return runtime
 
     async def update(self, tenant_id: str, spec: dict[str, Any]) -> TenantRuntime:
@@ -254,6 +259,7 @@ class TenantRegistry:
         await self._store.save_tenant(TenantRecord(current.id, spec, now, now))
         runtime = await self._put(config, "runtime")
         log.info("tenant_updated", tenant_id=tenant_id)
+        await self._notify("tenant", tenant_id=tenant_id)
         return runtime
 
     async def delete(self, tenant_id: str) -> None:
@@ -261,6 +267,7 @@ class TenantRegistry:
         await self._store.delete_tenant(current.id)
         await self._remove(current.id)
         log.info("tenant_deleted", tenant_id=tenant_id)
+        await self._notify("tenant", tenant_id=tenant_id)
 
     def _runtime_tenant(self, tenant_id: str) -> TenantRuntime:
         current = self._tenants.get(TenantId(tenant_id))
@@ -278,12 +285,72 @@ class TenantRegistry:
         """Create a key for a tenant; the full key is returned once and never stored."""
         if TenantId(tenant_id) not in self._tenants:
             raise NotFoundError(f"no tenant {tenant_id!r}")
-        return await create_api_key(self._store, TenantId(tenant_id), label)
+        created = await create_api_key(self._store, TenantId(tenant_id), label)
+        await self._notify("key", tenant_id=tenant_id, key_id=created[0].key_id)
+        return created
 
     async def delete_key(self, tenant_id: str, key_id: str) -> None:
         if not await self._store.delete_api_key(TenantId(tenant_id), key_id):
             raise NotFoundError(f"no key {key_id!r} for tenant {tenant_id!r}")
         self._key_cache.pop(key_id, None)
+        await self._notify("key", tenant_id=tenant_id, key_id=key_id)
+
+    # Other instances (cluster.coordination) ------------------------------------------------
+
+    def attach(self, coordinator: Coordinator) -> None:
+        """Announce runtime tenant and key changes made here; apply those made elsewhere."""
+        self._coordinator = coordinator
+        coordinator.subscribe(self._on_notice)
+
+    async def _notify(self, kind: str, **fields: str) -> None:
+        if self._coordinator is None:
+            return
+        notice = {"kind": kind, "origin": self._coordinator.instance_id, **fields}
+        try:
+            await self._coordinator.publish(notice)
+        except Exception as exc:
+            # The change is stored; other instances see it when their listener resyncs.
+            log.error("change_notice_failed", kind=kind, error=f"{type(exc).__name__}: {exc}")
+
+    async def _on_notice(self, notice: dict[str, Any]) -> None:
+        assert self._coordinator is not None
+        if notice.get("origin") == self._coordinator.instance_id:
+            return  # applied when it was made
+        kind = notice.get("kind")
+        if kind == "tenant" and isinstance(notice.get("tenant_id"), str):
+            await self.sync_runtime(notice["tenant_id"])
+        elif kind == "key":
+            self._key_cache.pop(str(notice.get("key_id")), None)
+        elif kind == "resync":
+            self._key_cache.clear()
+            await self.sync_runtime()
+
+    async def sync_runtime(self, only: str | None = None) -> None:
+        """Make the runtime tenants (all, or just `only`) match the store."""
+        records = {r.tenant_id: r for r in await self._store.list_tenants()}
+        ids = set(records) | {t.id for t in self._tenants.values() if t.source == "runtime"}
+        if only is not None:
+            ids &= {TenantId(only)}
+        for tenant_id in sorted(ids):
+            current = self._tenants.get(tenant_id)
+            record = records.get(tenant_id)
+            if current is not None and current.source == "config":
+                continue  # the config file's tenant shadows a runtime one
+            if record is None:
+                if current is not None:
+                    await self._remove(tenant_id)
+                    log.info("tenant_synced", tenant_id=tenant_id, change="removed")
+                continue
+            try:
+                config = parse_tenant(record.spec, environ=self._environ, source="store")
+                await self._check_keys(config)
+            except Exception as exc:
+                log.error("runtime_tenant_invalid", tenant_id=tenant_id, error=str(exc))
+                continue
+            if current is None or current.config != config:
+                await self._put(config, "runtime")
+                change = "added" if current is None else "changed"
+                log.info("tenant_synced", tenant_id=tenant_id, change=change)
 
     async def authenticate(self, raw_key: str) -> TenantRuntime | None:
         """Return the tenant a presented API key belongs to, or None. Constant-time compare."""

@@ -1,39 +1,231 @@
 """Coordination of several gateway instances on one PostgreSQL database.
 
-Session locks are PostgreSQL advisory locks, change notices go through LISTEN/NOTIFY, and leases
-(e.g. one Discord bot's connection) are rows with an expiry (see `try_lease`).
+Session locks are PostgreSQL session-level advisory locks, taken with `pg_try_advisory_lock`
+on a few dedicated connections: one connection holds any number of locks, so an agent call
+holds no pooled connection, and a lock held by a crashed instance vanishes with its
+connection. A `KeyedLocks` in front queues one instance's messages of a session locally (FIFO),
+so each instance holds at most one PostgreSQL lock per session and only contends with other
+instances. Change notices go through LISTEN/NOTIFY on one more dedicated connection, which
+reconnects with backoff when it drops and then delivers `{"kind": "resync"}` (anything may
+have changed while it was away). Instances share locks and notices when they use the same
+database and schema (`current_schema()`), so two deployments in two schemas stay apart.
+Leases (e.g. one Discord bot's connection) are in `try_lease`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+import asyncio
+import hashlib
+import random
+from collections.abc import Hashable
+from functools import partial
+from types import TracebackType
 from typing import Any
 
+import orjson
+import psycopg
+import structlog
+from psycopg import AsyncConnection, sql
 from pydantic import SecretStr
 
 from chatgateway.coordination.base import ChangeListener, Lease
 from chatgateway.coordination.local import new_instance_id
+from chatgateway.pipeline import KeyedLocks
+
+log = structlog.get_logger("chatgateway.coordination")
+
+_Conn = AsyncConnection[tuple[Any, ...]]
+
+#: Dedicated connections that hold session locks (a lock always lives on the same one).
+LOCK_CONNECTIONS = 2
+#: Polling interval bounds while another instance holds a session's lock (seconds).
+LOCK_POLL_MIN = 0.002
+LOCK_POLL_MAX = 0.05
+#: Reconnect backoff bounds of the notice listener and the lock connections (seconds).
+RECONNECT_MIN = 0.1
+RECONNECT_MAX = 5.0
+#: The notice that tells listeners to reload everything (after the listener reconnected).
+RESYNC: dict[str, Any] = {"kind": "resync"}
+
+
+def lock_id(namespace: str, key: Hashable) -> int:
+    """The signed 64-bit advisory-lock id of `key` (stable across processes)."""
+    digest = hashlib.blake2b(f"{namespace}\x00{key!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def channel_name(schema: str) -> str:
+    """The NOTIFY channel of the deployment in `schema` (identifiers are at most 63 bytes)."""
+    if schema == "public":
+        return "chatgateway"
+    return "chatgateway_" + hashlib.blake2b(schema.encode(), digest_size=8).hexdigest()
+
+
+class _LockConnection:
+    """One dedicated autocommit connection holding advisory locks; reconnects on demand."""
+
+    def __init__(self, conninfo: str, index: int) -> None:
+        self._conninfo = conninfo
+        self.index = index
+        self.conn: _Conn | None = None
+        self._connecting = asyncio.Lock()
+
+    async def get(self) -> _Conn:
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._connecting:
+            if self.conn is not None and not self.conn.closed:
+                return self.conn
+            if self.conn is not None:
+                # Its locks went with it: another instance may now hold those sessions.
+                log.warning("session_lock_connection_lost", index=self.index)
+            self.conn = await AsyncConnection.connect(self._conninfo, autocommit=True)
+            return self.conn
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.close()
+
+
+class _PgSessionLock:
+    """The async context manager `PostgresCoordinator.session_lock` returns."""
+
+    __slots__ = ("_conn", "_coordinator", "_id", "_key")
+
+    def __init__(self, coordinator: PostgresCoordinator, key: Hashable) -> None:
+        self._coordinator = coordinator
+        self._key = key
+        self._id = 0
+        self._conn: _Conn | None = None
+
+    async def __aenter__(self) -> None:
+        coordinator = self._coordinator
+        await coordinator._local.acquire(self._key)
+        try:
+            self._id = lock_id(coordinator._namespace, self._key)
+            self._conn = await coordinator._pg_lock(self._id)
+        except BaseException:
+            coordinator._local.release(self._key)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._conn is not None:
+                await self._coordinator._pg_unlock(self._conn, self._id)
+        finally:
+            self._coordinator._local.release(self._key)
 
 
 class PostgresCoordinator:
-    """Coordination across every instance that shares one PostgreSQL database."""
+    """Coordination across every instance that shares one PostgreSQL database (and schema)."""
 
-    def __init__(self, dsn: SecretStr, *, instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        dsn: SecretStr,
+        *,
+        instance_id: str | None = None,
+        lock_connections: int = LOCK_CONNECTIONS,
+    ) -> None:
         self.instance_id = instance_id or new_instance_id()
         self.dsn = dsn
+        self._conninfo = dsn.get_secret_value()
+        self._lock_conns = [_LockConnection(self._conninfo, i) for i in range(lock_connections)]
+        self._local = KeyedLocks()
         self._listeners: list[ChangeListener] = []
+        self._namespace = ""
+        self._channel = ""
+        self._listen_task: asyncio.Task[None] | None = None
+        #: Set while the notice listener is connected and listening.
+        self.listening = asyncio.Event()
+        #: The listener's current connection (tests close it to check the reconnect).
+        self.listen_conn: _Conn | None = None
+        self._closed = False
+        self._background: set[asyncio.Future[None]] = set()
+
+    # Lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        raise NotImplementedError
+        """Connect, and return once change notices are being received."""
+        conn = await self._lock_conns[0].get()
+        cur = await conn.execute("SELECT current_schema()")
+        row = await cur.fetchone()
+        self._namespace = str(row[0]) if row else "public"
+        self._channel = channel_name(self._namespace)
+        self._listen_task = asyncio.create_task(self._listen_loop(), name="coordination:listen")
+        waiter = asyncio.create_task(self.listening.wait())
+        done, _ = await asyncio.wait({waiter, self._listen_task}, return_when="FIRST_COMPLETED")
+        waiter.cancel()
+        if self._listen_task in done:
+            self._listen_task.result()  # raises the listener's error
 
     async def close(self) -> None:
-        return None
+        if self._closed:
+            return
+        self._closed = True
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            await asyncio.gather(self._listen_task, return_exceptions=True)
+        # Closing the connections releases every advisory lock this instance still holds.
+        for lock_conn in self._lock_conns:
+            try:
+                await lock_conn.close()
+            except Exception as exc:
+                log.warning("coordination_close_failed", error=f"{type(exc).__name__}: {exc}")
 
-    @asynccontextmanager
-    async def session_lock(self, key: Hashable) -> AsyncIterator[None]:
-        raise NotImplementedError
-        yield
+    # Session locks --------------------------------------------------------------------------
+
+    def session_lock(self, key: Hashable) -> _PgSessionLock:
+        return _PgSessionLock(self, key)
+
+    async def _pg_lock(self, lid: int) -> _Conn:
+        """Take the advisory lock `lid`, polling while another instance holds it."""
+        holder = self._lock_conns[lid % len(self._lock_conns)]
+        delay = LOCK_POLL_MIN
+        while True:
+            try:
+                conn = await holder.get()
+                # Shielded: a cancellation must not leave a lock taken that nobody releases.
+                attempt = asyncio.ensure_future(self._try_lock(conn, lid))
+                try:
+                    taken = await asyncio.shield(attempt)
+                except asyncio.CancelledError:
+                    attempt.add_done_callback(partial(self._unlock_later, conn=conn, lid=lid))
+                    raise
+            except psycopg.OperationalError as exc:
+                log.warning("session_lock_failed", error=str(exc), retry_in=RECONNECT_MIN)
+                await asyncio.sleep(RECONNECT_MIN)
+                continue
+            if taken:
+                return conn
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LOCK_POLL_MAX)
+
+    @staticmethod
+    async def _try_lock(conn: _Conn, lid: int) -> bool:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (lid,))
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    def _unlock_later(self, attempt: asyncio.Future[bool], conn: _Conn, lid: int) -> None:
+        if not attempt.cancelled() and attempt.exception() is None and attempt.result():
+            task = asyncio.ensure_future(self._pg_unlock(conn, lid))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _pg_unlock(self, conn: _Conn, lid: int) -> None:
+        if conn.closed:
+            return  # the server released it with the connection
+        try:
+            await asyncio.shield(conn.execute("SELECT pg_advisory_unlock(%s)", (lid,)))
+        except psycopg.OperationalError as exc:
+            log.warning("session_unlock_failed", error=str(exc))
 
     # Leases ---------------------------------------------------------------------------------
     # Implemented by the Discord-ownership work (F2): delegate to their lease implementation.
@@ -44,7 +236,65 @@ class PostgresCoordinator:
     # Change notices -------------------------------------------------------------------------
 
     async def publish(self, payload: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """NOTIFY every instance (this one too); retried once on a fresh connection."""
+        text = orjson.dumps(payload).decode()
+        for attempt in range(2):
+            try:
+                conn = await self._lock_conns[0].get()
+                await conn.execute("SELECT pg_notify(%s, %s)", (self._channel, text))
+                return
+            except psycopg.OperationalError:
+                if attempt:
+                    raise
 
     def subscribe(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
+
+    async def _deliver(self, payload: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                await listener(payload)
+            except Exception:
+                log.exception("change_listener_failed", kind=payload.get("kind"))
+
+    async def _listen_loop(self) -> None:
+        delay = RECONNECT_MIN
+        connected_before = False
+        while True:
+            try:
+                async with await AsyncConnection.connect(
+                    self._conninfo, autocommit=True
+                ) as conn:
+                    self.listen_conn = conn
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    self.listening.set()
+                    delay = RECONNECT_MIN
+                    if connected_before:
+                        log.info("change_listener_reconnected")
+                        # Notices sent while we were away are gone: reload everything.
+                        await self._deliver(dict(RESYNC))
+                    connected_before = True
+                    async for notice in conn.notifies():
+                        try:
+                            payload = orjson.loads(notice.payload)
+                        except orjson.JSONDecodeError:
+                            log.warning("change_notice_invalid")
+                            continue
+                        if isinstance(payload, dict):
+                            await self._deliver(payload)
+            except psycopg.Error as exc:
+                if not connected_before:
+                    raise  # at start: the caller reports why it cannot connect
+                self.listening.clear()
+                self.listen_conn = None
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning(
+                    "change_listener_disconnected", error=str(exc), retry_in=round(wait, 2)
+                )
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, RECONNECT_MAX)
+            else:
+                # notifies() ended without an error: the connection was closed under us.
+                self.listening.clear()
+                self.listen_conn = None
+                await asyncio.sleep(delay)

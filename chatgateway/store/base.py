@@ -94,6 +94,19 @@ class SessionStore(Protocol):
         self, tenant_id: TenantId, platform: Platform, event_id: str
     ) -> bool: ...
 
+    async def claim_event(
+        self,
+        tenant_id: TenantId,
+        platform: Platform,
+        event_id: str,
+        owner: str,
+        now: float,
+        *,
+        stale_before: float,
+    ) -> bool:
+        """Claim an event for `owner` (an instance id); False if it was processed, or another
+        owner claimed it at or after `stale_before` (an older claim's owner is presumed dead)."""
+
     # Runtime tenants (the admin API's view spans tenants by design).
     async def list_tenants(self) -> list[TenantRecord]: ...
 

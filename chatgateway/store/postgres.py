@@ -29,6 +29,7 @@ from chatgateway.models import (
 )
 from chatgateway.store.base import ApiKeyRecord, TenantRecord
 from chatgateway.store.rows import (
+    CLAIM_EVENT,
     DEDUP_RETENTION,
     SESSION_COLUMNS,
     key_from_row,
@@ -88,6 +89,15 @@ CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant_id);
 CREATE TABLE IF NOT EXISTS gateway_settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+-- Cluster dedup (coordination: postgres): which instance processes an event right now.
+CREATE TABLE IF NOT EXISTS event_claims (
+    tenant_id TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    claimed_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (tenant_id, platform, event_id)
 );
 """
 
@@ -324,6 +334,22 @@ class PostgresStore:
         )
         return bool(rows)
 
+    async def claim_event(
+        self,
+        tenant_id: TenantId,
+        platform: Platform,
+        event_id: str,
+        owner: str,
+        now: float,
+        *,
+        stale_before: float,
+    ) -> bool:
+        params = (tenant_id, platform.value, event_id, owner, now,
+                  tenant_id, platform.value, event_id, stale_before)  # fmt: skip
+        async with self._connection() as conn:
+            cur = await conn.execute(CLAIM_EVENT.format(p="%s"), params)
+            return bool(await cur.fetchall())
+
     # Runtime tenants -----------------------------------------------------------------------
 
     async def list_tenants(self) -> list[TenantRecord]:
@@ -341,7 +367,9 @@ class PostgresStore:
 
     async def delete_tenant(self, tenant_id: TenantId) -> None:
         async with self._connection() as conn, conn.transaction():
-            for table in ("tenants", "api_keys", "sessions", "turns", "processed_events"):
+            for table in (
+                "tenants", "api_keys", "sessions", "turns", "processed_events", "event_claims"
+            ):
                 await conn.execute(f"DELETE FROM {table} WHERE tenant_id = %s", (tenant_id,))
 
     # API keys ------------------------------------------------------------------------------

@@ -66,3 +66,15 @@ def list_sessions_query(
 def key_from_row(row: tuple[Any, ...]) -> ApiKeyRecord:
     """An ApiKeyRecord from a row of (key_id, tenant_id, key_hash, label, created_at)."""
     return ApiKeyRecord(row[0], TenantId(row[1]), row[2], row[3], row[4])
+
+
+#: Claim an event unless it was processed or another owner's claim is still fresh; one
+#: statement (atomic in both backends), formatted with the backend's placeholder as `p`.
+CLAIM_EVENT = (
+    "INSERT INTO event_claims AS c (tenant_id, platform, event_id, owner, claimed_at) "
+    "SELECT {p}, {p}, {p}, {p}, {p} WHERE NOT EXISTS (SELECT 1 FROM processed_events "
+    "WHERE tenant_id = {p} AND platform = {p} AND event_id = {p}) "
+    "ON CONFLICT (tenant_id, platform, event_id) DO UPDATE SET "
+    "owner = excluded.owner, claimed_at = excluded.claimed_at "
+    "WHERE c.claimed_at < {p} OR c.owner = excluded.owner RETURNING 1"
+)

@@ -42,6 +42,7 @@ from chatgateway.models import (
 )
 from chatgateway.store.base import ApiKeyRecord, TenantRecord
 from chatgateway.store.rows import (
+    CLAIM_EVENT,
     DEDUP_RETENTION,
     SESSION_COLUMNS,
     key_from_row,
@@ -103,6 +104,15 @@ CREATE TABLE IF NOT EXISTS gateway_settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Cluster dedup (coordination: postgres): which instance processes an event right now.
+CREATE TABLE IF NOT EXISTS event_claims (
+    tenant_id TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    claimed_at REAL NOT NULL,
+    PRIMARY KEY (tenant_id, platform, event_id)
+) WITHOUT ROWID;
 """
 
 #: How many recent turns of a hot session are kept in memory.
@@ -663,6 +673,22 @@ class SqliteStore:
         )
         return bool(rows)
 
+    async def claim_event(
+        self,
+        tenant_id: TenantId,
+        platform: Platform,
+        event_id: str,
+        owner: str,
+        now: float,
+        *,
+        stale_before: float,
+    ) -> bool:
+        params = (tenant_id, platform.value, event_id, owner, now,
+                  tenant_id, platform.value, event_id, stale_before)  # fmt: skip
+        sql = CLAIM_EVENT.format(p="?")
+        rows = await self._write(lambda c: c.execute(sql, params).fetchall())
+        return bool(rows)
+
     # Runtime tenants -----------------------------------------------------------------------
 
     async def list_tenants(self) -> list[TenantRecord]:
@@ -683,7 +709,9 @@ class SqliteStore:
 
     async def delete_tenant(self, tenant_id: TenantId) -> None:
         def op(c: sqlite3.Connection) -> None:
-            for table in ("tenants", "api_keys", "sessions", "turns", "processed_events"):
+            for table in (
+                "tenants", "api_keys", "sessions", "turns", "processed_events", "event_claims"
+            ):
                 c.execute(f"DELETE FROM {table} WHERE tenant_id = ?", (tenant_id,))
 
         await self._write(op, slow=True)
