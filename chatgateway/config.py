@@ -306,6 +306,22 @@ class AdminConfig(Model):
 class ServerConfig(Model):
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
     drain_seconds: float = Field(20.0, ge=0, le=600)
+    # Connections and timeouts (docs/security.md): a reload applies them to new connections.
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="seconds for a connection's first request headers"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, le=3600, description="seconds for a request body, from its headers"
+    )
+    keepalive_timeout: float = Field(
+        15.0, gt=0, le=3600, description="seconds an idle kept-alive connection stays open"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open client connections at most (lowered to fit the file limit)"
+    )
+    max_connections_per_address: int = Field(
+        64, ge=0, description="open connections per client IPv4 address or IPv6 /64; 0: no cap"
+    )
     visitor_token_ttl: float = Field(7 * 86400.0, gt=0)
     visitor_secret: Secret | None = None
     public_url: HttpUrl | None = None

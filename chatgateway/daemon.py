@@ -240,6 +240,7 @@ class Daemon:
     async def _start_web(self, config: GatewayConfig) -> None:
         from adapters.web import WebContext, create_app
         from adapters.web.ops import ops_routes
+        from adapters.web.server import make_runner
 
         assert self.pipeline is not None and self.tenants is not None and self.store is not None
         loopback = is_loopback(config.listen.host)
@@ -255,8 +256,13 @@ class Daemon:
             loopback=loopback,
             extra_routes=ops_routes(self),
         )
-        self.runner = web.AppRunner(
-            create_app(self.web_context),
+        context = self.web_context
+        # Caps and read timeouts per connection (docs/security.md); read from the running
+        # `server` section, so a reload applies them to new connections.
+        self.runner = make_runner(
+            create_app(context),
+            lambda: context.server,
+            registry=self.metrics.registry,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=HTTP_SHUTDOWN_GRACE,
