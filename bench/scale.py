@@ -12,7 +12,8 @@ from pathlib import Path
 
 from bench.procs import start_gateway
 from chatgateway.models import Platform, SessionId, SessionKey, TenantId
-from chatgateway.store.sqlite import SCHEMA, SqliteStore
+from chatgateway.store.migrations import sqlite as migrations
+from chatgateway.store.sqlite import SqliteStore
 
 
 def tenants_config(n: int) -> list[dict[str, object]]:
@@ -22,9 +23,10 @@ def tenants_config(n: int) -> list[dict[str, object]]:
 
 def populate(path: Path, sessions: int, tenants: int = 10) -> list[str]:
     """Write `sessions` sessions (two turns each) straight into a fresh database."""
-    conn = sqlite3.connect(path)
+    conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
+    migrations.migrate(conn)
+    conn.isolation_level = ""  # the inserts below: one transaction per batch
     ids: list[str] = []
     now = time.time()
     batch_s, batch_t = [], []

@@ -1,4 +1,4 @@
-"""The `chatgateway` command: run, check-config, keys."""
+"""The `chatgateway` command: run, check-config, keys, db."""
 
 from __future__ import annotations
 
@@ -38,6 +38,27 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     for p in (create, listing, revoke):
         p.add_argument("--config", default=DEFAULT_CONFIG, help=f"default: {DEFAULT_CONFIG}")
+
+    db = sub.add_parser("db", help="the database: schema status, migrations, backup")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    status = db_sub.add_parser(
+        "status", help="show the schema version and pending migrations (exit 3 if any)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    migrate = db_sub.add_parser("migrate", help="apply pending schema migrations")
+    migrate.add_argument("--json", action="store_true", help="print JSON")
+    migrate.add_argument(
+        "--owner-dsn-env",
+        metavar="NAME",
+        help="read the owner role's DSN from environment variable NAME instead of "
+        "storage.owner_dsn (postgres)",
+    )
+    backup = db_sub.add_parser(
+        "backup", help="copy the SQLite database to a new file while the gateway runs"
+    )
+    backup.add_argument("--to", required=True, metavar="FILE", help="the new file")
+    for p in (status, migrate, backup):
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"default: {DEFAULT_CONFIG}")
     return parser
 
 
@@ -58,6 +79,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "run":
             return _run(args.config, env)
         config = load_config(args.config, env)
+        if args.command == "db":
+            return asyncio.run(_db(args, config, env))
         return asyncio.run(_keys(args, config, env))
     except ConfigError as exc:
         _print_problems(exc)
@@ -82,7 +105,7 @@ async def _keys(args: argparse.Namespace, config: GatewayConfig, environ: Mappin
     from chatgateway.store import open_store
     from chatgateway.tenants import create_api_key
 
-    store = await open_store(resolve_storage(config.storage, environ))
+    store = await open_store(resolve_storage(config.storage, environ), source=args.config)
     try:
         tenant_id = TenantId(args.tenant)
         known = {t.id for t in config.tenants} | {t.tenant_id for t in await store.list_tenants()}
@@ -105,3 +128,53 @@ async def _keys(args: argparse.Namespace, config: GatewayConfig, environ: Mappin
         return 0
     finally:
         await store.close()
+
+
+#: `db status`: the schema needs migrations; `db status`/`db migrate`: the database is newer.
+EXIT_PENDING = 3
+EXIT_NEWER = 4
+
+
+async def _db(args: argparse.Namespace, config: GatewayConfig, environ: Mapping[str, str]) -> int:
+    import json
+    from pathlib import Path
+
+    from pydantic import SecretStr
+
+    from chatgateway.daemon import resolve_storage
+    from chatgateway.store.schema import backup_sqlite, describe, migrate_schema, schema_status
+
+    storage = resolve_storage(config.storage, environ)
+    try:
+        if args.db_command == "backup":
+            if storage.backend != "sqlite":
+                print("db backup copies SQLite databases; for PostgreSQL use pg_dump "
+                      "(docs/backup.md)", file=sys.stderr)  # fmt: skip
+                return 2
+            pages = await asyncio.to_thread(backup_sqlite, storage.path, Path(args.to))
+            print(f"backed up {storage.path} to {args.to} ({pages} pages)", file=sys.stderr)
+            return 0
+        if args.db_command == "status":
+            status = await schema_status(storage)
+            print(json.dumps(status.as_dict(), indent=2) if args.json else describe(status))
+            return {"up_to_date": 0, "behind": EXIT_PENDING, "ahead": EXIT_NEWER}[status.state]
+        owner = None
+        if args.owner_dsn_env:
+            if not environ.get(args.owner_dsn_env):
+                print(f"environment variable {args.owner_dsn_env} is not set", file=sys.stderr)
+                return 2
+            owner = SecretStr(environ[args.owner_dsn_env])
+        run = await migrate_schema(storage, owner_dsn=owner)
+    except Exception as exc:  # the database's own words (unreachable, permission denied, ...)
+        print(f"db {args.db_command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for warning in run.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.json:
+        out = {"applied": [{"version": m.version, "name": m.name} for m in run.applied]}
+        print(json.dumps(out | {"status": run.status.as_dict()}, indent=2))
+    else:
+        for m in run.applied:
+            print(f"applied {m.version}: {m.name}")
+        print(describe(run.status))
+    return EXIT_NEWER if run.status.state == "ahead" else 0

@@ -285,6 +285,16 @@ class StorageConfig(Model):
         validate_default=True,
         description="libpq connection string or URI of the database (postgres)",
     )
+    owner_dsn: Secret | None = Field(
+        None,
+        description="connection of the role that owns the tables, used only to migrate "
+        "(postgres; default: dsn)",
+    )
+    migrate: Literal["auto", "check"] = Field(
+        "auto",
+        description="auto: apply pending schema migrations at start; check: refuse to start "
+        "until `chatgateway db migrate` has",
+    )
 
     @field_validator("dsn", mode="after")
     @classmethod

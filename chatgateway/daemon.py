@@ -180,7 +180,7 @@ class Daemon:
         configure_logging(config.logging.level, config.logging.format, environ=self.environ)
         scrubber.update(secrets_in(config))
         self._storage = resolve_storage(config.storage, self.environ)
-        self.store = await open_store(self._storage)
+        self.store = await open_store(self._storage, source=str(self.config_path))
         self.coordinator = await start_coordinator(config)
         self.tenants = TenantRegistry(self.store, self.environ)
         # First listener: mask a tenant's secrets before its adapters can log anything.

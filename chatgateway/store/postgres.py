@@ -1,18 +1,26 @@
 """PostgreSQL backend: for an operator who already runs PostgreSQL and wants the state there.
 
-One gateway process per database. Plain queries over a small psycopg connection pool in
-autocommit mode; every multi-statement write runs in one explicit transaction, so a write is
-durable when the call returns. No in-memory cache: the database is the only copy.
+Plain queries over a small psycopg connection pool in autocommit mode; every multi-statement
+write runs in one explicit transaction, so a write is durable when the call returns. No in-memory
+cache: the database is the only copy.
+
+Row-level security (migration 2) shows a transaction only the rows of the tenant it names with
+`set_config('chatgateway.tenant', ..., true)`. A query and its set_config go in one simple-query
+message (client-side binding; PostgreSQL runs the statements of one message as one transaction),
+so scoping costs no extra round trip. The three queries that span tenants by design set a narrow
+scope instead: see `find_api_key`, `list_tenants` and the expiry in `open`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from psycopg import AsyncConnection
+import structlog
+from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from pydantic import SecretStr
 
@@ -28,6 +36,9 @@ from chatgateway.models import (
     Turn,
 )
 from chatgateway.store.base import ApiKeyRecord, TenantRecord
+from chatgateway.store.migrations import MigrateMode, SchemaStatus, refusal
+from chatgateway.store.migrations import postgres as migrations
+from chatgateway.store.migrations.postgres import KEY_ID_SETTING, SCOPE_SETTING, TENANT_SETTING
 from chatgateway.store.rows import (
     CLAIM_EVENT,
     DEDUP_RETENTION,
@@ -38,68 +49,11 @@ from chatgateway.store.rows import (
     session_from_row,
 )
 
-# The SQLite schema in PostgreSQL types; timestamps stay float seconds (double precision).
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL,
-    platform TEXT NOT NULL,
-    conversation_id TEXT NOT NULL,
-    thread_id TEXT NOT NULL,
-    user_id TEXT NOT NULL,
-    user_name TEXT,
-    kind TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    last_active DOUBLE PRECISION NOT NULL,
-    message_count BIGINT NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS sessions_by_key
-    ON sessions (tenant_id, platform, conversation_id, thread_id, user_id);
-CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions (tenant_id, last_active);
-CREATE TABLE IF NOT EXISTS turns (
-    session_id TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    tenant_id TEXT NOT NULL,
-    role TEXT NOT NULL,
-    text TEXT NOT NULL,
-    ts DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (session_id, seq)
-);
-CREATE TABLE IF NOT EXISTS processed_events (
-    tenant_id TEXT NOT NULL,
-    platform TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    processed_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (tenant_id, platform, event_id)
-);
-CREATE TABLE IF NOT EXISTS tenants (
-    tenant_id TEXT PRIMARY KEY,
-    spec TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL,
-    key_hash TEXT NOT NULL,
-    label TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant_id);
-CREATE TABLE IF NOT EXISTS gateway_settings (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
--- Cluster dedup (coordination: postgres): which instance processes an event right now.
-CREATE TABLE IF NOT EXISTS event_claims (
-    tenant_id TEXT NOT NULL,
-    platform TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    claimed_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (tenant_id, platform, event_id)
-);
-"""
+log = structlog.get_logger("chatgateway.store")
+
+#: Prefixed to a query: the first statement of its transaction names whom it is for.
+_SET = "SELECT set_config(%s, %s, true); "
+_SET_ALONE = "SELECT set_config(%s, %s, true)"
 
 _Pool = AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]
 
@@ -107,8 +61,20 @@ _Pool = AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]
 class PostgresStore:
     """A SessionStore on a PostgreSQL database. One instance per database, one event loop."""
 
-    def __init__(self, dsn: SecretStr, *, min_size: int = 1, max_size: int = 8) -> None:
+    def __init__(
+        self,
+        dsn: SecretStr,
+        *,
+        owner_dsn: SecretStr | None = None,
+        migrate: MigrateMode = "auto",
+        min_size: int = 1,
+        max_size: int = 8,
+    ) -> None:
         self.dsn = dsn
+        self.owner_dsn = owner_dsn
+        self.migrate: MigrateMode = migrate
+        #: Where the schema stood once open() had applied what it may.
+        self.schema: SchemaStatus | None = None
         self._min_size = min_size
         self._max_size = max_size
         self._pool: _Pool | None = None
@@ -120,21 +86,57 @@ class PostgresStore:
         # A direct connection first: an unreachable server fails here with libpq's reason,
         # not with the pool's "initialization incomplete" after its timeout.
         async with await AsyncConnection.connect(conninfo, autocommit=True) as conn:
-            await conn.execute(SCHEMA)
-            await conn.execute(
-                "DELETE FROM processed_events WHERE processed_at < %s",
-                (time.time() - DEDUP_RETENTION,),
-            )
+            self.schema = await self._ensure_schema(conn)
+            # Forgetting old event ids spans tenants: the "expiry" scope lets this one
+            # transaction see and delete them, and nothing else.
+            async with conn.transaction():
+                await conn.execute("SELECT set_config(%s, 'expiry', true)", (SCOPE_SETTING,))
+                await conn.execute(
+                    "DELETE FROM processed_events WHERE processed_at < %s",
+                    (time.time() - DEDUP_RETENTION,),
+                )
+                await conn.execute(
+                    "DELETE FROM event_claims WHERE claimed_at < %s",
+                    (time.time() - DEDUP_RETENTION,),
+                )
         pool: _Pool = AsyncConnectionPool(
             conninfo,
             min_size=self._min_size,
             max_size=self._max_size,
-            kwargs={"autocommit": True},
+            # Client-side binding lets a query travel with its set_config in one message.
+            kwargs={"autocommit": True, "cursor_factory": AsyncClientCursor},
             open=False,
             name="chatgateway-store",
         )
         await pool.open(wait=True)
         self._pool = pool
+
+    async def _ensure_schema(self, conn: AsyncConnection[tuple[Any, ...]]) -> SchemaStatus:
+        """Apply pending migrations (as the owner) if allowed; refuse a schema we cannot use."""
+        status = await migrations.status(conn)
+        error = refusal(status, self.migrate)
+        if error is not None:
+            raise error
+        if status.pending:
+            runtime_role = str(status.details["role"])
+            if self.owner_dsn is None:
+                await migrations.migrate(conn, runtime_role=runtime_role)
+            else:
+                owner = self.owner_dsn.get_secret_value()
+                async with await AsyncConnection.connect(owner, autocommit=True) as as_owner:
+                    await migrations.migrate(as_owner, runtime_role=runtime_role)
+            status = await migrations.status(conn)
+            log.info("storage_migrated", backend="postgres", version=status.current)
+        if not status.details["rls_applies"]:
+            # Not fatal (a single superuser role works), but isolation then rests on the
+            # queries alone: say so once.
+            log.warning(
+                "storage_rls_bypassed",
+                role=status.details["role"],
+                superuser=status.details["superuser"],
+                bypassrls=status.details["bypassrls"],
+            )
+        return status
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -146,22 +148,35 @@ class PostgresStore:
             raise RuntimeError("store is closed")
         return self._pool.connection()
 
-    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    async def _read(
+        self, tenant_id: str, sql: str, params: tuple[Any, ...], *, setting: str = TENANT_SETTING
+    ) -> list[tuple[Any, ...]]:
+        """Run `sql` in a transaction for `tenant_id` (or another `setting`); its rows."""
         async with self._connection() as conn:
-            cur = await conn.execute(sql, params)
+            cur = await conn.execute(_SET + sql, (setting, tenant_id, *params))
+            cur.nextset()
             rows: list[tuple[Any, ...]] = await cur.fetchall()
             return rows
 
-    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
-        """Run one statement (its own transaction); return the number of rows it touched."""
+    async def _write(self, tenant_id: str, sql: str, params: tuple[Any, ...]) -> int:
+        """Run one statement in a transaction for `tenant_id`; the number of rows it touched."""
         async with self._connection() as conn:
-            cur = await conn.execute(sql, params)
+            cur = await conn.execute(_SET + sql, (TENANT_SETTING, tenant_id, *params))
+            cur.nextset()
             return int(cur.rowcount)
+
+    @asynccontextmanager
+    async def _transaction(self, tenant_id: str) -> AsyncIterator[AsyncConnection[Any]]:
+        """A transaction that sees and writes only `tenant_id`'s rows."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(_SET_ALONE, (TENANT_SETTING, tenant_id))
+            yield conn
 
     # Sessions ------------------------------------------------------------------------------
 
     async def find_active_session(self, key: SessionKey, *, idle_since: float) -> Session | None:
         rows = await self._read(
+            key.tenant_id,
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = %s AND platform = %s "
             "AND conversation_id = %s AND thread_id = %s AND user_id = %s AND last_active >= %s "
             "ORDER BY last_active DESC LIMIT 1",
@@ -178,6 +193,7 @@ class PostgresStore:
 
     async def get_session(self, tenant_id: TenantId, session_id: SessionId) -> Session | None:
         rows = await self._read(
+            tenant_id,
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = %s AND tenant_id = %s",
             (session_id, tenant_id),
         )
@@ -195,6 +211,7 @@ class PostgresStore:
             conversation_kind=kind,
         )
         await self._write(
+            key.tenant_id,
             f"INSERT INTO sessions ({SESSION_COLUMNS}) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
@@ -225,43 +242,47 @@ class PostgresStore:
         last_active = max(t.timestamp for t in turns) if turns else time.time()
         async with self._connection() as conn, conn.transaction():
             # The update locks the session row, so concurrent exchanges of one session take
-            # their turn numbers one after the other.
+            # their turn numbers one after the other. It travels with the tenant's set_config.
             cur = await conn.execute(
-                "UPDATE sessions SET message_count = message_count + %s, "
+                _SET + "UPDATE sessions SET message_count = message_count + %s, "
                 "last_active = GREATEST(last_active, %s) "
                 "WHERE id = %s AND tenant_id = %s RETURNING message_count",
-                (len(turns), last_active, session_id, tenant_id),
+                (TENANT_SETTING, tenant_id, len(turns), last_active, session_id, tenant_id),
             )
+            cur.nextset()
             row = await cur.fetchone()
             if row is None:
                 raise NotFoundError(f"no session {session_id!r}")
             count = int(row[0])
             first = count - len(turns) + 1
+            # The rest in one message: the turns, the event, the trim.
+            statements: list[str] = []
+            params: list[Any] = []
             if turns:
-                async with conn.cursor() as c:
-                    await c.executemany(
-                        "INSERT INTO turns (tenant_id, session_id, seq, role, text, ts) "
-                        "VALUES (%s, %s, %s, %s, %s, %s)",
-                        [
-                            (tenant_id, session_id, first + i, t.role.value, t.text, t.timestamp)
-                            for i, t in enumerate(turns)
-                        ],
-                    )
+                statements.append(
+                    "INSERT INTO turns (tenant_id, session_id, seq, role, text, ts) VALUES "
+                    + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(turns))
+                )
+                for i, t in enumerate(turns):
+                    params += (tenant_id, session_id, first + i, t.role.value, t.text, t.timestamp)
             if processed_event is not None:
-                await conn.execute(
-                    "INSERT INTO processed_events VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (tenant_id, processed_event[0].value, processed_event[1], time.time()),
+                statements.append(
+                    "INSERT INTO processed_events VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
                 )
+                params += (tenant_id, processed_event[0].value, processed_event[1], time.time())
             if count > max_turns:
-                await conn.execute(
-                    "DELETE FROM turns WHERE session_id = %s AND tenant_id = %s AND seq <= %s",
-                    (session_id, tenant_id, count - max_turns),
+                statements.append(
+                    "DELETE FROM turns WHERE session_id = %s AND tenant_id = %s AND seq <= %s"
                 )
+                params += (session_id, tenant_id, count - max_turns)
+            if statements:
+                await conn.execute("; ".join(statements), params)
 
     async def history(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
         if limit <= 0:
             return []
         rows = await self._read(
+            tenant_id,
             "SELECT role, text, ts FROM turns WHERE session_id = %s AND tenant_id = %s "
             "ORDER BY seq DESC LIMIT %s",
             (session_id, tenant_id, limit),
@@ -278,10 +299,10 @@ class PostgresStore:
         offset: int = 0,
     ) -> list[Session]:
         sql, params = list_sessions_query("%s", tenant_id, user_id, platform, limit, offset)
-        return [session_from_row(r) for r in await self._read(sql, params)]
+        return [session_from_row(r) for r in await self._read(tenant_id, sql, params)]
 
     async def delete_session(self, tenant_id: TenantId, session_id: SessionId) -> bool:
-        async with self._connection() as conn, conn.transaction():
+        async with self._transaction(tenant_id) as conn:
             cur = await conn.execute(
                 "DELETE FROM sessions WHERE id = %s AND tenant_id = %s", (session_id, tenant_id)
             )
@@ -295,6 +316,7 @@ class PostgresStore:
 
     async def count_sessions(self, tenant_id: TenantId, *, active_since: float = 0.0) -> int:
         rows = await self._read(
+            tenant_id,
             "SELECT count(*) FROM sessions WHERE tenant_id = %s AND last_active >= %s",
             (tenant_id, active_since),
         )
@@ -304,6 +326,7 @@ class PostgresStore:
         self, tenant_id: TenantId, *, active_since: float = 0.0
     ) -> dict[Platform, int]:
         rows = await self._read(
+            tenant_id,
             "SELECT platform, count(*) FROM sessions WHERE tenant_id = %s AND last_active >= %s "
             "GROUP BY platform",
             (tenant_id, active_since),
@@ -311,7 +334,7 @@ class PostgresStore:
         return {Platform(r[0]): int(r[1]) for r in rows}
 
     async def prune(self, tenant_id: TenantId, *, idle_before: float) -> int:
-        async with self._connection() as conn, conn.transaction():
+        async with self._transaction(tenant_id) as conn:
             cur = await conn.execute(
                 "DELETE FROM sessions WHERE tenant_id = %s AND last_active < %s RETURNING id",
                 (tenant_id, idle_before),
@@ -328,6 +351,7 @@ class PostgresStore:
 
     async def is_processed(self, tenant_id: TenantId, platform: Platform, event_id: str) -> bool:
         rows = await self._read(
+            tenant_id,
             "SELECT 1 FROM processed_events "
             "WHERE tenant_id = %s AND platform = %s AND event_id = %s",
             (tenant_id, platform.value, event_id),
@@ -346,27 +370,31 @@ class PostgresStore:
     ) -> bool:
         params = (tenant_id, platform.value, event_id, owner, now,
                   tenant_id, platform.value, event_id, stale_before)  # fmt: skip
-        async with self._connection() as conn:
-            cur = await conn.execute(CLAIM_EVENT.format(p="%s"), params)
-            return bool(await cur.fetchall())
+        return bool(await self._read(tenant_id, CLAIM_EVENT.format(p="%s"), params))
 
     # Runtime tenants -----------------------------------------------------------------------
 
     async def list_tenants(self) -> list[TenantRecord]:
+        # Spans tenants by design (the admin API's list, the registry's start-up): the
+        # "registry" scope shows this query every runtime tenant's row, and nothing else.
         rows = await self._read(
-            "SELECT tenant_id, spec, created_at, updated_at FROM tenants ORDER BY tenant_id", ()
+            "registry",
+            "SELECT tenant_id, spec, created_at, updated_at FROM tenants ORDER BY tenant_id",
+            (),
+            setting=SCOPE_SETTING,
         )
         return [TenantRecord(TenantId(r[0]), json.loads(r[1]), r[2], r[3]) for r in rows]
 
     async def save_tenant(self, record: TenantRecord) -> None:
         await self._write(
+            record.tenant_id,
             "INSERT INTO tenants VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id) DO UPDATE SET "
             "spec = excluded.spec, updated_at = excluded.updated_at",
             (record.tenant_id, json.dumps(record.spec), record.created_at, record.updated_at),
         )
 
     async def delete_tenant(self, tenant_id: TenantId) -> None:
-        async with self._connection() as conn, conn.transaction():
+        async with self._transaction(tenant_id) as conn:
             for table in (
                 "tenants", "api_keys", "sessions", "turns", "processed_events", "event_claims"
             ):
@@ -376,20 +404,26 @@ class PostgresStore:
 
     async def add_api_key(self, record: ApiKeyRecord) -> None:
         await self._write(
+            record.tenant_id,
             "INSERT INTO api_keys VALUES (%s, %s, %s, %s, %s)",
             (record.key_id, record.tenant_id, record.key_hash, record.label, record.created_at),
         )
 
     async def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        # Authentication looks the key up before its tenant is known: the key_lookup policy
+        # shows this transaction the one row whose id it names.
         rows = await self._read(
+            key_id,
             "SELECT key_id, tenant_id, key_hash, label, created_at FROM api_keys "
             "WHERE key_id = %s",
             (key_id,),
+            setting=KEY_ID_SETTING,
         )
         return key_from_row(rows[0]) if rows else None
 
     async def list_api_keys(self, tenant_id: TenantId) -> list[ApiKeyRecord]:
         rows = await self._read(
+            tenant_id,
             "SELECT key_id, tenant_id, key_hash, label, created_at FROM api_keys "
             "WHERE tenant_id = %s ORDER BY created_at",
             (tenant_id,),
@@ -398,13 +432,16 @@ class PostgresStore:
 
     async def delete_api_key(self, tenant_id: TenantId, key_id: str) -> bool:
         deleted = await self._write(
-            "DELETE FROM api_keys WHERE key_id = %s AND tenant_id = %s", (key_id, tenant_id)
+            tenant_id,
+            "DELETE FROM api_keys WHERE key_id = %s AND tenant_id = %s",
+            (key_id, tenant_id),
         )
         return deleted > 0
 
     # Gateway-wide settings -----------------------------------------------------------------
 
     async def gateway_setting(self, name: str, default: str) -> str:
+        # Not tenant data: gateway_settings has no row-level security.
         async with self._connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO gateway_settings VALUES (%s, %s) ON CONFLICT DO NOTHING",

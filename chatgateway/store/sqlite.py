@@ -41,6 +41,8 @@ from chatgateway.models import (
     Turn,
 )
 from chatgateway.store.base import ApiKeyRecord, TenantRecord
+from chatgateway.store.migrations import MigrateMode, SchemaStatus, refusal
+from chatgateway.store.migrations import sqlite as migrations
 from chatgateway.store.rows import (
     CLAIM_EVENT,
     DEDUP_RETENTION,
@@ -52,68 +54,6 @@ from chatgateway.store.rows import (
 )
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL,
-    platform TEXT NOT NULL,
-    conversation_id TEXT NOT NULL,
-    thread_id TEXT NOT NULL,
-    user_id TEXT NOT NULL,
-    user_name TEXT,
-    kind TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    last_active REAL NOT NULL,
-    message_count INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS sessions_by_key
-    ON sessions (tenant_id, platform, conversation_id, thread_id, user_id);
-CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions (tenant_id, last_active);
-CREATE TABLE IF NOT EXISTS turns (
-    session_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    tenant_id TEXT NOT NULL,
-    role TEXT NOT NULL,
-    text TEXT NOT NULL,
-    ts REAL NOT NULL,
-    PRIMARY KEY (session_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS processed_events (
-    tenant_id TEXT NOT NULL,
-    platform TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    processed_at REAL NOT NULL,
-    PRIMARY KEY (tenant_id, platform, event_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tenants (
-    tenant_id TEXT PRIMARY KEY,
-    spec TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL,
-    key_hash TEXT NOT NULL,
-    label TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant_id);
-CREATE TABLE IF NOT EXISTS gateway_settings (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
--- Cluster dedup (coordination: postgres): which instance processes an event right now.
-CREATE TABLE IF NOT EXISTS event_claims (
-    tenant_id TEXT NOT NULL,
-    platform TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    claimed_at REAL NOT NULL,
-    PRIMARY KEY (tenant_id, platform, event_id)
-) WITHOUT ROWID;
-"""
 
 #: How many recent turns of a hot session are kept in memory.
 HISTORY_CACHE = 64
@@ -176,9 +116,11 @@ class _Writer(threading.Thread):
     at once (the database was locked, or an operation failed) and checkpoints the WAL.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, migrate: MigrateMode = "auto") -> None:
         super().__init__(name="chatgateway-sqlite-writer", daemon=True)
         self._path = path
+        self._migrate: MigrateMode = migrate
+        self.schema: SchemaStatus | None = None
         self._queue: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
         self._outbox: list[_Pending] = []
         self._ready = threading.Event()
@@ -244,6 +186,13 @@ class _Writer(threading.Thread):
             self._error = exc
             self._ready.set()
             return
+        try:
+            self.schema = _ensure_schema(conn, self._migrate)
+        except BaseException as exc:
+            conn.close()
+            self._error = exc
+            self._ready.set()
+            return
         self._ready.set()
         try:
             self._loop(conn)
@@ -290,8 +239,19 @@ def _connect_writer(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(SCHEMA)
     return conn
+
+
+def _ensure_schema(conn: sqlite3.Connection, mode: MigrateMode) -> SchemaStatus:
+    """Apply pending migrations if allowed; refuse a schema this code cannot use."""
+    status = migrations.status(conn)
+    error = refusal(status, mode)
+    if error is not None:
+        raise error
+    if status.pending:
+        migrations.migrate(conn)
+        status = migrations.status(conn)
+    return status
 
 
 def _connect_inline(path: str) -> sqlite3.Connection:
@@ -371,8 +331,13 @@ def _settle(entries: list[_Result]) -> None:
 class SqliteStore:
     """The embedded default store. One instance per database file, used from one event loop."""
 
-    def __init__(self, path: str | Path, *, cache_size: int = 10_000) -> None:
+    def __init__(
+        self, path: str | Path, *, cache_size: int = 10_000, migrate: MigrateMode = "auto"
+    ) -> None:
         self.path = str(path)
+        self.migrate: MigrateMode = migrate
+        #: Where the schema stood once open() had applied what it may.
+        self.schema: SchemaStatus | None = None
         self._cache_size = cache_size
         self._hot: OrderedDict[SessionId, _Hot] = OrderedDict()
         self._by_key: dict[SessionKey, SessionId] = {}
@@ -384,16 +349,23 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        writer = _Writer(self.path)
+        writer = _Writer(self.path, self.migrate)
         await asyncio.to_thread(writer.start_and_wait)
         self._writer = writer
+        self.schema = writer.schema
         self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._reader.execute("PRAGMA busy_timeout=5000")
         self._reader.execute("PRAGMA query_only=1")
         await self._write(
-            lambda c: c.execute(
-                "DELETE FROM processed_events WHERE processed_at < ?",
-                (time.time() - DEDUP_RETENTION,),
+            lambda c: (
+                c.execute(
+                    "DELETE FROM processed_events WHERE processed_at < ?",
+                    (time.time() - DEDUP_RETENTION,),
+                ),
+                c.execute(
+                    "DELETE FROM event_claims WHERE claimed_at < ?",
+                    (time.time() - DEDUP_RETENTION,),
+                ),
             ),
             slow=True,
         )
