@@ -22,8 +22,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny numbers: checks it all runs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--only", default="web,instructions,slack,discord,scale",
-                        help="comma-separated parts: web, instructions, slack, discord, scale")
+    parser.add_argument("--only", default="web,instructions,slack,discord,scale,fairness",
+                        help="comma-separated parts: web, instructions, slack, discord, scale, "
+                        "fairness")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk (C, needs `apt-get install wrk`) or an aiohttp "
                         "client in its own process; auto picks wrk when installed")
@@ -66,6 +67,13 @@ def main() -> None:
             print()
             print(table(scale.run(workdir / "scale", smoke=args.smoke),
                         ["scale", "measure", "value", "target"]))
+        if "fairness" in parts:
+            from bench import fairness
+
+            print()
+            # B's 20 requests/s need a longer window than the web runs for a meaningful p99.
+            window = 2.0 if args.smoke else max(10.0, args.seconds)
+            print(table(fairness.run(workdir / "fairness", rounds, window), fairness.HEADER))
 
 
 if __name__ == "__main__":
