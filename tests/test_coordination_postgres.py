@@ -206,3 +206,42 @@ async def test_claim_event_one_owner_until_stale_never_after_processed(
     await store.record_exchange(t, session.id, [Turn(Role.USER, "hi", 1.0)], max_turns=10,
                                 processed_event=(slack, "ev2"))
     assert not await store.claim_event(t, slack, "ev2", "i1", 400.0, stale_before=399.0)
+
+
+# Two gateways (in this process) on one database: a platform event delivered to both ------
+
+
+async def test_an_event_delivered_to_two_instances_at_once_is_processed_once(
+    make_gateway, make_agent
+):
+    from chatgateway.models import Conversation, ConversationKind, NormalizedMessage, User
+    from tests.conftest import tenant
+
+    agent = await make_agent(delay=0.2)
+    async with postgres_schema() as dsn:
+        config = {
+            "storage": {"backend": "postgres", "dsn": {"value": dsn}},
+            "cluster": {"coordination": "postgres"},
+            "tenants": [tenant("acme", agent.url)],
+        }
+        one, two = await make_gateway(config), await make_gateway(config)
+
+        def event(event_id: str) -> NormalizedMessage:
+            return NormalizedMessage(
+                TenantId("acme"), Platform.SLACK, Conversation("D1", ConversationKind.DM),
+                User("U1"), f"text of {event_id}", event_id, 1.0,
+            )
+
+        assert one.pipeline is not None and two.pipeline is not None
+        replies = await asyncio.gather(
+            one.pipeline.handle(event("Ev1"), dedup=True),
+            two.pipeline.handle(event("Ev1"), dedup=True),
+        )
+        assert sorted(r.outcome for r in replies) == ["duplicate", "ok"]
+        assert agent.texts() == ["text of Ev1"]
+        # Later redeliveries, to either instance, are duplicates too.
+        for daemon in (one, two):
+            assert (await daemon.pipeline.handle(event("Ev1"), dedup=True)).outcome == "duplicate"
+        assert agent.texts() == ["text of Ev1"]
+        await one.stop()
+        await two.stop()
