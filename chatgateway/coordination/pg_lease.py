@@ -25,6 +25,8 @@ from psycopg.types.json import Jsonb
 
 log = structlog.get_logger("chatgateway.coordination")
 
+# The store's migration 4 creates the table (chatgateway/store/migrations/postgres.py); this
+# copy serves a database the store has not migrated yet (the lease tests).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
@@ -165,9 +167,12 @@ class PgLeases:
         self.holders: dict[str, str] = {}
 
     async def start(self) -> None:
-        """Connect and create the table (idempotent)."""
+        """Connect, and create the table if no migration did (the role may not be allowed to)."""
         conn = await self._connection()
-        await conn.execute(SCHEMA)
+        cur = await conn.execute("SELECT to_regclass('leases') IS NULL")
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            await conn.execute(SCHEMA)
 
     async def close(self) -> None:
         """Release every lease this instance holds, then disconnect; idempotent."""

@@ -30,6 +30,7 @@ from pydantic import SecretStr
 
 from chatgateway.coordination.base import ChangeListener, Lease
 from chatgateway.coordination.local import new_instance_id
+from chatgateway.coordination.pg_lease import PgLeases
 from chatgateway.pipeline import KeyedLocks
 
 log = structlog.get_logger("chatgateway.coordination")
@@ -148,6 +149,7 @@ class PostgresCoordinator:
         self.listen_conn: _Conn | None = None
         self._closed = False
         self._background: set[asyncio.Future[None]] = set()
+        self._leases = PgLeases(self._conninfo, self.instance_id)
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -164,6 +166,7 @@ class PostgresCoordinator:
         waiter.cancel()
         if self._listen_task in done:
             self._listen_task.result()  # raises the listener's error
+        await self._leases.start()
 
     async def close(self) -> None:
         if self._closed:
@@ -172,6 +175,10 @@ class PostgresCoordinator:
         if self._listen_task is not None:
             self._listen_task.cancel()
             await asyncio.gather(self._listen_task, return_exceptions=True)
+        try:
+            await self._leases.close()  # released, so other instances take over at once
+        except Exception as exc:
+            log.warning("coordination_close_failed", error=f"{type(exc).__name__}: {exc}")
         # Closing the connections releases every advisory lock this instance still holds.
         for lock_conn in self._lock_conns:
             try:
@@ -228,10 +235,14 @@ class PostgresCoordinator:
             log.warning("session_unlock_failed", error=str(exc))
 
     # Leases ---------------------------------------------------------------------------------
-    # Implemented by the Discord-ownership work (F2): delegate to their lease implementation.
 
     async def try_lease(self, name: str, *, ttl: float) -> Lease | None:
-        raise NotImplementedError("leases on PostgreSQL: see the lease implementation")
+        """A row in `leases` with an expiry (coordination.pg_lease explains why not a lock)."""
+        return await self._leases.try_lease(name, ttl=ttl)
+
+    def lease_holder(self, name: str) -> str | None:
+        """Which instance held `name` when this one last failed to take it."""
+        return self._leases.holder(name)
 
     # Change notices -------------------------------------------------------------------------
 
