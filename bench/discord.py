@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench.platform import paced
 from bench.procs import start_gateway, start_server
+from bench.web import UNLIMITED
 from tests.fakes.discord import FakeDiscord, user_object
 
 
@@ -20,7 +21,7 @@ async def run(workdir: Path, rate: float, count: int) -> list[list[str]]:
         gateway, _, _ = start_gateway(workdir, {
             "storage": {"path": str(workdir / "discord.db")},
             "tenants": [{"id": "bench", "agent": {"url": f"http://127.0.0.1:{agent_port}/agent"},
-                         "web": {"enabled": False},
+                         "limits": UNLIMITED, "web": {"enabled": False},
                          "discord": {"bots": [fake.bot_settings(bot, typing_indicator=False)]}}],
         }, name="discord")
         await fake.wait_ready(bot, 60)

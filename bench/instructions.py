@@ -26,7 +26,7 @@ import aiohttp
 import yaml
 
 from bench.procs import Proc, start_server
-from bench.web import KEY
+from bench.web import KEY, UNLIMITED
 
 WARMUP = 300
 CONCURRENCY = 8
@@ -121,7 +121,7 @@ def run(workdir: Path, requests: int) -> list[list[str]]:
                 "logging": logging,
                 "storage": {"path": str(run_dir / "web.db")},
                 "tenants": [{"id": "bench", "agent": {"url": agent_url, **agent_settings},
-                             "web": {"api_keys": [{"value": KEY}]}}],
+                             "limits": UNLIMITED, "web": {"api_keys": [{"value": KEY}]}}],
             }
             path = run_dir / "gateway.yaml"
             path.write_text(yaml.safe_dump(config))

@@ -11,6 +11,8 @@ from bench import loadgen
 from bench.procs import Proc, start_gateway, start_server
 
 KEY = "bench-key-0123456789abcdef"
+#: Limits on, never refusing: the benchmarks measure the checks' cost, not refusals.
+UNLIMITED = {name: {"per_minute": 1e9, "burst": 1_000_000_000} for name in ("tenant", "user")}
 
 
 @dataclass
@@ -28,7 +30,7 @@ def run(workdir: Path, concurrencies: list[int], rounds: int, seconds: float) ->
     forwarder, fwd_port = start_server("forwarder", agent_url)
     gateway, gw_port, _ = start_gateway(workdir, {
         "storage": {"path": str(workdir / "web.db")},
-        "tenants": [{"id": "bench", "agent": {"url": agent_url},
+        "tenants": [{"id": "bench", "agent": {"url": agent_url}, "limits": UNLIMITED,
                      "web": {"api_keys": [{"value": KEY}]}}],
     }, name="web")
     targets: dict[str, tuple[str, str | None, Proc | None]] = {

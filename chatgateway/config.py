@@ -15,6 +15,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -262,6 +263,41 @@ class DiscordConfig(Model):
         return self
 
 
+class RateConfig(Model):
+    """A token bucket: `burst` messages at once, refilled at `per_minute`."""
+
+    per_minute: float = Field(gt=0, le=1e9, description="Long-run rate, per minute")
+    burst: int = Field(ge=1, le=1_000_000_000, description="Messages allowed at once")
+
+
+#: The notice a Slack or Discord user gets (once per notice_interval) when a limit refuses them.
+DEFAULT_NOTICE = (
+    "You're sending messages faster than I can answer. "
+    "Please wait {retry_after} seconds and try again."
+)
+
+
+class LimitsConfig(Model):
+    """A tenant's limits; `null` turns one off. See docs/configuration.md for the reasoning."""
+
+    tenant: RateConfig | None = RateConfig(per_minute=600, burst=100)
+    daily_quota: int | None = Field(None, ge=1, description="Messages per UTC day (none: off)")
+    user: RateConfig | None = RateConfig(per_minute=30, burst=15)
+    address: RateConfig | None = RateConfig(per_minute=60, burst=30)
+    visitor_tokens: RateConfig | None = RateConfig(per_minute=10, burst=20)
+    notice_text: str = Field(DEFAULT_NOTICE, min_length=1, max_length=2000)
+    notice_interval: float = Field(60.0, ge=0, le=86400)
+
+
+class BreakerConfig(Model):
+    """The circuit breaker on the tenant's agent."""
+
+    enabled: bool = True
+    failures: int = Field(5, ge=1, le=10_000, description="Failures that open it...")
+    window: float = Field(60.0, gt=0, le=86400, description="...within this many seconds")
+    cooldown: float = Field(30.0, gt=0, le=86400, description="Seconds open before a probe")
+
+
 class TenantConfig(Model):
     id: Annotated[str, Field(pattern=TENANT_ID_PATTERN)]
     name: str = ""
@@ -270,6 +306,8 @@ class TenantConfig(Model):
     web: WebConfig = WebConfig()
     slack: SlackConfig = SlackConfig()
     discord: DiscordConfig = DiscordConfig()
+    limits: LimitsConfig = LimitsConfig()
+    breaker: BreakerConfig = BreakerConfig()
 
 
 class ListenConfig(Model):
@@ -335,6 +373,11 @@ class ServerConfig(Model):
     visitor_token_ttl: float = Field(7 * 86400.0, gt=0)
     visitor_secret: Secret | None = None
     public_url: HttpUrl | None = None
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Reverse proxies whose X-Forwarded-For names the client address (for the "
+        "per-address limits); from anyone else the TCP peer is the client",
+    )
 
 
 class ClusterConfig(Model):
@@ -351,6 +394,32 @@ class ClusterConfig(Model):
     )
 
 
+def _check_limits_storage(value: Any) -> Any:
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if isinstance(text, str) and not re.match(
+        r"^(async\+)?(memory|redis|rediss|redis\+sentinel|redis\+cluster|valkey|valkeys"
+        r"|valkey\+sentinel|valkey\+cluster|memcached|mongodb|mongodb\+srv)://",
+        text,
+    ):
+        raise ValueError(
+            "must be a storage URI of the limits library, e.g. memory:// (one instance) or "
+            "redis://127.0.0.1:6379 (several instances)"
+        )
+    return value
+
+
+class GatewayLimitsConfig(Model):
+    storage: Annotated[HeaderValue, AfterValidator(_check_limits_storage)] = Field(
+        "memory://",
+        description="Where rate limits and quotas are counted: memory:// (this process) or a "
+        "shared store such as redis://host:6379; a URI with a password may be a secret reference",
+    )
+
+    def storage_uri(self) -> str:
+        value = self.storage
+        return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
 class GatewayConfig(Model):
     listen: ListenConfig = ListenConfig()
     storage: StorageConfig = StorageConfig()
@@ -358,6 +427,7 @@ class GatewayConfig(Model):
     logging: LoggingConfig = LoggingConfig()
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
+    limits: GatewayLimitsConfig = GatewayLimitsConfig()
     tenants: list[TenantConfig] = Field(default_factory=list)
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from chatgateway import __version__
 from chatgateway.adapter import Adapter, AdapterState
+from chatgateway.admission import Admission, open_shared_limiter
 from chatgateway.config import (
     GatewayConfig,
     ListenConfig,
@@ -58,7 +59,13 @@ STARTUP_SETTLE = 10.0
 #: After the drain, how long the web server waits for responses still being written.
 HTTP_SHUTDOWN_GRACE = 3.0
 #: Config keys a reload cannot change in a running process (a restart applies them).
-RESTART_KEYS = ("storage", "cluster", "server.max_body_bytes", "server.visitor_secret")
+RESTART_KEYS = (
+    "storage",
+    "cluster",
+    "limits.storage",
+    "server.max_body_bytes",
+    "server.visitor_secret",
+)
 
 State = Literal["starting", "ready", "reloading", "draining", "stopped"]
 
@@ -116,6 +123,8 @@ def restart_needed(old: GatewayConfig, new: GatewayConfig) -> list[str]:
         found.append("storage")
     if old.cluster != new.cluster:
         found.append("cluster")
+    if old.limits != new.limits:
+        found.append("limits.storage")
     if old.server.max_body_bytes != new.server.max_body_bytes:
         found.append("server.max_body_bytes")
     if old.server.visitor_secret != new.server.visitor_secret:
@@ -195,6 +204,10 @@ class Daemon:
             claim_timeout=config.cluster.claim_timeout if clustered else None,
         )
         self.supervisor = Supervisor(self._make_adapter, self.metrics)
+        # Limits and quotas count in this process, or in the store `limits.storage` names.
+        self.pipeline.admission = Admission(
+            self.metrics, open_shared_limiter(config.limits.storage_uri())
+        )
         self.tenants.on_change(self.supervisor.tenant_changed)
         await self.tenants.load(config.tenants)
         self.tenants.attach(self.coordinator)
@@ -589,6 +602,7 @@ class Daemon:
             ("web", self.runner.cleanup() if self.runner else None),
             ("agents", self.tenants.close() if self.tenants else None),
             ("coordination", self.coordinator.close() if self.coordinator else None),
+            ("limits", self.pipeline.admission.close() if self.pipeline else None),
             ("store", self.store.close() if self.store else None),
         ]
         for name, step in steps:

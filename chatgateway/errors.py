@@ -42,6 +42,23 @@ class OverloadedError(GatewayError):
     """The tenant has too much work queued; the caller should retry later."""
 
 
+class RateLimitedError(GatewayError):
+    """A limit or quota refused the message; retry after `retry_after` seconds.
+
+    `reason` is a short machine-readable name (tenant_rate, daily_quota, user_rate,
+    address_rate, visitor_token_rate); `notice` is the text to post to a Slack or Discord user,
+    or None when they were told within the notice interval already.
+    """
+
+    def __init__(
+        self, reason: str, retry_after: float, message: str, notice: str | None = None
+    ) -> None:
+        self.reason = reason
+        self.retry_after = retry_after
+        self.notice = notice
+        super().__init__(message)
+
+
 class UnavailableError(GatewayError):
     """The gateway is shutting down and takes no new messages."""
 

@@ -16,6 +16,8 @@ from prometheus_client.registry import Collector
 
 from chatgateway.adapter import AdapterState, AdapterStatus
 
+BREAKER_STATES = ("closed", "open", "half_open")
+
 # The *_created timestamps double the output and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -70,7 +72,9 @@ class Metrics:
         )
         self.rejected = Counter(
             "chatgateway_messages_rejected",
-            "Messages refused before reaching the agent (overloaded: the tenant's queue is full)",
+            "Messages and web calls refused before reaching the agent, by reason: overloaded "
+            "(the tenant's queue is full), tenant_rate, daily_quota, user_rate, address_rate, "
+            "visitor_token_rate, breaker_open (answered with the fallback)",
             ["tenant", "platform", "reason"],
             registry=r,
         )
@@ -83,6 +87,7 @@ class Metrics:
         self._adapters: Callable[[], Iterable[AdapterSample]] = list
         self._gateway: Callable[[], GatewaySample | None] = lambda: None
         self._sessions: dict[tuple[str, str], int] = {}
+        self._breakers: Callable[[], Iterable[tuple[str, str]]] = list
         r.register(_LiveCollector(self))
 
     def watch_adapters(self, source: Callable[[], Iterable[AdapterSample]]) -> None:
@@ -91,6 +96,10 @@ class Metrics:
 
     def watch_gateway(self, source: Callable[[], GatewaySample | None]) -> None:
         self._gateway = source
+
+    def watch_breakers(self, source: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        """Read (tenant, breaker state) pairs from `source` at every scrape."""
+        self._breakers = source
 
     def set_active_sessions(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Replace the active session counts by (tenant, platform); removed tenants disappear."""
@@ -145,6 +154,16 @@ class _LiveCollector(Collector):
         for (tenant, platform), count in sorted(self._metrics._sessions.items()):
             sessions.add_metric([tenant, platform], float(count))
         yield sessions
+
+        breaker = GaugeMetricFamily(
+            "chatgateway_breaker_state",
+            "1 for the state (closed, open, half_open) the tenant's agent circuit breaker is in",
+            labels=["tenant", "state"],
+        )
+        for tenant, current in sorted(self._metrics._breakers()):
+            for state in BREAKER_STATES:
+                breaker.add_metric([tenant, state], float(state == current))
+        yield breaker
 
         gateway = self._metrics._gateway()
         if gateway is not None:

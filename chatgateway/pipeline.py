@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
+from chatgateway.admission import Admission
 from chatgateway.errors import AgentError, NotFoundError, OverloadedError, UnavailableError
 from chatgateway.invoker import AgentRequest, DeltaSink
 from chatgateway.metrics import Metrics
@@ -114,8 +115,20 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._series: dict[tuple[str, str], _Series] = {}
+        #: Limits, quotas and the breaker; the daemon replaces it with one on the shared store.
+        self.admission = Admission(metrics)
+        metrics.watch_breakers(self._breaker_states)
         self._reserved = 0
         self.accepting = True
+
+    def _breaker_states(self) -> list[tuple[str, str]]:
+        """(tenant, breaker state) of every tenant with a breaker, for the metric."""
+        admission = self.admission
+        return [
+            (t.id, admission.breaker_state(t.id))
+            for t in self.tenants.all()
+            if t.config.breaker.enabled
+        ]
 
     def _metrics_for(self, message: NormalizedMessage) -> _Series:
         labels = (message.tenant_id, message.platform.value)
@@ -175,11 +188,14 @@ class Pipeline:
         dedup: bool = True,
         on_delta: DeltaSink | None = None,
         reservation: Reservation | None = None,
+        admitted: bool = False,
     ) -> Reply:
         """Process one message; a `reservation` taken for it is released on return.
 
         Raises NotFoundError for an unknown tenant or a session the caller may not see, and
-        OverloadedError when the tenant already has too many messages in flight, and
+        OverloadedError when the tenant already has too many messages in flight,
+        RateLimitedError when a limit or quota refuses it (`admitted`: the tenant's rate and
+        quota were checked already, by the web API before it read the body), and
         UnavailableError once the gateway has begun to shut down (unless the message was
         reserved before).
         """
@@ -199,6 +215,16 @@ class Pipeline:
                     message.tenant_id, message.platform.value, "overloaded"
                 ).inc()
                 raise OverloadedError(f"tenant {message.tenant_id} has too many messages in flight")
+            # The one admission point for limits and quotas (the breaker decides at call time).
+            limits = tenant.config.limits
+            if not admitted:
+                await self.admission.admit_message(
+                    message.tenant_id, message.platform.value, message.user.id, limits
+                )
+            elif limits.user is not None:
+                await self.admission.admit_user(
+                    message.tenant_id, message.platform.value, message.user.id, limits
+                )
             event = (message.tenant_id, message.platform.value, message.message_id)
             if dedup:
                 if event in self._in_flight or await self.store.is_processed(
@@ -270,26 +296,49 @@ class Pipeline:
             request = AgentRequest(message=message, session_id=session.id, history=history)
             cause: str | None = None
             agent_started = time.monotonic()
-            try:
-                # The tenant's current client: a reload may have replaced it while we queued.
-                current = self.tenants.get(message.tenant_id) or tenant
-                text = await current.invoker.invoke(request, on_delta)
-                outcome: Outcome = "ok" if text else "empty"
-            except Exception as exc:
-                # An unexpected error (a bug) gets the fallback too, never a 500; its traceback
-                # goes to the log, scrubbed of secrets like every line.
-                cause = exc.cause if isinstance(exc, AgentError) else "internal"
-                text, outcome = config.agent.fallback_text, "fallback"
-                self.metrics.agent_failures.labels(
+            # The tenant's current client and breaker: a reload may have replaced them while
+            # we queued.
+            current = self.tenants.get(message.tenant_id) or tenant
+            breaker = current.config.breaker if current.config.breaker.enabled else None
+            series = self._metrics_for(message)
+            outcome: Outcome
+            if breaker is not None and not self.admission.breaker_allow(
+                message.tenant_id, breaker
+            ):
+                # The breaker is open: the fallback at once, without calling the agent.
+                cause, text, outcome = "breaker_open", config.agent.fallback_text, "fallback"
+                self.metrics.rejected.labels(
                     message.tenant_id, message.platform.value, cause
                 ).inc()
-                if isinstance(exc, AgentError):
-                    log.warning("agent_failed", cause=cause, detail=str(exc))
-                else:
-                    detail = f"{type(exc).__name__}: {exc}"
-                    log.exception("agent_failed", cause=cause, detail=detail)
-            series = self._metrics_for(message)
-            series.agent_latency.observe(time.monotonic() - agent_started)
+            else:
+                try:
+                    text = await current.invoker.invoke(request, on_delta)
+                    outcome = "ok" if text else "empty"
+                    if breaker is not None:
+                        self.admission.breaker_record(message.tenant_id, breaker, True)
+                except asyncio.CancelledError:
+                    if breaker is not None:
+                        self.admission.breaker_abandon(message.tenant_id)
+                    raise
+                except Exception as exc:
+                    # An unexpected error (a bug) gets the fallback too, never a 500; its
+                    # traceback goes to the log, scrubbed of secrets like every line.
+                    cause = exc.cause if isinstance(exc, AgentError) else "internal"
+                    text, outcome = config.agent.fallback_text, "fallback"
+                    self.metrics.agent_failures.labels(
+                        message.tenant_id, message.platform.value, cause
+                    ).inc()
+                    if isinstance(exc, AgentError):
+                        log.warning("agent_failed", cause=cause, detail=str(exc))
+                    else:
+                        detail = f"{type(exc).__name__}: {exc}"
+                        log.exception("agent_failed", cause=cause, detail=detail)
+                    if breaker is not None:
+                        # Only the agent's failures count: a bug of ours is not the agent's.
+                        self.admission.breaker_record(
+                            message.tenant_id, breaker, not isinstance(exc, AgentError)
+                        )
+                series.agent_latency.observe(time.monotonic() - agent_started)
             now = time.time()
             turns = [Turn(Role.USER, message.text, message.timestamp)]
             if text:

@@ -29,6 +29,7 @@ from chatgateway.errors import (
     AdapterAuthError,
     NotFoundError,
     OverloadedError,
+    RateLimitedError,
     UnavailableError,
 )
 from chatgateway.models import NormalizedMessage, Platform, TenantId
@@ -353,6 +354,10 @@ class DiscordAdapter:
             except OverloadedError:
                 bound.warning("message_rejected", reason="overloaded")
                 text = BUSY_TEXT
+            except RateLimitedError as exc:
+                # One polite notice per user and notice interval, then silence: never a flood.
+                bound.info("message_rejected", reason=exc.reason, notice=exc.notice is not None)
+                text = exc.notice or ""
             except UnavailableError:
                 bound.warning("message_rejected", reason="shutting_down")
                 text = RESTARTING_TEXT

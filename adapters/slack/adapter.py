@@ -55,6 +55,7 @@ from chatgateway.errors import (
     AdapterNotReadyError,
     NotFoundError,
     OverloadedError,
+    RateLimitedError,
     UnavailableError,
 )
 from chatgateway.models import NormalizedMessage, Platform, SessionKey, TenantId, User
@@ -631,6 +632,15 @@ class SlackAdapter:
         except OverloadedError:
             self._log.warning("slack_tenant_overloaded", message_id=message.message_id)
             return BUSY_TEXT
+        except RateLimitedError as exc:
+            # One polite notice per user and notice interval, then silence: never a flood.
+            self._log.info(
+                "message_rejected",
+                reason=exc.reason,
+                notice=exc.notice is not None,
+                message_id=message.message_id,
+            )
+            return exc.notice or ""
         except UnavailableError:
             self._log.warning(
                 "slack_message_not_processed", reason="shutting down", message_id=message.message_id

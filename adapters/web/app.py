@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -16,12 +17,14 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from adapters.web import schemas
 from chatgateway import codec
+from chatgateway.admission import client_address
 from chatgateway.config import ServerConfig, format_loc
 from chatgateway.errors import (
     ConfigError,
     ConflictError,
     NotFoundError,
     OverloadedError,
+    RateLimitedError,
     UnavailableError,
 )
 from chatgateway.models import (
@@ -71,6 +74,8 @@ class Principal:
 
     tenant: TenantRuntime
     user_id: str | None = None
+    #: Anonymous or a public visitor: the per-address limit applies.
+    public: bool = False
 
 
 def json_response(
@@ -85,9 +90,12 @@ def json_response(
 class ApiError(web.HTTPException):
     """An error answered as {"error": {"code", "message"}} with the given status."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+    ) -> None:
         self.status_code = status
         super().__init__(
+            headers=headers,
             text=json.dumps({"error": {"code": code, "message": message}}),
             content_type="application/json",
         )
@@ -103,6 +111,13 @@ _STATUS_CODES = {
     415: "unsupported_media_type",
     429: "too_many_requests",
 }
+
+
+def rate_limited(exc: RateLimitedError) -> ApiError:
+    """A limit's refusal as a 429 with Retry-After (whole seconds, at least 1)."""
+    code = "quota_exceeded" if exc.reason == "daily_quota" else "rate_limited"
+    retry_after = str(max(1, math.ceil(exc.retry_after)))
+    return ApiError(429, code, str(exc), headers={"Retry-After": retry_after})
 
 
 @web.middleware
@@ -125,6 +140,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise ApiError(404, "not_found", str(exc)) from None
     except OverloadedError as exc:
         raise ApiError(429, "too_many_requests", str(exc)) from None
+    except RateLimitedError as exc:
+        raise rate_limited(exc) from None
     except UnavailableError as exc:
         raise ApiError(503, "unavailable", str(exc)) from None
     except Exception:
@@ -238,7 +255,7 @@ async def authenticate(request: web.Request) -> Principal:
                     f"missing API key: anonymous access is only for local callers, and this "
                     f"request came through a proxy ({proxied[0]} header)",
                 )
-            return Principal(tenant)
+            return Principal(tenant, public=True)
         raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer <key>)")
     tenant = await ctx.tenants.authenticate(token)
     if tenant is not None:
@@ -310,11 +327,31 @@ async def visible_session(request: web.Request, principal: Principal) -> Session
 routes = web.RouteTableDef()
 
 
+def request_address(request: web.Request) -> str:
+    """The client address the per-address limits count (see `server.trusted_proxies`)."""
+    return client_address(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", []),
+        request.app[CONTEXT].server.trusted_proxies,
+    )
+
+
+async def admit_caller(request: web.Request, principal: Principal) -> None:
+    """The tenant's rate and quota (and a public caller's address rate) before the body is
+    read, so a flood is refused for little work; RateLimitedError becomes a 429."""
+    limits = principal.tenant.config.limits
+    admission = request.app[CONTEXT].pipeline.admission
+    if principal.public and limits.address is not None:
+        await admission.admit_address(principal.tenant.id, request_address(request), limits)
+    await admission.admit_tenant(principal.tenant.id, "web", limits)
+
+
 async def chat_request(request: web.Request) -> tuple[Principal, schemas.ChatRequest]:
     """Authenticate and validate a chat request (shared by /api/chat and /api/chat/stream)."""
     principal = await authenticate(request)
     require_web(principal)
     check_tenant_claim(principal, request.query.get("tenantId"))
+    await admit_caller(request, principal)
     body = await read_json(request, schemas.ChatRequest)
     check_tenant_claim(principal, body.tenantId)
     if principal.user_id is not None and body.userId != principal.user_id:
@@ -330,6 +367,7 @@ async def chat(request: web.Request) -> web.Response:
         session_id=SessionId(body.sessionId) if body.sessionId else None,
         new_session=body.newSession,
         dedup=False,
+        admitted=True,
     )
     assert reply.session is not None
     return json_response({"sessionId": reply.session.id, "response": reply.text})

@@ -38,11 +38,18 @@ from adapters.web.app import (
     chat_request,
     check_tenant_claim,
     json_response,
+    rate_limited,
     read_json,
+    request_address,
     require_web,
     web_message,
 )
-from chatgateway.errors import NotFoundError, OverloadedError, UnavailableError
+from chatgateway.errors import (
+    NotFoundError,
+    OverloadedError,
+    RateLimitedError,
+    UnavailableError,
+)
 from chatgateway.models import SessionId
 from chatgateway.pipeline import Reply
 from chatgateway.tenants import TenantRuntime
@@ -277,7 +284,7 @@ async def resolve_visitor_token(request: web.Request, token: str) -> Principal |
     if not token.startswith(TOKEN_PREFIX + "."):
         return None
     claim, tenant = _verified(request, token)
-    return Principal(tenant, claim.user_id)
+    return Principal(tenant, claim.user_id, public=claim.kind == "p")
 
 
 class VisitorTokenRequest(schemas.Body):
@@ -336,6 +343,10 @@ async def visitor_token(request: web.Request) -> web.Response:
         if body.userId is not None:
             raise ApiError(403, "forbidden", "userId can only be chosen with an API key")
         check_origin(request, tenant)
+        # Each hand-out is a new visitor with a fresh per-user limit: cap them per address.
+        await ctx.pipeline.admission.admit_address(
+            tenant.id, request_address(request), tenant.config.limits, minting=True
+        )
         user_id, kind = new_visitor_id(), "p"
     elif presented.startswith(TOKEN_PREFIX + "."):
         claim, tenant = _verified(request, presented)
@@ -389,6 +400,8 @@ def _error_event(exc: BaseException) -> dict[str, Any]:
         error = {"code": "not_found", "message": str(exc)}
     elif isinstance(exc, OverloadedError):
         error = {"code": "too_many_requests", "message": str(exc)}
+    elif isinstance(exc, RateLimitedError):
+        error = json.loads(rate_limited(exc).text or "{}").get("error", {})
     elif isinstance(exc, UnavailableError):
         error = {"code": "unavailable", "message": str(exc)}
     else:
@@ -419,6 +432,7 @@ async def chat_stream(request: web.Request) -> web.StreamResponse:
             new_session=body.newSession,
             dedup=False,
             on_delta=on_delta,
+            admitted=True,
         ),
         name=f"webchat:{principal.tenant.id}",
     )
@@ -446,7 +460,9 @@ async def chat_stream(request: web.Request) -> web.StreamResponse:
     except Exception as exc:
         if response is None:
             raise
-        if not isinstance(exc, NotFoundError | OverloadedError | UnavailableError):
+        if not isinstance(
+            exc, NotFoundError | OverloadedError | RateLimitedError | UnavailableError
+        ):
             log.exception("web_stream_failed", tenant_id=principal.tenant.id)
         if connected:
             await _write(response, _error_event(exc))

@@ -18,12 +18,14 @@ from chatgateway.metrics import Metrics
 
 if TYPE_CHECKING:
     from chatgateway.daemon import ReloadResult
+    from chatgateway.pipeline import Pipeline
 
 
 class Operations(Protocol):
     """What the ops endpoints need from the daemon."""
 
     metrics: Metrics
+    pipeline: Pipeline | None
 
     def readiness(self) -> tuple[bool, str]: ...
 
@@ -66,7 +68,17 @@ def ops_routes(ops: Operations) -> list[web.RouteDef]:
 
     async def admin_status(request: web.Request) -> web.Response:
         require_admin(request)
-        return json_response(await ops.status_report())
+        report = await ops.status_report()
+        pipeline = ops.pipeline
+        if pipeline is not None:
+            # Each tenant's agent circuit breaker, from the one admission point.
+            for item in report.get("tenants", []):
+                tenant = pipeline.tenants.get(item["id"])
+                if tenant is not None:
+                    item["breaker"] = pipeline.admission.breaker_status(
+                        tenant.id, tenant.config.breaker
+                    )
+        return json_response(report)
 
     async def admin_reload(request: web.Request) -> web.Response:
         require_admin(request)
