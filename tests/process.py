@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ class GatewayProcess:
     """`python -m chatgateway run --config PATH` with its stdout captured line by line."""
 
     def __init__(self, config: Path, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None,
+                 preexec_fn: Callable[[], Any] | None = None) -> None:
         self.config = config
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHATGATEWAY_")}
         full_env.pop("NOTIFY_SOCKET", None)
@@ -32,6 +34,7 @@ class GatewayProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=preexec_fn,  # e.g. a lower file limit (tests/test_connections.py)
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()

@@ -284,6 +284,11 @@ class GuardedRequestHandler(RequestHandler):
             return
         self._key = key
         super().connection_made(transport)
+        if self._keepalive_handle is not None:
+            # aiohttp arms its keep-alive timer for the first request too; here header_timeout
+            # governs the first request, keepalive_timeout the wait for each later one.
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
         timeout = self._guard.settings().header_timeout
         self._deadline = self._loop.time() + timeout
         self._timer = self._loop.call_at(self._deadline, self._on_deadline)
