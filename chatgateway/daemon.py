@@ -203,11 +203,11 @@ class Daemon:
             # One instance keeps the cheaper in-process dedup; several claim events in the store.
             claim_timeout=config.cluster.claim_timeout if clustered else None,
         )
-        self.supervisor = Supervisor(self._make_adapter, self.metrics)
         # Limits and quotas count in this process, or in the store `limits.storage` names.
         self.pipeline.admission = Admission(
             self.metrics, open_shared_limiter(config.limits.storage_uri())
         )
+        self.supervisor = Supervisor(self._make_adapter, self.metrics, self.coordinator)
         self.tenants.on_change(self.supervisor.tenant_changed)
         await self.tenants.load(config.tenants)
         self.tenants.attach(self.coordinator)

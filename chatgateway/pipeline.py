@@ -16,6 +16,7 @@ from chatgateway.invoker import AgentRequest, DeltaSink
 from chatgateway.metrics import Metrics
 from chatgateway.models import (
     NormalizedMessage,
+    Platform,
     Role,
     Session,
     SessionId,
@@ -31,6 +32,11 @@ if TYPE_CHECKING:  # coordination.local imports KeyedLocks from here
 log = structlog.get_logger("chatgateway.pipeline")
 
 Outcome = Literal["ok", "empty", "fallback", "duplicate"]
+
+#: Platforms whose connection one instance owns at a time (a Discord bot's lease, see the
+#: supervisor): their events reach only the owner, so they are not claimed; a claim would only
+#: make the next owner drop the replay of what a killed owner had not finished.
+LEASED_PLATFORMS = frozenset({Platform.DISCORD})
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +280,12 @@ class Pipeline:
         # conversation make one session; then hold the session's lock for the agent call so
         # its messages reach the agent one at a time, in arrival order.
         lock_key: Hashable = session_id or key
-        if dedup and self._claim_timeout is not None and not await self._claim(message):
+        if (
+            dedup
+            and self._claim_timeout is not None
+            and message.platform not in LEASED_PLATFORMS
+            and not await self._claim(message)
+        ):
             return Reply(None, "", "duplicate")
         await self._key_locks.acquire(lock_key)
         try:

@@ -20,6 +20,10 @@ from chatgateway.errors import AdapterAuthError
 from chatgateway.metrics import AdapterSample, Metrics
 from chatgateway.models import Platform, TenantId
 
+# Platforms whose connection one instance owns at a time. Slack is not one: Slack spreads an
+# app's events over every open Socket Mode connection, so every instance connects (docs/slack.md).
+from chatgateway.pipeline import LEASED_PLATFORMS
+
 log = structlog.get_logger("chatgateway.supervisor")
 
 #: Platform adapters by import string: a platform library is imported only when a tenant uses it.
@@ -43,9 +47,6 @@ STUCK_AFTER = 30.0
 LEASE_TTL = 10.0
 #: How often an instance in standby tries to take a bot's lease.
 STANDBY_RETRY = 2.0
-#: Platforms whose connection one instance owns at a time. Slack is not here: Slack spreads an
-#: app's events over every open Socket Mode connection, so every instance connects (docs/slack.md).
-LEASED_PLATFORMS = frozenset({Platform.DISCORD})
 
 AdapterKey = tuple[TenantId, Platform, str]
 AdapterFactory = Callable[[TenantId, Platform, Any], Adapter]

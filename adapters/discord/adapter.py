@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
 
 import aiohttp
 import discord
 import structlog
 import yarl
-from discord.gateway import DiscordWebSocket
+from discord.gateway import DiscordWebSocket, ReconnectWebSocket
 from discord.http import HTTPClient, Route
 
 from adapters.discord import convert
@@ -89,6 +91,7 @@ class _BotHTTPClient(HTTPClient):
         super().__init__(*args, **kwargs)
         self.api_base_url = api_base_url.rstrip("/")
         self.gateway_url = yarl.URL(gateway_url)
+        self.last_socket: aiohttp.ClientWebSocketResponse | None = None
 
     async def request(self, route: Route, **kwargs: Any) -> Any:
         base = Route.BASE
@@ -101,7 +104,27 @@ class _BotHTTPClient(HTTPClient):
         target = yarl.URL(url)
         if _same_endpoint(target, DiscordWebSocket.DEFAULT_GATEWAY):
             target = self.gateway_url.with_query(target.query)
-        return await super().ws_connect(str(target), compress=compress)
+        self.last_socket = await super().ws_connect(str(target), compress=compress)
+        return self.last_socket
+
+
+@dataclass(slots=True)
+class _ResumePoint:
+    """What discord.py's reconnect reads from `client.ws` to RESUME a session."""
+
+    session_id: str
+    sequence: int
+    gateway: yarl.URL
+
+
+def resume_point(data: dict[str, Any] | None) -> _ResumePoint | None:
+    """The gateway session a previous owner of the bot saved with its lease, if usable."""
+    if not data:
+        return None
+    session_id, seq, url = data.get("session_id"), data.get("seq"), data.get("resume_url")
+    if not isinstance(session_id, str) or not isinstance(seq, int) or not isinstance(url, str):
+        return None
+    return _ResumePoint(session_id, seq, yarl.URL(url))
 
 
 def _same_endpoint(a: yarl.URL, b: yarl.URL) -> bool:
@@ -124,11 +147,12 @@ class _BotClient(discord.Client):
             member_cache_flags=discord.MemberCacheFlags.none(),
         )
         self._adapter = adapter
-        self.http = _BotHTTPClient(
+        self._bot_http = _BotHTTPClient(
             self.loop,
             api_base_url=settings.api_base_url,
             gateway_url=settings.gateway_url,
         )
+        self.http = self._bot_http
         self._connection.http = self.http
 
     def dispatch(self, event: str, /, *args: Any, **kwargs: Any) -> None:
@@ -150,6 +174,18 @@ class _BotClient(discord.Client):
         # per 5 s per bot, so wait only for what is left of the bot's interval since its last
         # IDENTIFY (also one from an earlier run of this adapter): a re-IDENTIFY long after the
         # last one goes at once, two in quick succession stay rate-limited.
+        point = self._adapter.take_resume_point()
+        if point is not None:
+            # The bot's previous owner (another instance) died or handed it over: RESUME its
+            # session instead, so Discord replays what that owner had not finished. discord.py
+            # has no parameter for a first RESUME; its reconnect path reads the session from
+            # `self.ws` when ReconnectWebSocket is raised, and falls back to IDENTIFY if the
+            # session is no longer valid.
+            socket = self._bot_http.last_socket
+            if socket is not None:
+                await socket.close()
+            self.ws = cast(DiscordWebSocket, point)
+            raise ReconnectWebSocket(shard_id, resume=True)
         await self._adapter.wait_identify_slot()
 
 
@@ -170,6 +206,10 @@ class DiscordAdapter:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._handling: set[int] = set()
+        # Gateway sequence number of each message being answered (for the hand-over point).
+        self._seqs: dict[int, int] = {}
+        self._resume_point: _ResumePoint | None = None
+        self._save: Callable[[dict[str, Any], bool], None] | None = None
         self._warned_no_content = False
         self._log = log.bind(tenant_id=tenant_id, platform="discord", adapter=settings.name)
 
@@ -242,6 +282,35 @@ class DiscordAdapter:
             return True
         return not client.is_closed()
 
+    # Hand-over between instances ---------------------------------------------------------
+
+    def hand_over(
+        self, data: dict[str, Any] | None, save: Callable[[dict[str, Any], bool], None]
+    ) -> None:
+        """Resume the previous owner's gateway session from `data`; keep ours with `save`."""
+        self._resume_point = resume_point(data)
+        self._save = save
+
+    def take_resume_point(self) -> _ResumePoint | None:
+        """The previous owner's session, once: a later IDENTIFY starts a new session."""
+        point, self._resume_point = self._resume_point, None
+        if point is not None:
+            self._log.info("discord_resuming_handed_over_session", seq=point.sequence)
+        return point
+
+    def _checkpoint(self, now: bool = False) -> None:
+        """Save where a next owner would resume: before the oldest message not yet answered."""
+        client = self._client
+        ws = client.ws if client is not None else None
+        if self._save is None or ws is None or not isinstance(ws, DiscordWebSocket):
+            return
+        if ws.session_id is None or ws.sequence is None:
+            return
+        seq = min(self._seqs.values()) - 1 if self._seqs else ws.sequence
+        self._save(
+            {"session_id": ws.session_id, "seq": seq, "resume_url": str(ws.gateway)}, now
+        )
+
     # Gateway state ---------------------------------------------------------------------------
 
     def gateway_state(self, what: str) -> None:
@@ -255,6 +324,7 @@ class DiscordAdapter:
             client = self._client
             user_id = str(client.user.id) if client is not None and client.user else None
             self._log.info(f"discord_{what}", bot_user_id=user_id)
+            self._checkpoint(now=True)
         elif what == "disconnected" and status.state == AdapterState.CONNECTED:
             status.state = AdapterState.CONNECTING
             if not self._stopping:
@@ -299,6 +369,10 @@ class DiscordAdapter:
                 self._warn_no_content()
             return
         self._handling.add(message.id)
+        if self._save is not None and isinstance(client.ws, DiscordWebSocket):
+            # ws.sequence is this MESSAGE_CREATE's: discord.py sets it before dispatching.
+            self._seqs[message.id] = client.ws.sequence or 0
+            self._checkpoint()
         # Counted as in flight from now on, so a shutdown beginning before it reaches the
         # pipeline still answers it (Discord never delivers it again). None once shutting down.
         reservation = self.pipeline.reserve()
@@ -385,6 +459,8 @@ class DiscordAdapter:
             if typing is not None:
                 typing.cancel()
             self._handling.discard(message.id)
+            if self._seqs.pop(message.id, None) is not None:
+                self._checkpoint()
 
     async def _keep_typing(self, message: discord.Message, first: asyncio.Event) -> None:
         channel = message.channel
