@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import psycopg
 import structlog
 from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -36,7 +37,7 @@ from chatgateway.models import (
     Turn,
 )
 from chatgateway.store.base import ApiKeyRecord, TenantRecord
-from chatgateway.store.migrations import MigrateMode, SchemaStatus, refusal
+from chatgateway.store.migrations import MigrateMode, SchemaError, SchemaStatus, refusal
 from chatgateway.store.migrations import postgres as migrations
 from chatgateway.store.migrations.postgres import KEY_ID_SETTING, SCOPE_SETTING, TENANT_SETTING
 from chatgateway.store.rows import (
@@ -119,12 +120,21 @@ class PostgresStore:
             raise error
         if status.pending:
             runtime_role = str(status.details["role"])
-            if self.owner_dsn is None:
-                await migrations.migrate(conn, runtime_role=runtime_role)
-            else:
-                owner = self.owner_dsn.get_secret_value()
-                async with await AsyncConnection.connect(owner, autocommit=True) as as_owner:
-                    await migrations.migrate(as_owner, runtime_role=runtime_role)
+            try:
+                if self.owner_dsn is None:
+                    await migrations.migrate(conn, runtime_role=runtime_role)
+                else:
+                    owner = self.owner_dsn.get_secret_value()
+                    async with await AsyncConnection.connect(owner, autocommit=True) as as_owner:
+                        await migrations.migrate(as_owner, runtime_role=runtime_role)
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.InvalidSchemaName) as exc:
+                who = "storage.owner_dsn's role" if self.owner_dsn else f"role {runtime_role}"
+                raise SchemaError(
+                    f"the database schema is at version {status.current}, this chatgateway needs "
+                    f"version {status.latest}, and {who} may not apply migrations "
+                    f"({str(exc).splitlines()[0]}): set storage.owner_dsn to the tables' owner, "
+                    "or run `chatgateway db migrate --config <file>` as the owner"
+                ) from exc
             status = await migrations.status(conn)
             log.info("storage_migrated", backend="postgres", version=status.current)
         if not status.details["rls_applies"]:

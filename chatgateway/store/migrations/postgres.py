@@ -150,6 +150,9 @@ MIGRATIONS: tuple[Migration, ...] = (
 
 _Conn = AsyncConnection[tuple[Any, ...]]
 
+#: Taken first by every migrating or granting transaction: one migrator per schema at a time.
+_LOCK = "SELECT pg_advisory_xact_lock(hashtext('chatgateway.migrate:' || current_schema()))"
+
 _VERSION_TABLE_SQL = (
     f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} "
     "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
@@ -157,7 +160,13 @@ _VERSION_TABLE_SQL = (
 
 
 async def _exists(conn: _Conn, table: str) -> bool:
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+    # A query on pg_tables, not to_regclass: a name lookup may use a catalog cache that has not
+    # yet seen a table another migrator just committed (found by the concurrent-migrators test).
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() "
+        "AND tablename = %s)",
+        (table,),
+    )
     row = await cur.fetchone()
     return bool(row and row[0])
 
@@ -225,9 +234,7 @@ async def migrate(
     done: list[Migration] = []
     while True:
         async with conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('chatgateway.migrate:' || current_schema()))"
-            )
+            await conn.execute(_LOCK)
             now = await status(conn, migrations)
             await conn.execute(_VERSION_TABLE_SQL)
             if now.baseline:
@@ -265,6 +272,9 @@ async def grant_runtime(conn: _Conn, role: str) -> None:
     tables = [r[0] for r in await cur.fetchall()]
     who = sql.Identifier(role)
     async with conn.transaction():
+        # Under the migrators' lock: concurrent GRANTs on one object fail ("tuple concurrently
+        # updated").
+        await conn.execute(_LOCK)
         await conn.execute(
             sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), who)
         )
