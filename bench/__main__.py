@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--only", default="web,instructions,slack,discord,scale,fairness",
                         help="comma-separated parts: web, instructions, slack, discord, scale, "
-                        "fairness")
+                        "fairness; and cluster (needs the local PostgreSQL, so not by default)")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk (C, needs `apt-get install wrk`) or an aiohttp "
                         "client in its own process; auto picks wrk when installed")
@@ -74,6 +74,13 @@ def main() -> None:
             # B's 20 requests/s need a longer window than the web runs for a meaningful p99.
             window = 2.0 if args.smoke else max(10.0, args.seconds)
             print(table(fairness.run(workdir / "fairness", rounds, window), fairness.HEADER))
+        if "cluster" in parts:
+            from bench import cluster
+
+            print()
+            print(table(cluster.run(workdir / "cluster", rounds, seconds),
+                        ["cluster (PostgreSQL)", "req/s", "cpu us/req (all instances)",
+                         "errors"]))
 
 
 if __name__ == "__main__":
