@@ -352,7 +352,9 @@ class AdminConfig(Model):
 
 
 class ServerConfig(Model):
-    max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    #: 512 KiB: a chat message's 32,000 characters fit even when each is a JSON-escaped
+    #: surrogate pair ("\ud83d\ude00", 12 bytes), with room for the other fields.
+    max_body_bytes: int = Field(512 * 1024, ge=1024, le=64 * 1024 * 1024)
     drain_seconds: float = Field(20.0, ge=0, le=600)
     # Connections and timeouts (docs/security.md): a reload applies them to new connections.
     header_timeout: float = Field(
@@ -477,6 +479,8 @@ def parse_config(
     except ValidationError as exc:
         raise ConfigError(problems_from_validation(exc, file) + problems) from None
     problems += _shared_api_keys(config, file)
+    for index, tenant in enumerate(config.tenants):
+        problems += _anonymous_problems(tenant, file, f"tenants[{index}].")
     problems += _cluster_problems(config, file)
     if problems:
         raise ConfigError(problems)
@@ -503,6 +507,21 @@ def _shared_api_keys(config: GatewayConfig, file: str) -> list[ConfigProblem]:
                 message = f"the same API key as {first[1]}: a key must belong to one tenant"
                 problems.append(ConfigProblem(file, path, message))
     return problems
+
+
+#: The one tenant `web.anonymous` applies to.
+ANONYMOUS_TENANT = "default"
+
+
+def _anonymous_problems(tenant: TenantConfig, file: str, prefix: str) -> list[ConfigProblem]:
+    """`web.anonymous` on another tenant would be silently ignored: say so instead."""
+    if not tenant.web.anonymous or tenant.id == ANONYMOUS_TENANT:
+        return []
+    message = (
+        f"only the tenant {ANONYMOUS_TENANT!r} can be used without a key; "
+        f"{tenant.id!r} needs API keys or visitor tokens (web.public)"
+    )
+    return [ConfigProblem(file, f"{prefix}web.anonymous", message)]
 
 
 def _duplicate_tenant_ids(tenants: Any, file: str) -> list[ConfigProblem]:
@@ -552,9 +571,13 @@ def parse_tenant(data: Any, *, environ: Mapping[str, str], source: str = "reques
     """
     context = {**validation_context(environ, None), "inline_secrets_only": True}
     try:
-        return TenantConfig.model_validate(data, context=context)
+        config = TenantConfig.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(problems_from_validation(exc, source)) from None
+    problems = _anonymous_problems(config, source, "")
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def is_loopback(host: str) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import discord
 
+from adapters.text import storable_message
 from chatgateway.models import (
     Attachment,
     Conversation,
@@ -124,7 +125,7 @@ def to_normalized(
     metadata: dict[str, Any] = {"bot": bot_name, "via": via, "channelId": channel_id}
     if guild_id is not None:
         metadata["guildId"] = str(guild_id)
-    return NormalizedMessage(
+    normalized = NormalizedMessage(
         tenant_id=tenant_id,
         platform=Platform.DISCORD,
         conversation=conversation,
@@ -138,6 +139,9 @@ def to_normalized(
         ),
         metadata=metadata,
     )
+    # Discord text may hold a NUL or a lone surrogate, which no store can hold: never let a
+    # message reach the agent that cannot be recorded.
+    return storable_message(normalized)
 
 
 def reply_nonce(bot_id: int, message_id: int | str, part: int) -> str:

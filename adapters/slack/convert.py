@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from adapters.text import storable, storable_message
 from chatgateway.models import (
     Attachment,
     Conversation,
@@ -146,7 +147,7 @@ def event_to_inbound(
             }
         },
     )
-    return Inbound(message, target)
+    return Inbound(storable_message(message), target)
 
 
 def command_to_inbound(
@@ -201,7 +202,7 @@ def command_to_inbound(
         response_url=response_url if isinstance(response_url, str) else None,
         user_id=user,
     )
-    return Inbound(message, target)
+    return Inbound(storable_message(message), target)
 
 
 def strip_mention(text: str, bot_user_id: str | None) -> str:
@@ -257,11 +258,11 @@ def user_display_name(user: dict[str, Any]) -> str | None:
     profile = user.get("profile")
     name = _profile_name(profile) if isinstance(profile, dict) else None
     if name:
-        return name
+        return storable(name)
     for key in ("real_name", "name"):
         value = user.get(key)
         if isinstance(value, str) and value:
-            return value
+            return storable(value)
     return None
 
 

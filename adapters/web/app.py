@@ -13,6 +13,16 @@ from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    BadStatusLine,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+)
+from aiohttp.web_protocol import RequestHandler
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from adapters.web import schemas
@@ -135,7 +145,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 413:
             limit = request.app[CONTEXT].server.max_body_bytes
             message = f"request body is larger than {limit} bytes"
-        raise ApiError(exc.status, code, message) from None
+        # A 405 must say which methods the resource has (RFC 9110 15.5.6).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        raise ApiError(exc.status, code, message, headers=allow) from None
     except NotFoundError as exc:
         raise ApiError(404, "not_found", str(exc)) from None
     except OverloadedError as exc:
@@ -156,7 +168,34 @@ async def read_json(request: web.Request, model: type[B]) -> B:
     """Read and validate a JSON body, answering 415/413/400 with the reason."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    return validate(model, parse_json(await request.read()))
+    return validate(model, parse_json(await read_body(request)))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body; 400 when its encoding is broken (e.g. bad chunked encoding)."""
+    try:
+        return await request.read()
+    except BadHttpMessage as exc:
+        # aiohttp's message quotes the bytes it choked on: neither logged nor echoed.
+        raise ApiError(
+            400, "bad_request", f"the request body is malformed ({type(exc).__name__})"
+        ) from None
+
+
+def check_url(request: web.Request) -> None:
+    """Refuse a NUL in the path or query (a NUL can only arrive percent-encoded).
+
+    PostgreSQL cannot store or compare text with a NUL; both backends refuse it alike, here.
+    """
+    raw = request.raw_path
+    at = raw.find("%00")
+    if at >= 0:
+        query = 0 <= raw.find("?") < at
+        raise ApiError(
+            400,
+            "invalid_query" if query else "invalid_path",
+            f"the {'query' if query else 'path'} contains a NUL character (%00)",
+        )
 
 
 def parse_json(raw: bytes) -> Any:
@@ -172,33 +211,52 @@ def parse_json(raw: bytes) -> Any:
     return data
 
 
-def _is_text(value: str) -> bool:
+#: The deepest nesting of objects and arrays a JSON body may have (the body itself is 1).
+MAX_JSON_DEPTH = 32
+
+
+def _text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored, or None."""
+    if "\x00" in value:
+        # PostgreSQL refuses NUL in text; refused here on every backend, so both behave alike.
+        return "contains a NUL character (\\u0000)"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return "not valid UTF-8 text"
+    return None
 
 
 def check_text(data: Any) -> None:
-    """Refuse strings that are not UTF-8 text, e.g. the lone surrogate JSON may spell "\\ud800".
+    """Refuse strings no store can hold (a NUL, the lone surrogate JSON may spell "\\ud800")
+    and nesting deeper than MAX_JSON_DEPTH.
 
-    Python decodes them, but the store cannot encode them: left alone they are a 500 later.
+    Python decodes them, but the store cannot encode them: left alone they are a 500 later,
+    after the agent was called. Deep metadata would make the agent call itself fail.
     """
     stack: list[tuple[tuple[int | str, ...], Any]] = [((), data)]
     while stack:  # not recursive: the JSON may be nested nearly to the recursion limit
         loc, value = stack.pop()
-        if isinstance(value, str) and not _is_text(value):
-            where = format_loc(loc) or "body"
-            raise ApiError(400, "invalid_body", f"{where}: not valid UTF-8 text")
-        if isinstance(value, dict):
+        if isinstance(value, str):
+            problem = _text_problem(value)
+            if problem is not None:
+                raise ApiError(400, "invalid_body", f"{format_loc(loc) or 'body'}: {problem}")
+        elif isinstance(value, dict | list):
+            if len(loc) >= MAX_JSON_DEPTH:
+                raise ApiError(
+                    400,
+                    "invalid_body",
+                    f"{format_loc(loc)}: nested deeper than {MAX_JSON_DEPTH} levels",
+                )
+            if isinstance(value, list):
+                stack.extend(((*loc, i), item) for i, item in enumerate(value))
+                continue
             for key, item in value.items():
-                if not _is_text(key):
+                problem = _text_problem(key)
+                if problem is not None:
                     where = format_loc(loc) or "body"
-                    raise ApiError(400, "invalid_body", f"{where}: a key is not valid UTF-8 text")
+                    raise ApiError(400, "invalid_body", f"{where}: a key {problem}")
                 stack.append(((*loc, key), item))
-        elif isinstance(value, list):
-            stack.extend(((*loc, i), item) for i, item in enumerate(value))
 
 
 def validate(model: type[B], data: Any) -> B:
@@ -217,6 +275,19 @@ def validation_message(exc: ValidationError) -> str:
         what = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         parts.append(f"{where}: {what}")
     return "; ".join(parts)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a Host header naming this machine: 127.0.0.1, localhost or [::1], any port."""
+    host = host.lower()
+    if host.startswith("[::1]"):
+        port = host.removeprefix("[::1]")
+    else:
+        name, colon, digits = host.partition(":")
+        if name not in ("127.0.0.1", "localhost"):
+            return False
+        port = colon + digits
+    return port == "" or (port.startswith(":") and port[1:].isdigit())
 
 
 def bearer(request: web.Request) -> str | None:
@@ -254,6 +325,15 @@ async def authenticate(request: web.Request) -> Principal:
                     "unauthorized",
                     f"missing API key: anonymous access is only for local callers, and this "
                     f"request came through a proxy ({proxied[0]} header)",
+                )
+            # DNS rebinding: a web page of attacker.example whose name now resolves to
+            # 127.0.0.1 is "same origin" to the browser, but its Host header still says so.
+            if not is_loopback_host(request.headers.get("Host", "")):
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "missing API key: anonymous access needs a loopback Host "
+                    "(127.0.0.1, localhost or [::1])",
                 )
             return Principal(tenant, public=True)
         raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer <key>)")
@@ -475,7 +555,7 @@ def tenant_info(runtime: TenantRuntime) -> dict[str, Any]:
 async def _admin_body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
-    data = parse_json(await request.read())
+    data = parse_json(await read_body(request))
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "body must be a JSON object")
     return data
@@ -578,6 +658,67 @@ async def admin_delete_key(request: web.Request) -> web.Response:
     runtime = _admin_tenant(request)
     await request.app[CONTEXT].tenants.delete_key(runtime.id, request.match_info["key_id"])
     return web.Response(status=204)
+
+
+# Errors of the HTTP parser -------------------------------------------------------------------
+
+#: What a client is told about a request aiohttp could not parse; most specific first.
+_PARSER_ERRORS: list[tuple[type[BaseException], str]] = [
+    (LineTooLong, "the request line or a header is too long"),
+    (BadHttpMethod, "the request method is not a valid HTTP method"),
+    (BadStatusLine, "the request line is malformed"),
+    (InvalidURLError, "the request target is malformed"),
+    (InvalidHeader, "a header is malformed"),
+    (PayloadEncodingError, "the body's encoding (chunked or Content-Length) is malformed"),
+]
+
+
+def parser_error_body(status: int, exc: BaseException | None) -> dict[str, Any]:
+    """The JSON error for a request that failed before reaching a handler."""
+    if status >= 500:
+        message = "internal error; see the gateway's log"
+        return {"error": {"code": "internal_error", "message": message}}
+    message = next(
+        (text for kind, text in _PARSER_ERRORS if isinstance(exc, kind)),
+        "the request is not valid HTTP (its request line, a header or its chunked encoding "
+        "is malformed)",
+    )
+    return {"error": {"code": _STATUS_CODES.get(status, "bad_request"), "message": message}}
+
+
+class JsonErrorRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with parser errors answered as our JSON errors.
+
+    aiohttp's own `handle_error` answers text/plain quoting the offending bytes and logs the
+    exception, whose text quotes them too: a malformed `Authorization` line put the key in the
+    log. Here neither the answer nor the log line carries the request's bytes. The server's
+    connection handler (adapters/web/server.py) is one of these.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        error = type(exc).__name__ if exc is not None else None
+        if status >= 500:
+            log.error("http_request_failed", status=status, error=error)
+        else:
+            log.info("http_request_rejected", status=status, error=error, remote=request.remote)
+        if request.writer.output_size > 0:
+            # Part of an answer is out: the connection is broken, as in aiohttp.
+            raise ConnectionError("the response is already being sent")
+        response = web.Response(
+            status=status,
+            body=codec.dumps(parser_error_body(status, exc)),
+            content_type="application/json",
+        )
+        response.force_close()
+        return response
 
 
 def create_app(context: WebContext) -> web.Application:

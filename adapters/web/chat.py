@@ -37,6 +37,7 @@ from adapters.web.app import (
     bearer,
     chat_request,
     check_tenant_claim,
+    check_url,
     json_response,
     rate_limited,
     read_json,
@@ -202,7 +203,11 @@ def _any_tenant_allows(request: web.Request, origin: str) -> bool:
 
 @web.middleware
 async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer CORS preflights for origins some tenant allows; keep API keys off web pages."""
+    """Answer CORS preflights for origins some tenant allows; keep API keys off web pages.
+
+    Also refuses a NUL in the path or query first: every request passes here.
+    """
+    check_url(request)
     if not request.path.startswith("/api/"):
         return await handler(request)
     if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from adapters.web import schemas
 from chatgateway import __version__
+from chatgateway.config import TenantConfig
 
 _REF = "#/components/schemas/{model}"
 _MODELS: list[type[BaseModel]] = [
@@ -36,7 +37,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {
-        400: "Malformed JSON, wrong types or unknown fields",
+        400: "Malformed JSON, wrong types or unknown fields, a NUL character in a string, "
+        "path or query, or JSON nested deeper than 32 levels",
         401: "Missing or invalid credential",
         403: "The credential may not do this (e.g. tenantId names another tenant)",
         404: "No such resource for this caller",
@@ -65,6 +67,45 @@ _USER_QUERY = {
     "schema": {"type": "string"},
     "description": "Only this user's sessions",
 }
+
+
+_SECRET_VALUE = {
+    "type": "object",
+    "description": "A secret, given inline: a runtime tenant takes only {value: ...} "
+    "(never env, file or credential: those would read the gateway host's secrets)",
+    "required": ["value"],
+    "properties": {"value": {"type": "string", "minLength": 1, "writeOnly": True}},
+    "additionalProperties": False,
+}
+
+
+def _secret_refs(node: Any) -> Any:
+    """`node` with each resolved-secret schema replaced by the SecretValue reference."""
+    if isinstance(node, dict):
+        if node.get("format") == "password" and node.get("type") == "string":
+            # A resolved secret (pydantic's SecretStr): a request sends a reference instead.
+            kept = {k: v for k, v in node.items() if k in ("title", "description")}
+            return {**_ref("SecretValue"), **kept}
+        return {key: _secret_refs(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_secret_refs(item) for item in node]
+    return node
+
+
+def tenant_spec_schemas() -> dict[str, Any]:
+    """TenantSpec (the body of POST/PUT /admin/tenants) and the schemas it refers to.
+
+    Generated from the TenantConfig model that validates it, so the two cannot drift.
+    """
+    schema = TenantConfig.model_json_schema(ref_template=_REF)
+    schemas_: dict[str, Any] = _secret_refs(schema.pop("$defs", {}))
+    schema = _secret_refs(schema)
+    schema["title"] = "TenantSpec"
+    schema["description"] = (
+        "A tenant definition, as in the config file's tenants[] (docs/configuration.md); "
+        "secrets inline as {value: ...}"
+    )
+    return {**schemas_, "TenantSpec": schema, "SecretValue": _SECRET_VALUE}
 
 
 def _object(description: str, **properties: Any) -> dict[str, Any]:
@@ -180,11 +221,8 @@ def openapi_document() -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_REF)
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
-    tenant_spec = {
-        "type": "object",
-        "description": "A tenant definition, as in the config "
-        "file's tenants[] (see docs/configuration.md)",
-    }
+    components.update(tenant_spec_schemas())
+    tenant_spec = _ref("TenantSpec")
     auth: list[dict[str, list[str]]] = [{"apiKey": []}]
     admin: list[dict[str, list[str]]] = [{"adminToken": []}]
     from adapters.web.chat import openapi_paths  # the browser chat (docs/web-chat.md)

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from adapters.web.app import JsonErrorRequestHandler
 from chatgateway import codec
 from chatgateway.config import ServerConfig
 
@@ -249,7 +250,7 @@ class ConnectionCollector(Collector):
 _HEADERS, _BODY, _DONE = 0, 1, 2
 
 
-class GuardedRequestHandler(RequestHandler):
+class GuardedRequestHandler(JsonErrorRequestHandler):  # parser errors as JSON
     """aiohttp's protocol plus admission, a header deadline and a body deadline."""
 
     __slots__ = ("_deadline", "_guard", "_key", "_next_factory", "_payload", "_phase", "_timer")
