@@ -412,7 +412,8 @@ class Admission:
         return {
             "enabled": config.enabled,
             "state": state,
-            "probeInSeconds": None if retry is None else round(retry, 1),
+            # Rounded up: 0 means the next message is the probe.
+            "probeInSeconds": None if retry is None else math.ceil(retry * 10) / 10,
         }
 
     async def close(self) -> None:
