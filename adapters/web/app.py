@@ -706,7 +706,9 @@ class JsonErrorRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         error = type(exc).__name__ if exc is not None else None
         if status >= 500:
-            log.error("http_request_failed", status=status, error=error)
+            # Raised by our own code (a handler or middleware), not by the parser: the
+            # traceback is wanted, and it goes through the secret scrubber like every line.
+            log.error("http_request_failed", status=status, error=error, exc_info=exc)
         else:
             log.info("http_request_rejected", status=status, error=error, remote=request.remote)
         if request.writer.output_size > 0:
