@@ -305,14 +305,17 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [_SESSION_PATH, _TENANT_QUERY, _USER_QUERY],
                     "responses": {
                         "200": _json(_ref("SessionDetail"), "The session"),
-                        **_errors(401, 403, 404),
+                        **_errors(400, 401, 403, 404),
                     },
                 },
                 "delete": {
                     "summary": "Delete a session and its transcript",
                     "security": auth,
                     "parameters": [_SESSION_PATH, _TENANT_QUERY, _USER_QUERY],
-                    "responses": {"204": {"description": "Deleted"}, **_errors(401, 403, 404)},
+                    "responses": {
+                        "204": {"description": "Deleted"},
+                        **_errors(400, 401, 403, 404),
+                    },
                 },
             },
             "/admin/tenants": {
