@@ -27,6 +27,8 @@ from adapters.web.server import (
     canned_response,
     connection_ceiling,
 )
+from chatgateway.config import load_config
+from chatgateway.errors import ConfigError
 from tests.conftest import tenant, write_config
 from tests.process import GatewayProcess
 
@@ -73,7 +75,8 @@ async def chat(gw: GatewayProcess, text: str) -> tuple[dict[str, Any], float]:
     async with aiohttp.ClientSession(connector=connector) as http:
         async with http.post(
             gw.url + "/api/chat",
-            json={"message": text, "userId": "real-user"},
+            # A user per request: the per-user message rate is not what is tested here.
+            json={"message": text, "userId": f"real-user-{text}"},
             headers={"Authorization": f"Bearer {KEY}"},
             timeout=aiohttp.ClientTimeout(total=10),
         ) as resp:
@@ -302,6 +305,67 @@ def test_accept_errors_are_logged_once_per_interval(limited_gateway):
     assert len([line for line in gw.lines if "accept_failed" in line]) == 1
     assert not [line for line in gw.lines if "out of system resource" in line]
     assert gw.stop() == 0
+
+
+async def test_a_reload_applies_new_caps_and_timeouts_to_new_connections(make_gateway, tmp_path):
+    config = {"server": {"max_connections_per_address": 2}, "tenants": [tenant("acme")]}
+    gw = await make_gateway(config)
+    port = gw.port
+    assert port is not None
+
+    async def refused() -> bool:
+        """Open one more idle connection from the attacker's address: was it refused?"""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=(ATTACKER, 0)
+        )
+        held.append(writer)
+        try:
+            answer = await asyncio.wait_for(reader.read(4096), 0.5)
+        except TimeoutError:
+            return False
+        return answer.startswith(b"HTTP/1.1 503")
+
+    held: list[asyncio.StreamWriter] = []
+    try:
+        assert not await refused()
+        assert not await refused()
+        assert await refused()
+        write_config(
+            tmp_path,
+            {**config, "server": {"max_connections_per_address": 4, "header_timeout": 0.3}},
+            "gateway-0.yaml",
+        )
+        await gw.reload()
+        assert not await refused()
+        # The new header timeout closes the connection made after the reload.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=(ATTACKER, 0)
+        )
+        held.append(writer)
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(4096), 5)
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 2
+    finally:
+        for writer in held:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("header_timeout", 0),
+        ("body_timeout", -1),
+        ("keepalive_timeout", "soon"),
+        ("max_connections", 0),
+        ("max_connections_per_address", -1),
+    ],
+)
+def test_bad_connection_settings_name_their_key(tmp_path: Path, key: str, value: Any) -> None:
+    path = write_config(tmp_path, {"server": {key: value}, "tenants": [tenant("acme")]})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert [(p.file, p.path) for p in info.value.problems] == [(str(path), f"server.{key}")]
 
 
 # Pure parts --------------------------------------------------------------------------------
