@@ -650,7 +650,7 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json(_ref("VisitorTokenResponse"), "The token"),
-                    **_errors(400, 401, 403, 404, 415, 503),
+                    **_errors(400, 401, 403, 404, 415, 429, 503),
                 },
             }
         },

@@ -45,7 +45,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "Conflicts with the current state",
         413: "Body larger than server.max_body_bytes",
         415: "Content-Type is not application/json",
-        429: "The tenant has too many messages in flight",
+        429: "The tenant has too many messages in flight, or a rate limit or quota refused "
+        "the call (code rate_limited or quota_exceeded; Retry-After says when to retry)",
         503: "The gateway is starting or shutting down (unavailable)",
     }
     return {str(s): _json(_ref("ErrorResponse"), text[s]) for s in statuses}
