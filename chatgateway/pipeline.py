@@ -114,6 +114,8 @@ class Pipeline:
         self.coordinator = coordinator
         self._session_lock = coordinator.session_lock
         self._claim_timeout = claim_timeout
+        #: Several instances share the store (a claim timeout is given only then).
+        self._shared = claim_timeout is not None
         self._key_locks = KeyedLocks()
         self._in_flight: set[tuple[str, str, str]] = set()
         self._active = 0
@@ -421,9 +423,27 @@ class Pipeline:
             session = await self.store.find_active_session(key, idle_since=idle_since)
             if session is not None:
                 return session
+            if self._shared:
+                return await self._find_or_create_shared(message, key, idle_since)
         return await self.store.create_session(
             key, kind=message.conversation.kind, user_name=message.user.display_name, now=now
         )
+
+    async def _find_or_create_shared(
+        self, message: NormalizedMessage, key: SessionKey, idle_since: float
+    ) -> Session:
+        """With several instances, one may be creating this conversation's session right now:
+        decide under the key's cluster-wide lock (only for a conversation's first message)."""
+        async with self._session_lock(key):
+            session = await self.store.find_active_session(key, idle_since=idle_since)
+            if session is not None:
+                return session
+            return await self.store.create_session(
+                key,
+                kind=message.conversation.kind,
+                user_name=message.user.display_name,
+                now=time.time(),
+            )
 
 
 class Reservation:

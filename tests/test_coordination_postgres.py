@@ -245,3 +245,35 @@ async def test_an_event_delivered_to_two_instances_at_once_is_processed_once(
         assert agent.texts() == ["text of Ev1"]
         await one.stop()
         await two.stop()
+
+
+async def test_first_messages_of_one_conversation_on_two_instances_make_one_session(
+    make_gateway, make_agent
+):
+    from chatgateway.models import Conversation, ConversationKind, NormalizedMessage, User
+    from tests.conftest import tenant
+
+    agent = await make_agent(delay=0.05)
+    async with postgres_schema() as dsn:
+        config = {
+            "storage": {"backend": "postgres", "dsn": {"value": dsn}},
+            "cluster": {"coordination": "postgres"},
+            "tenants": [tenant("acme", agent.url)],
+        }
+        one, two = await make_gateway(config), await make_gateway(config)
+        assert one.pipeline is not None and two.pipeline is not None
+        for round_ in range(5):
+            def first(n: int, user: str = f"visitor-{round_}") -> NormalizedMessage:
+                return NormalizedMessage(
+                    TenantId("acme"), Platform.WEB, Conversation(user, ConversationKind.WEB),
+                    User(user), f"hello {n}", f"{user}-{n}", 1.0,
+                )
+
+            replies = await asyncio.gather(
+                one.pipeline.handle(first(1), dedup=False),
+                two.pipeline.handle(first(2), dedup=False),
+            )
+            assert replies[0].session is not None and replies[1].session is not None
+            assert replies[0].session.id == replies[1].session.id
+        await one.stop()
+        await two.stop()
