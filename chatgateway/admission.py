@@ -277,11 +277,14 @@ class Admission:
         self._breakers: dict[str, Breaker] = {}
         self._rules: dict[int, Rule] = {}
 
-    async def _take(self, key: tuple[str, ...], config: RateConfig) -> float:
-        if self.shared is None:
-            return self._buckets.take(
-                key, config.per_minute / 60.0, config.burst, self._clock()
-            )
+    def _take(self, key: tuple[str, ...], config: RateConfig) -> float | None:
+        """In memory: 0.0 if granted, else the seconds to wait. None: ask the shared store."""
+        if self.shared is not None:
+            return None
+        return self._buckets.take(key, config.per_minute / 60.0, config.burst, self._clock())
+
+    async def _take_shared(self, key: tuple[str, ...], config: RateConfig) -> float:
+        assert self.shared is not None
         return await self.shared.hit("/".join(key), Rule.of(config))
 
     def _refuse(
@@ -294,7 +297,10 @@ class Admission:
     async def admit_tenant(self, tenant_id: str, platform: str, limits: LimitsConfig) -> None:
         """The tenant's own rate and daily quota; raises RateLimitedError."""
         if limits.tenant is not None:
-            wait = await self._take(("t", tenant_id), limits.tenant)
+            key = ("t", tenant_id)
+            wait = self._take(key, limits.tenant)
+            if wait is None:
+                wait = await self._take_shared(key, limits.tenant)
             if wait:
                 raise self._refuse("tenant_rate", wait, tenant_id, platform)
         if limits.daily_quota is not None:
@@ -310,7 +316,10 @@ class Admission:
     ) -> None:
         """One user's rate (a Slack or Discord user, a web userId or visitor)."""
         if limits.user is not None:
-            wait = await self._take(("u", tenant_id, platform, user_id), limits.user)
+            key = ("u", tenant_id, platform, user_id)
+            wait = self._take(key, limits.user)
+            if wait is None:
+                wait = await self._take_shared(key, limits.user)
             if wait:
                 exc = self._refuse("user_rate", wait, tenant_id, platform)
                 raise self._with_notice(exc, tenant_id, platform, user_id, limits)
@@ -359,7 +368,10 @@ class Admission:
         if config is None:
             return
         reason: Reason = "visitor_token_rate" if minting else "address_rate"
-        wait = await self._take(("v" if minting else "a", tenant_id, address), config)
+        key = ("v" if minting else "a", tenant_id, address)
+        wait = self._take(key, config)
+        if wait is None:
+            wait = await self._take_shared(key, config)
         if wait:
             raise self._refuse(reason, wait, tenant_id, "web")
 
