@@ -307,6 +307,23 @@ def test_accept_errors_are_logged_once_per_interval(limited_gateway):
     assert gw.stop() == 0
 
 
+async def test_clients_leaving_mid_body_leave_no_log_lines(limited_gateway):
+    """An abandoned half-sent body is cancelled quietly, not one traceback per connection."""
+    gw = limited_gateway({})
+    assert gw.port is not None
+    lines_before = len(gw.lines)
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", gw.port))
+        sock.sendall(PAYLOADS["body"])
+        await _wait_for_open(gw, 1)  # the request is being read
+        sock.close()
+    await _wait_for_open(gw, 0)
+    answer, _ = await chat(gw, "still here")
+    assert answer["response"] == "echo: still here"
+    assert [line for line in gw.lines[lines_before:] if "message_handled" not in line] == []
+    assert gw.stop() == 0
+
+
 async def test_a_reload_applies_new_caps_and_timeouts_to_new_connections(make_gateway, tmp_path):
     config = {"server": {"max_connections_per_address": 2}, "tenants": [tenant("acme")]}
     gw = await make_gateway(config)
