@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import discord
 
-from adapters.text import storable_message
 from chatgateway.models import (
     Attachment,
     Conversation,
@@ -25,6 +24,7 @@ from chatgateway.models import (
     TenantId,
     User,
 )
+from chatgateway.text import storable_message
 
 #: Discord's limit for the content of one message.
 MAX_MESSAGE_LENGTH = 2000

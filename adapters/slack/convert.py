@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.text import storable, storable_message
 from chatgateway.models import (
     Attachment,
     Conversation,
@@ -20,6 +19,7 @@ from chatgateway.models import (
     TenantId,
     User,
 )
+from chatgateway.text import storable, storable_message
 
 #: Longest text sent in one Slack message. Slack cuts `text` at 40,000 characters and renders
 #: messages past ~4,000 badly; 3,900 leaves room for the fences a split code block gains.
