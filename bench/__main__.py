@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--only", default="web,instructions,slack,discord,scale,fairness",
                         help="comma-separated parts: web, instructions, slack, discord, scale, "
-                        "fairness; and cluster (needs the local PostgreSQL, so not by default)")
+                        "fairness; and cluster, takeover (need the local PostgreSQL, so not by "
+                        "default)")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk (C, needs `apt-get install wrk`) or an aiohttp "
                         "client in its own process; auto picks wrk when installed")
@@ -81,6 +82,12 @@ def main() -> None:
             print(table(cluster.run(workdir / "cluster", rounds, seconds),
                         ["cluster (PostgreSQL)", "req/s", "cpu us/req (all instances)",
                          "errors"]))
+        if "takeover" in parts:
+            from bench import takeover
+
+            print()
+            rows = takeover.run_sync(workdir / "takeover", 2 if args.smoke else 20)
+            print(table(rows, takeover.HEADER))
 
 
 if __name__ == "__main__":
