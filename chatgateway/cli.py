@@ -149,7 +149,7 @@ async def _db(args: argparse.Namespace, config: GatewayConfig, environ: Mapping[
         if args.db_command == "backup":
             if storage.backend != "sqlite":
                 print("db backup copies SQLite databases; for PostgreSQL use pg_dump "
-                      "(docs/backup.md)", file=sys.stderr)  # fmt: skip
+                      "(docs/database.md)", file=sys.stderr)  # fmt: skip
                 return 2
             pages = await asyncio.to_thread(backup_sqlite, storage.path, Path(args.to))
             print(f"backed up {storage.path} to {args.to} ({pages} pages)", file=sys.stderr)

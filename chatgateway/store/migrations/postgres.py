@@ -97,7 +97,7 @@ def _scope(name: str) -> str:
 
 
 # Version 2: row-level security. The three queries that span tenants get a policy each, as
-# narrow as the query: see docs/backup.md#row-level-security.
+# narrow as the query: see docs/database.md, "The queries that span tenants".
 ROW_LEVEL_SECURITY = (
     "".join(tenant_rls(t) for t in ("sessions", "turns", "processed_events", "tenants", "api_keys"))
     + f"""
