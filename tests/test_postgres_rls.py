@@ -248,3 +248,48 @@ async def store(layout: RoleLayout) -> AsyncIterator[SessionStore]:
 for _name, _test in list(vars(contract).items()):
     if _name.startswith("test_") and list(inspect.signature(_test).parameters) == ["store"]:
         globals()[f"{_name}_under_rls"] = _test
+
+
+async def test_the_gateway_serves_tenants_as_the_runtime_role(
+    make_gateway: Any, http: Any
+) -> None:
+    """The whole daemon under row-level security: it migrates as the owner at start, then
+    authenticates generated keys, serves chats, lists sessions and manages runtime tenants
+    through the admin API as the runtime role."""
+    from tests.conftest import ADMIN_TOKEN, tenant, url
+
+    async with role_layout() as roles:  # empty: the daemon migrates (auto, as the owner)
+        daemon = await make_gateway({
+            "storage": {"backend": "postgres", "dsn": {"value": roles.app_dsn},
+                        "owner_dsn": {"value": roles.owner_dsn}},
+            "admin": {"token": {"value": ADMIN_TOKEN}},
+            "tenants": [tenant("tenant-a"), tenant("tenant-b")],
+        })
+        assert daemon.store.schema.details["rls_applies"]
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        keys = {}
+        for t in ("tenant-a", "tenant-b"):
+            async with http.post(url(daemon, f"/admin/tenants/{t}/keys"), json={},
+                                 headers=admin) as resp:
+                assert resp.status == 201, await resp.text()
+                keys[t] = {"Authorization": f"Bearer {(await resp.json())['key']}"}
+        sessions = {}
+        for t in ("tenant-a", "tenant-b"):
+            async with http.post(url(daemon, "/api/chat"), headers=keys[t],
+                                 json={"message": f"hello {t}", "userId": "u1"}) as resp:
+                assert resp.status == 200, await resp.text()
+                sessions[t] = (await resp.json())["sessionId"]
+        async with http.get(url(daemon, "/api/sessions"), headers=keys["tenant-b"]) as resp:
+            listed = await resp.json()
+        assert [s["sessionId"] for s in listed] == [sessions["tenant-b"]]
+        async with http.get(url(daemon, f"/api/sessions/{sessions['tenant-a']}"),
+                            headers=keys["tenant-b"]) as resp:
+            assert resp.status == 404
+        async with http.post(url(daemon, "/admin/tenants"), headers=admin,
+                             json={"id": "tenant-c", "agent": {"builtin": "echo"}}) as resp:
+            assert resp.status == 201, await resp.text()
+        async with http.get(url(daemon, "/admin/tenants"), headers=admin) as resp:
+            assert "tenant-c" in {t["id"] for t in await resp.json()}
+        async with http.delete(url(daemon, "/admin/tenants/tenant-c"), headers=admin) as resp:
+            assert resp.status == 204
+        await daemon.stop()
