@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -45,14 +46,22 @@ FLOOD_CONNECTIONS = 64
 B_USERS = 50
 #: B's client connects from this loopback address (Linux routes all of 127/8 to lo).
 B_ADDRESS = "127.0.0.2"
+#: A's paced client (while its agent hangs) comes from a third one.
+A_ADDRESS = "127.0.0.3"
 
 
 @dataclass(frozen=True)
 class Paced:
     sent: int
+    seconds: float
     p50_ms: float
     p99_ms: float
     errors: int
+    limited: int
+
+    def traffic(self) -> Flood:
+        """The same counts as a flood's, for A's table cells."""
+        return Flood(self.sent, self.seconds, self.sent - self.errors, self.limited)
 
 
 @dataclass(frozen=True)
@@ -97,16 +106,16 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 
 
-async def paced(url: str, key: str, rate: float, seconds: float) -> Paced:
+async def paced(url: str, key: str, rate: float, seconds: float, address: str) -> Paced:
     """Send `rate` requests/s on schedule for `seconds`; latency from each scheduled time."""
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
     latencies: list[float] = []
-    errors = 0
+    errors = limited = 0
     loop = asyncio.get_running_loop()
     count = int(rate * seconds)
 
     async def one(session: ClientSession, i: int, start: float) -> None:
-        nonlocal errors
+        nonlocal errors, limited
         due = start + i / rate
         await asyncio.sleep(max(0.0, due - loop.time()))
         body = json.dumps({"message": f"b {i}", "userId": f"b{i % B_USERS}"})
@@ -114,18 +123,21 @@ async def paced(url: str, key: str, rate: float, seconds: float) -> Paced:
             async with session.post(url, data=body, headers=headers) as resp:
                 await resp.read()
                 errors += resp.status != 200
+                limited += resp.status == 429
         except (ClientError, TimeoutError):
             errors += 1
         latencies.append((loop.time() - due) * 1000)
 
-    # B's users are elsewhere on the internet: from another address than A's flood, so the
-    # per-address connection cap (server.max_connections_per_address) does not pool them.
-    connector = TCPConnector(limit=0, local_addr=(B_ADDRESS, 0))
+    # Each tenant's users are elsewhere on the internet: B's client comes from another address
+    # than A's, so the per-address connection cap (server.max_connections_per_address) does
+    # not pool them.
+    connector = TCPConnector(limit=0, local_addr=(address, 0))
     async with ClientSession(connector=connector, timeout=ClientTimeout(total=30)) as session:
         start = loop.time() + 0.05
         await asyncio.gather(*(one(session, i, start) for i in range(count)))
     latencies.sort()
-    return Paced(count, percentile(latencies, 0.5), percentile(latencies, 0.99), errors)
+    return Paced(count, seconds, percentile(latencies, 0.5), percentile(latencies, 0.99),
+                 errors, limited)
 
 
 async def flood_python(url: str, key: str, connections: int, seconds: float) -> Flood:
@@ -188,8 +200,9 @@ def _parse_flood(out: str) -> Flood:
 def _parse_paced(out: str) -> Paced:
     for line in out.splitlines():
         if line.startswith("RESULT "):
-            sent, p50, p99, errors = line.split()[1:]
-            return Paced(int(sent), float(p50), float(p99), int(errors))
+            sent, secs, p50, p99, errors, limited = line.split()[1:]
+            return Paced(int(sent), float(secs), float(p50), float(p99), int(errors),
+                         int(limited))
     raise RuntimeError(f"the paced client printed no result:\n{out}")
 
 
@@ -206,8 +219,9 @@ def start_flood(url: str, key: str, seconds: float) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def start_paced(url: str, key: str, seconds: float) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "bench.fairness", "paced", url, key, str(B_RATE), str(seconds)]
+def start_paced(url: str, key: str, seconds: float, address: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "bench.fairness", "paced", url, key, str(B_RATE), str(seconds),
+           address]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -268,18 +282,26 @@ def breaker_state(status: dict[str, Any], tenant_id: str) -> str:
     return "-"
 
 
-def _phase(chat: str, seconds: float, flood: bool) -> tuple[Paced, Flood | None]:
-    # The flood outlasts B's window: B's client needs a moment to start.
-    flood_proc = start_flood(chat, KEY_A, seconds + 3) if flood else None
-    if flood_proc is not None:
+def _phase(chat: str, seconds: float, a: str) -> tuple[Paced, Flood | None]:
+    """B paced for `seconds` while A does nothing, floods, or sends 20/s too (`a`)."""
+    other: subprocess.Popen[str] | None = None
+    if a == "flood":
+        # The flood outlasts B's window: B's client needs a moment to start.
+        other = start_flood(chat, KEY_A, seconds + 3)
         time.sleep(0.3)  # let the flood reach full speed before B's window opens
-    paced_out = start_paced(chat, KEY_B, seconds).communicate()[0]
-    flood_out = flood_proc.communicate()[0] if flood_proc is not None else None
-    return _parse_paced(paced_out), _parse_flood(flood_out) if flood_out is not None else None
+    elif a == "paced":
+        other = start_paced(chat, KEY_A, seconds, A_ADDRESS)
+    b = _parse_paced(start_paced(chat, KEY_B, seconds, B_ADDRESS).communicate()[0])
+    if other is None:
+        return b, None
+    out = other.communicate()[0]
+    return b, _parse_flood(out) if a == "flood" else _parse_paced(out).traffic()
 
 
 def run(workdir: Path, rounds: int, seconds: float) -> list[list[str]]:
-    """Measure B quiet vs B under A's flood (median of rounds), then with A's agent hung."""
+    """Measure B alone vs B under A's flood (median of rounds), then with A's agent hung."""
+    # Every process shares the machine's cores: a busy machine shows up as B's latency.
+    print(f"fairness: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     agent_a, port_a = _start_agent()
     agent_b, port_b = _start_agent()
     url_a, url_b = (f"http://127.0.0.1:{p}/agent" for p in (port_a, port_b))
@@ -287,57 +309,57 @@ def run(workdir: Path, rounds: int, seconds: float) -> list[list[str]]:
                                      name="fairness")
     base = f"http://127.0.0.1:{port}"
     chat = f"{base}/api/chat"
-    quiet: list[Paced] = []
-    loud: list[tuple[Paced, Flood]] = []
+    alone: list[Paced] = []
+    flooded: list[tuple[Paced, Flood]] = []
+    hung: list[tuple[str, Paced, Flood, str]] = []
     try:
         for key in (KEY_A, KEY_B):  # warm up: connections, sessions, caches
             _post(chat, b'{"message":"hi","userId":"warm"}', key)
         for _ in range(rounds):
-            quiet.append(_phase(chat, seconds, flood=False)[0])
-            b, a = _phase(chat, seconds, flood=True)
+            alone.append(_phase(chat, seconds, "none")[0])
+            b, a = _phase(chat, seconds, "flood")
             assert a is not None
-            loud.append((b, a))
+            flooded.append((b, a))
         _post(f"http://127.0.0.1:{port_a}/control?hang=1")
-        hung_b, hung_a = _phase(chat, seconds, flood=True)
-        assert hung_a is not None
-        state = breaker_state(_get(f"{base}/admin/status", ADMIN), "tenant-a")
+        for mode, label in (("paced", "A's agent hung, A at 20/s"),
+                            ("flood", "A's agent hung, A floods")):
+            b, a = _phase(chat, seconds, mode)
+            assert a is not None
+            state = breaker_state(_get(f"{base}/admin/status", ADMIN), "tenant-a")
+            hung.append((label, b, a, state))
     finally:
         for proc in (gateway, agent_a, agent_b):
             proc.stop()
-    return rows(quiet, loud, hung_b, hung_a, state)
+    return rows(alone, flooded, hung)
 
 
-def rows(quiet: list[Paced], loud: list[tuple[Paced, Flood]], hung_b: Paced, hung_a: Flood,
-         state: str) -> list[list[str]]:
-    """The printed table: B's figures per phase, A's accepted rate and refusals."""
-    q50 = statistics.median(p.p50_ms for p in quiet)
-    q99 = statistics.median(p.p99_ms for p in quiet)
-    configured = f"{A_RATE_PER_MINUTE / 60:.0f}/s" if _has_limits() else "unlimited"
+def rows(alone: list[Paced], flooded: list[tuple[Paced, Flood]],
+         hung: list[tuple[str, Paced, Flood, str]]) -> list[list[str]]:
+    """The printed table: B's figures per phase; A's answered rate, refusals, breaker."""
+    q99 = statistics.median(p.p99_ms for p in alone)
+    configured = (f"{A_RATE_PER_MINUTE / 60:.0f}/s, burst {A_BURST}" if _has_limits()
+                  else "unlimited")
 
-    def a_cells(flood: Flood) -> list[str]:
-        return [f"{flood.ok / flood.seconds:,.0f}/s", configured, f"{flood.limited:,}",
-                f"{flood.other:,}"]
+    def a_cells(a: Flood, state: str) -> list[str]:
+        return [f"{a.ok / a.seconds:,.0f}/s", configured, f"{a.limited:,}", f"{a.other:,}",
+                state]
 
-    def b_cells(p50: float, p99: float, errors: int) -> list[str]:
-        return [f"{p50:.1f}", f"{p99:.1f}", f"{p99 / max(q99, 1e-6):.2f}x", str(errors)]
+    def b_cells(b: list[Paced]) -> list[str]:
+        p99 = statistics.median(p.p99_ms for p in b)
+        return [f"{statistics.median(p.p50_ms for p in b):.1f}", f"{p99:.1f}",
+                f"{p99 / max(q99, 1e-6):.2f}x", str(sum(p.errors for p in b))]
 
-    a_all = Flood(sum(a.requests for _, a in loud), sum(a.seconds for _, a in loud),
-                  sum(a.ok for _, a in loud), sum(a.limited for _, a in loud))
+    a_all = Flood(sum(a.requests for _, a in flooded), sum(a.seconds for _, a in flooded),
+                  sum(a.ok for _, a in flooded), sum(a.limited for _, a in flooded))
     return [
-        ["B alone (20/s)", *b_cells(q50, q99, sum(p.errors for p in quiet)), "-", "-", "-", "-",
-         "-"],
-        ["B while A floods", *b_cells(statistics.median(b.p50_ms for b, _ in loud),
-                                      statistics.median(b.p99_ms for b, _ in loud),
-                                      sum(b.errors for b, _ in loud)),
-         *a_cells(a_all), "-"],
-        ["B while A floods, A's agent hung", *b_cells(hung_b.p50_ms, hung_b.p99_ms,
-                                                       hung_b.errors),
-         *a_cells(hung_a), state],
+        ["B alone", *b_cells(alone), "-", "-", "-", "-", "-"],
+        ["A floods", *b_cells([b for b, _ in flooded]), *a_cells(a_all, "-")],
+        *([label, *b_cells([b]), *a_cells(a, state)] for label, b, a, state in hung),
     ]
 
 
-HEADER = ["phase", "B p50 ms", "B p99 ms", "B p99 vs alone", "B errors", "A accepted",
-          "A configured", "A 429s", "A other", "A breaker"]
+HEADER = ["phase (B at 20/s)", "B p50 ms", "B p99 ms", "B p99 vs alone", "B errors",
+          "A 200s", "A configured", "A 429s", "A other", "A breaker"]
 
 
 def _start_agent() -> tuple[Proc, int]:
@@ -355,9 +377,9 @@ def main() -> None:
         except KeyboardInterrupt:
             pass
     elif kind == "paced":
-        url, key, rate, seconds = sys.argv[2:6]
-        result = asyncio.run(paced(url, key, float(rate), float(seconds)))
-        print(f"RESULT {result.sent} {result.p50_ms} {result.p99_ms} {result.errors}")
+        url, key, rate, seconds, address = sys.argv[2:7]
+        r = asyncio.run(paced(url, key, float(rate), float(seconds), address))
+        print(f"RESULT {r.sent} {r.seconds} {r.p50_ms} {r.p99_ms} {r.errors} {r.limited}")
     elif kind == "flood":
         url, key, connections, seconds = sys.argv[2:6]
         flood = asyncio.run(flood_python(url, key, int(connections), float(seconds)))
