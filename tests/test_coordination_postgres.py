@@ -277,3 +277,27 @@ async def test_first_messages_of_one_conversation_on_two_instances_make_one_sess
             assert replies[0].session.id == replies[1].session.id
         await one.stop()
         await two.stop()
+
+
+async def test_session_locks_work_again_after_their_connection_dropped(make_coordinator):
+    import psycopg
+
+    one, two = await make_coordinator(), await make_coordinator()
+    async with one.session_lock("s_before"):
+        pass
+    pids = [c.conn.info.backend_pid for c in one._lock_conns if c.conn is not None]
+    async with await psycopg.AsyncConnection.connect(PG_SERVER, autocommit=True) as admin:
+        for pid in pids:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    for key in ("s_a", "s_b", "s_c", "s_d"):  # both connections, reconnected on demand
+        async with asyncio.timeout(5), one.session_lock(key):
+            # ...and still exclusive across instances.
+            other = asyncio.create_task(two.session_lock(key).__aenter__())
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(other), 0.1)
+        await asyncio.wait_for(other, 5)
+    # A notice goes out on a reconnected connection too.
+    inbox = Inbox()
+    two.subscribe(inbox)
+    await one.publish({"kind": "after-drop"})
+    await inbox.wait_for("after-drop")
