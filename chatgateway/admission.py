@@ -275,7 +275,6 @@ class Admission:
         self._noticed: dict[tuple[str, str, str], float] = {}
         self._noticed_sweep_at = SWEEP_AT
         self._breakers: dict[str, Breaker] = {}
-        self._rules: dict[int, Rule] = {}
 
     def _take(self, key: tuple[str, ...], config: RateConfig) -> float | None:
         """In memory: 0.0 if granted, else the seconds to wait. None: ask the shared store."""
