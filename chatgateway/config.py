@@ -341,6 +341,13 @@ class StorageConfig(Model):
             raise ValueError("required when backend is postgres, e.g. {env: CHATGATEWAY_DSN}")
         return value
 
+    @field_validator("owner_dsn", mode="after")
+    @classmethod
+    def _owner_for_postgres(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and info.data.get("backend") != "postgres":
+            raise ValueError("only for backend postgres (SQLite has no roles)")
+        return value
+
 
 class LoggingConfig(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"

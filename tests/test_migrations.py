@@ -220,6 +220,18 @@ def test_db_status_and_migrate_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["db", "migrate", "--config", config], {}) == 4
 
 
+def test_storage_config_names_its_problems() -> None:
+    from chatgateway.config import parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"storage": {"owner_dsn": {"value": "postgresql://o@db/x"},
+                                  "migrate": "sometimes"}}, file="gw.yaml", environ={})
+    assert {(p.path, p.message.split(" (")[0]) for p in caught.value.problems} == {
+        ("storage.owner_dsn", "only for backend postgres"),
+        ("storage.migrate", "Input should be 'auto' or 'check'"),
+    }
+
+
 def test_db_status_leaves_a_missing_database_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
