@@ -74,7 +74,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     config = write_config(directory, {
         "admin": {"token": {"value": ADMIN_TOKEN}},
         "tenants": [
-            tenant("acme", agent.agent.url, keys=[KEY], web={"public": True}),
+            # Without limits: most generated chats would otherwise meet a 429 (tested in
+            # test_admission) instead of reaching the agent, the store and the answer.
+            tenant("acme", agent.agent.url, keys=[KEY], web={"public": True}, limits={
+                "tenant": None, "user": None, "address": None, "visitor_tokens": None}),
             tenant("other", agent.agent.url, keys=[OTHER_KEY]),
         ],
     })
