@@ -6,8 +6,8 @@ database made by that code (its tables, no `schema_migrations`) is recognised as
 "baseline", and only the later versions are applied to it. To change the schema, append a
 Migration to the list of each backend; never edit one that has shipped. A migration must keep
 the previous release working (add tables, columns with defaults, indexes; no renames or drops):
-during a rolling upgrade of several instances the old ones run on the new schema. On PostgreSQL a new table
-holding tenant data needs row-level security too: end its SQL with
+during a rolling upgrade of several instances the old ones run on the new schema. On PostgreSQL
+a new table holding tenant data needs row-level security too: end its SQL with
 `postgres.tenant_rls("the_table")` (tests/test_postgres_rls.py checks every table with a
 `tenant_id` column). The stores and the coordinator create no tables themselves: with
 separate roles the gateway's runtime role has no right to (even `CREATE TABLE IF NOT EXISTS` on an
