@@ -274,13 +274,8 @@ class Admission:
         self._daily = DailyCounts()
         self._noticed: dict[tuple[str, str, str], float] = {}
         self._noticed_sweep_at = SWEEP_AT
-        self._breakers: dict[str, Breaker] = {}
-
-    def _take(self, key: tuple[str, ...], config: RateConfig) -> float | None:
-        """In memory: 0.0 if granted, else the seconds to wait. None: ask the shared store."""
-        if self.shared is not None:
-            return None
-        return self._buckets.take(key, config.per_minute / 60.0, config.burst, self._clock())
+        #: Tenants whose agent failed at least once: the only ones the breaker must look at.
+        self.breakers: dict[str, Breaker] = {}
 
     async def _take_shared(self, key: tuple[str, ...], config: RateConfig) -> float:
         assert self.shared is not None
@@ -293,35 +288,62 @@ class Admission:
         wait = max(1, math.ceil(retry_after))
         return RateLimitedError(reason, retry_after, f"{_MESSAGES[reason]}; retry in {wait} s")
 
-    async def admit_tenant(self, tenant_id: str, platform: str, limits: LimitsConfig) -> None:
-        """The tenant's own rate and daily quota; raises RateLimitedError."""
-        if limits.tenant is not None:
+    # `check_*` decide in memory without a coroutine (the web path's cost): True when decided
+    # (RateLimitedError when refused), False when the shared store decides (`admit_*`).
+
+    def check_tenant(self, tenant_id: str, platform: str, limits: LimitsConfig) -> bool:
+        """The tenant's own rate and daily quota, in memory."""
+        if self.shared is not None:
+            return False
+        rate = limits.tenant
+        if rate is not None:
             key = ("t", tenant_id)
-            wait = self._take(key, limits.tenant)
-            if wait is None:
-                wait = await self._take_shared(key, limits.tenant)
+            wait = self._buckets.take(key, rate.per_minute / 60.0, rate.burst, self._clock())
             if wait:
                 raise self._refuse("tenant_rate", wait, tenant_id, platform)
         if limits.daily_quota is not None:
-            if self.shared is None:
-                wait = self._daily.take(tenant_id, limits.daily_quota, self._wall())
-            else:
-                wait = await self.shared.count(tenant_id, limits.daily_quota, self._wall())
+            wait = self._daily.take(tenant_id, limits.daily_quota, self._wall())
             if wait:
                 raise self._refuse("daily_quota", wait, tenant_id, platform)
+        return True
+
+    async def admit_tenant(self, tenant_id: str, platform: str, limits: LimitsConfig) -> None:
+        """The tenant's own rate and daily quota; raises RateLimitedError."""
+        if self.check_tenant(tenant_id, platform, limits):
+            return
+        assert self.shared is not None
+        if limits.tenant is not None:
+            wait = await self._take_shared(("t", tenant_id), limits.tenant)
+            if wait:
+                raise self._refuse("tenant_rate", wait, tenant_id, platform)
+        if limits.daily_quota is not None:
+            wait = await self.shared.count(tenant_id, limits.daily_quota, self._wall())
+            if wait:
+                raise self._refuse("daily_quota", wait, tenant_id, platform)
+
+    def check_user(self, tenant_id: str, platform: str, user_id: str, limits: LimitsConfig) -> bool:
+        """One user's rate (a Slack or Discord user, a web userId or visitor), in memory."""
+        if self.shared is not None:
+            return False
+        rate = limits.user
+        if rate is not None:
+            key = ("u", tenant_id, platform, user_id)
+            wait = self._buckets.take(key, rate.per_minute / 60.0, rate.burst, self._clock())
+            if wait:
+                exc = self._refuse("user_rate", wait, tenant_id, platform)
+                raise self._with_notice(exc, tenant_id, platform, user_id, limits)
+        return True
 
     async def admit_user(
         self, tenant_id: str, platform: str, user_id: str, limits: LimitsConfig
     ) -> None:
-        """One user's rate (a Slack or Discord user, a web userId or visitor)."""
-        if limits.user is not None:
-            key = ("u", tenant_id, platform, user_id)
-            wait = self._take(key, limits.user)
-            if wait is None:
-                wait = await self._take_shared(key, limits.user)
-            if wait:
-                exc = self._refuse("user_rate", wait, tenant_id, platform)
-                raise self._with_notice(exc, tenant_id, platform, user_id, limits)
+        """One user's rate; raises RateLimitedError (with the notice to post, if due)."""
+        if self.check_user(tenant_id, platform, user_id, limits) or limits.user is None:
+            return
+        wait = await self._take_shared(("u", tenant_id, platform, user_id), limits.user)
+        if wait:
+            exc = self._refuse("user_rate", wait, tenant_id, platform)
+            raise self._with_notice(exc, tenant_id, platform, user_id, limits)
 
     async def admit_message(
         self, tenant_id: str, platform: str, user_id: str, limits: LimitsConfig
@@ -368,8 +390,9 @@ class Admission:
             return
         reason: Reason = "visitor_token_rate" if minting else "address_rate"
         key = ("v" if minting else "a", tenant_id, address)
-        wait = self._take(key, config)
-        if wait is None:
+        if self.shared is None:
+            wait = self._buckets.take(key, config.per_minute / 60.0, config.burst, self._clock())
+        else:
             wait = await self._take_shared(key, config)
         if wait:
             raise self._refuse(reason, wait, tenant_id, "web")
@@ -378,7 +401,7 @@ class Admission:
 
     def breaker_allow(self, tenant_id: str, config: BreakerConfig) -> bool:
         """Whether to call the tenant's agent now (False: answer the fallback at once)."""
-        breaker = self._breakers.get(tenant_id)
+        breaker = self.breakers.get(tenant_id)
         if breaker is None:
             return True
         allowed, transition = breaker.allow(config, self._clock())
@@ -388,11 +411,11 @@ class Admission:
 
     def breaker_record(self, tenant_id: str, config: BreakerConfig, ok: bool) -> None:
         """Record the result of an agent call the breaker allowed."""
-        breaker = self._breakers.get(tenant_id)
+        breaker = self.breakers.get(tenant_id)
         if breaker is None:
             if ok:
                 return  # the common case costs one dict lookup
-            breaker = self._breakers[tenant_id] = Breaker()
+            breaker = self.breakers[tenant_id] = Breaker()
         transition = breaker.record(ok, config, self._clock())
         if transition is not None:
             if transition == "breaker_opened":
@@ -407,17 +430,17 @@ class Admission:
                 log.info(transition, tenant_id=tenant_id)
 
     def breaker_abandon(self, tenant_id: str) -> None:
-        breaker = self._breakers.get(tenant_id)
+        breaker = self.breakers.get(tenant_id)
         if breaker is not None:
             breaker.abandon()
 
     def breaker_state(self, tenant_id: str) -> BreakerState:
-        breaker = self._breakers.get(tenant_id)
+        breaker = self.breakers.get(tenant_id)
         return "closed" if breaker is None else breaker.state
 
     def breaker_status(self, tenant_id: str, config: BreakerConfig) -> dict[str, object]:
         """The breaker as /admin/status shows it."""
-        breaker = self._breakers.get(tenant_id)
+        breaker = self.breakers.get(tenant_id)
         state = "closed" if breaker is None else breaker.state
         retry = None if breaker is None else breaker.retry_in(config, self._clock())
         return {

@@ -229,7 +229,9 @@ class Pipeline:
                 await self.admission.admit_message(
                     message.tenant_id, message.platform.value, message.user.id, limits
                 )
-            elif limits.user is not None:
+            elif limits.user is not None and not self.admission.check_user(
+                message.tenant_id, message.platform.value, message.user.id, limits
+            ):
                 await self.admission.admit_user(
                     message.tenant_id, message.platform.value, message.user.id, limits
                 )
@@ -312,12 +314,12 @@ class Pipeline:
             # The tenant's current client and breaker: a reload may have replaced them while
             # we queued.
             current = self.tenants.get(message.tenant_id) or tenant
-            breaker = current.config.breaker if current.config.breaker.enabled else None
+            breaker = current.config.breaker
+            # Only a tenant whose agent failed before has a breaker to ask (a dict lookup).
+            tripped = breaker.enabled and message.tenant_id in self.admission.breakers
             series = self._metrics_for(message)
             outcome: Outcome
-            if breaker is not None and not self.admission.breaker_allow(
-                message.tenant_id, breaker
-            ):
+            if tripped and not self.admission.breaker_allow(message.tenant_id, breaker):
                 # The breaker is open: the fallback at once, without calling the agent.
                 cause, text, outcome = "breaker_open", config.agent.fallback_text, "fallback"
                 self.metrics.rejected.labels(
@@ -327,10 +329,10 @@ class Pipeline:
                 try:
                     text = await current.invoker.invoke(request, on_delta)
                     outcome = "ok" if text else "empty"
-                    if breaker is not None:
+                    if tripped:
                         self.admission.breaker_record(message.tenant_id, breaker, True)
                 except asyncio.CancelledError:
-                    if breaker is not None:
+                    if tripped:
                         self.admission.breaker_abandon(message.tenant_id)
                     raise
                 except Exception as exc:
@@ -346,7 +348,7 @@ class Pipeline:
                     else:
                         detail = f"{type(exc).__name__}: {exc}"
                         log.exception("agent_failed", cause=cause, detail=detail)
-                    if breaker is not None:
+                    if breaker.enabled:
                         # Only the agent's failures count: a bug of ours is not the agent's.
                         self.admission.breaker_record(
                             message.tenant_id, breaker, not isinstance(exc, AgentError)

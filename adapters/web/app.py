@@ -423,7 +423,8 @@ async def admit_caller(request: web.Request, principal: Principal) -> None:
     admission = request.app[CONTEXT].pipeline.admission
     if principal.public and limits.address is not None:
         await admission.admit_address(principal.tenant.id, request_address(request), limits)
-    await admission.admit_tenant(principal.tenant.id, "web", limits)
+    if not admission.check_tenant(principal.tenant.id, "web", limits):
+        await admission.admit_tenant(principal.tenant.id, "web", limits)
 
 
 async def chat_request(request: web.Request) -> tuple[Principal, schemas.ChatRequest]:
