@@ -224,6 +224,40 @@ async def test_slowloris_from_one_address_leaves_healthz_and_chat_answering(limi
     assert gw.stop() == 0
 
 
+async def test_idle_connections_from_many_addresses_give_way_to_new_clients(limited_gateway):
+    """At the total cap, connections without a request in progress make room for new ones."""
+    gw = limited_gateway(
+        {"header_timeout": 60, "keepalive_timeout": 60, "max_connections_per_address": 0}
+    )
+    assert gw.port is not None
+    values = await metrics(gw)
+    cap = int(values[("chatgateway_connections_max", ())])
+    assert 0 < cap <= FILE_LIMIT - 16  # lowered: at least 16 descriptors stay for the rest
+    # Fill every slot from many addresses: half-sent headers, and idle kept-alive connections.
+    attackers = []
+    for i in range(cap):
+        source = (f"127.0.2.{i + 1}", 0)
+        sock = socket.create_connection(("127.0.0.1", gw.port), source_address=source)
+        sock.sendall(PAYLOADS["headers" if i % 2 else "idle"])
+        attackers.append(sock)
+    try:
+        for turn in range(5):
+            status, _, took = await fresh_get(gw, "/healthz")
+            assert status == 200
+            assert took < 2.0
+            answer, took = await chat(gw, f"room {turn}")
+            assert answer["response"] == f"echo: room {turn}"
+            assert took < 2.0
+        values = await metrics(gw)
+        # One slot was made and then reused: our clients close their connections after use.
+        assert values[("chatgateway_connections_evicted_total", ())] >= 1
+        assert values[("chatgateway_connections_refused_total", (("reason", "max_connections"),))] == 0
+    finally:
+        for sock in attackers:
+            sock.close()
+    assert gw.stop() == 0
+
+
 async def test_per_address_cap_refuses_one_address_while_another_is_served(limited_gateway):
     gw = limited_gateway({"max_connections_per_address": 4, "header_timeout": 30})
     assert gw.port is not None

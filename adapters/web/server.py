@@ -19,7 +19,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -133,6 +133,14 @@ def open_descriptors() -> int:
 # The guard ---------------------------------------------------------------------------------
 
 
+class Connection(Protocol):
+    """What the guard needs of a connection: is it waiting for a request, and closing it."""
+
+    def idle(self) -> bool: ...
+
+    def evict(self) -> None: ...
+
+
 class ConnectionGuard:
     """Counts open connections, decides admissions, and keeps the numbers /metrics shows."""
 
@@ -140,12 +148,19 @@ class ConnectionGuard:
         self.settings = settings
         #: Connections above this would eat into the descriptors reserved for the rest.
         self.ceiling = ceiling
-        self.open = 0
+        #: Every admitted connection with its address key, oldest first.
+        self.connections: dict[Connection, str] = {}
         self.by_address: dict[str, int] = {}
         self.refused = {"max_connections": 0, "max_connections_per_address": 0}
+        self.evicted = 0
         self.timed_out = {"headers": 0, "body": 0}
         self.accept_errors = 0
         self._refusal_log = LogBudget()
+
+    @property
+    def open(self) -> int:
+        """Admitted connections not yet closed."""
+        return len(self.connections)
 
     @property
     def max_connections(self) -> int:
@@ -158,7 +173,7 @@ class ConnectionGuard:
         configured = self.settings().max_connections_per_address
         return configured and min(configured, max(1, self.max_connections // 2))
 
-    def admit(self, key: str) -> bool:
+    def admit(self, connection: Connection, key: str) -> bool:
         """Count a new connection from this address key, or refuse it (False) over a cap."""
         settings = self.settings()
         total = min(settings.max_connections, self.ceiling)
@@ -168,12 +183,12 @@ class ConnectionGuard:
             settings.max_connections_per_address, max(1, total // 2)
         )
         reason = None
-        if self.open >= total:
-            reason = "max_connections"
-        elif per_address and self.by_address.get(key, 0) >= per_address:
+        if per_address and self.by_address.get(key, 0) >= per_address:
             reason = "max_connections_per_address"
+        elif self.open >= total and not self._evict_idle():
+            reason = "max_connections"
         if reason is None:
-            self.open += 1
+            self.connections[connection] = key
             self.by_address[key] = self.by_address.get(key, 0) + 1
             return True
         self.refused[reason] += 1
@@ -191,9 +206,26 @@ class ConnectionGuard:
             )
         return False
 
-    def release(self, key: str) -> None:
-        """Forget a closed connection."""
-        self.open -= 1
+    def _evict_idle(self) -> bool:
+        """Close the oldest connection that waits for a request, to make room; False if none.
+
+        At the cap, a connection that has not sent a whole request (or sits idle between two)
+        gives way to a new one, so connections from many addresses that never finish a request
+        cannot keep new clients out; one whose request is being read or answered is never
+        closed. Scans only at the cap.
+        """
+        for connection in self.connections:
+            if connection.idle():
+                self.evicted += 1
+                connection.evict()
+                return True
+        return False
+
+    def release(self, connection: Connection) -> None:
+        """Forget a closed connection (again: nothing)."""
+        key = self.connections.pop(connection, None)
+        if key is None:
+            return
         left = self.by_address[key] - 1
         if left:
             self.by_address[key] = left
@@ -239,6 +271,11 @@ class ConnectionCollector(Collector):
             timed_out.add_metric([phase], count)
         yield timed_out
         yield CounterMetricFamily(
+            "chatgateway_connections_evicted",
+            "Connections waiting for a request closed at the cap to make room for a new one",
+            value=guard.evicted,
+        )
+        yield CounterMetricFamily(
             "chatgateway_accept_errors",
             "accept() failures for lack of file descriptors or memory",
             value=guard.accept_errors,
@@ -253,12 +290,11 @@ _HEADERS, _BODY, _DONE = 0, 1, 2
 class GuardedRequestHandler(JsonErrorRequestHandler):  # parser errors as JSON
     """aiohttp's protocol plus admission, a header deadline and a body deadline."""
 
-    __slots__ = ("_deadline", "_guard", "_key", "_next_factory", "_payload", "_phase", "_timer")
+    __slots__ = ("_deadline", "_guard", "_next_factory", "_payload", "_phase", "_timer")
 
     def __init__(self, manager: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
-        self._key: str | None = None
         self._phase = _HEADERS
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -271,7 +307,7 @@ class GuardedRequestHandler(JsonErrorRequestHandler):  # parser errors as JSON
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         key = address_key(str(peer[0])) if isinstance(peer, tuple) and peer else "unknown"
-        if not self._guard.admit(key):
+        if not self._guard.admit(self, key):
             # Refused before aiohttp saw it: no request task, no parser work, descriptor
             # freed at once. The answer reaches clients that read it before the close.
             self._manager = None  # so connection_lost does nothing
@@ -283,7 +319,6 @@ class GuardedRequestHandler(JsonErrorRequestHandler):  # parser errors as JSON
             )
             transport.close()
             return
-        self._key = key
         super().connection_made(transport)
         if self._keepalive_handle is not None:
             # aiohttp arms its keep-alive timer for the first request too; here header_timeout
@@ -295,9 +330,7 @@ class GuardedRequestHandler(JsonErrorRequestHandler):  # parser errors as JSON
         self._timer = self._loop.call_at(self._deadline, self._on_deadline)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._key is not None:
-            self._guard.release(self._key)
-            self._key = None
+        self._guard.release(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -312,6 +345,18 @@ class GuardedRequestHandler(JsonErrorRequestHandler):  # parser errors as JSON
             # one traceback per abandoned request).
             self._task_handler.cancel()
         super().connection_lost(exc)
+
+    def idle(self) -> bool:
+        """Whether this connection waits for a request (its first, or the next kept-alive one)."""
+        if self._phase == _HEADERS and self._request_count == 0:
+            return True  # no whole request yet (aiohttp may not even have started reading)
+        waiter = self._waiter  # aiohttp's future for the next complete request
+        return waiter is not None and not waiter.done()
+
+    def evict(self) -> None:
+        """Close this connection now to make room for a new one."""
+        self._guard.release(self)
+        self.force_close()
 
     def _request_started(
         self,
