@@ -3,10 +3,11 @@
 aiohttp's server has a keep-alive timeout but no deadline for a request's headers or body, and
 no cap on open connections, so a slowloris of half-sent requests used to hold every file
 descriptor until `accept()` failed with EMFILE. Here every connection is counted (in total and
-per client address) when it is made and refused at once past a cap; one timer per connection
-closes it when its first request's headers, or a request's body, are not complete in time; and
-the event loop's accept errors are logged at most once per interval. The caps sit below the
-process's file limit, so accept should not run out of descriptors in the first place.
+per client address) when it is made and refused at once past a cap (at the total cap, the oldest
+connection still waiting for a request is closed instead, to make room); one timer per
+connection closes it when its first request's headers, or a request's body, are not complete in
+time; and the event loop's accept errors are logged at most once per interval. The caps sit
+below the process's file limit, so accept should not run out of descriptors in the first place.
 docs/security.md ("Connections and timeouts") explains the defaults.
 """
 
@@ -392,6 +393,8 @@ class GuardedRequestHandler(JsonErrorRequestHandler):  # parser errors as JSON
             self._phase = _DONE
             self._payload = None
             return
+        if self._phase == _HEADERS and self._request_count:
+            return  # the headers are in; aiohttp has not handed the request over yet
         now = self._loop.time()
         if now < self._deadline:  # a later request moved the deadline
             self._timer = self._loop.call_at(self._deadline, self._on_deadline)
