@@ -72,6 +72,22 @@ def replies(fake: FakeDiscord, bot: FakeBot) -> Counter[str]:
     )
 
 
+async def wait_resume_point(dsn: str, seq: int, within: float) -> None:
+    """Wait until the bot's lease row keeps the gateway resume point `seq` (renewals write it)."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        async with asyncio.timeout(within):
+            while True:
+                cur = await conn.execute(
+                    "SELECT data->>'seq' FROM leases WHERE name = 'discord:acme:clusterbot'"
+                )
+                row = await cur.fetchone()
+                if row is not None and row[0] == str(seq):
+                    return
+                await asyncio.sleep(0.1)
+
+
 async def wait_owner(fake: FakeDiscord, bot: FakeBot, procs: list[GatewayProcess],
                      within: float) -> GatewayProcess:
     """Wait until exactly one live process has the bot connected; return it."""
@@ -87,7 +103,7 @@ async def wait_owner(fake: FakeDiscord, bot: FakeBot, procs: list[GatewayProcess
 async def test_one_owner_kill_9_takeover_within_15s_without_duplicates_and_sigterm_hand_over(
     fake, make_agent, gateway_process, dsn
 ):
-    agent = await make_agent(delay=1.0)
+    agent = await make_agent(delay=0.2)
     bot = fake.add_bot("clusterbot")
     config: dict[str, Any] = {
         "storage": {"backend": "postgres", "dsn": {"value": dsn}},
@@ -108,13 +124,17 @@ async def test_one_owner_kill_9_takeover_within_15s_without_duplicates_and_sigte
     # Answered before the kill.
     first = await fake.message_create(bot, "before the kill")
     await fake.wait_for(lambda: replies(fake, bot)[first["id"]] == 1, within=20)
-    # In the agent's hands when the owner dies.
+    # In the agent's hands when the owner dies: the resume point the owner keeps with the lease
+    # stays just before it, although the session goes on (the bot's own echoed replies).
+    agent.delay = 10.0
     in_flight = await fake.message_create(bot, "during the kill")
     await agent.wait_calls(2, within=20)
-    # Discord replays the whole session on the next RESUME: the already-answered message too.
-    fake.current_session(bot).replay_from = 1
+    [seq] = [f["s"] for f in fake.current_session(bot).events
+             if f["t"] == "MESSAGE_CREATE" and f["d"]["id"] == in_flight["id"]]
+    await wait_resume_point(dsn, seq - 1, within=10)
     await asyncio.to_thread(owner.kill)
     killed = time.monotonic()
+    agent.delay = 0.2
     # Sent while nobody is connected.
     gap = await fake.message_create(bot, "while nobody owns the bot")
 
@@ -124,6 +144,10 @@ async def test_one_owner_kill_9_takeover_within_15s_without_duplicates_and_sigte
     assert took <= TAKEOVER_LIMIT, f"takeover after {took:.1f}s"
     assert len(fake.ops(2, bot.token)) == 1, "the new owner resumed the session, no IDENTIFY"
     after = await fake.message_create(bot, "after the takeover")
+    # Discord replays from the first message on the next RESUME: the new owner finds it answered
+    # (by the dead owner) in the shared database.
+    await fake.wait_for(lambda: replies(fake, bot)[after["id"]] == 1, within=30)
+    await fake.force_resume_replay(bot, first["id"])
 
     expected = [first["id"], in_flight["id"], gap["id"], after["id"]]
     try:
