@@ -86,7 +86,9 @@ class TokenBuckets:
             tokens = burst - 1.0
             self._buckets[key] = [tokens, now, now + 1.0 / rate]
             return 0.0 if burst >= 1 else 1.0 / rate
-        tokens = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
+        tokens = bucket[0] + (now - bucket[1]) * rate
+        if tokens > burst:
+            tokens = burst
         if tokens < 1.0:
             bucket[0], bucket[1] = tokens, now
             return (1.0 - tokens) / rate

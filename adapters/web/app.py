@@ -416,23 +416,20 @@ def request_address(request: web.Request) -> str:
     )
 
 
-async def admit_caller(request: web.Request, principal: Principal) -> None:
-    """The tenant's rate and quota (and a public caller's address rate) before the body is
-    read, so a flood is refused for little work; RateLimitedError becomes a 429."""
+async def chat_request(request: web.Request) -> tuple[Principal, schemas.ChatRequest]:
+    """Authenticate and validate a chat request (shared by /api/chat and /api/chat/stream)."""
+    principal = await authenticate(request)
+    require_web(principal)
+    check_tenant_claim(principal, request.query.get("tenantId"))
+    # The tenant's rate and quota (and a public caller's address rate) before the body is
+    # read, so a flood is refused for little work; RateLimitedError becomes a 429. Inline and
+    # without a coroutine in memory: this is every chat request's path.
     limits = principal.tenant.config.limits
     admission = request.app[CONTEXT].pipeline.admission
     if principal.public and limits.address is not None:
         await admission.admit_address(principal.tenant.id, request_address(request), limits)
     if not admission.check_tenant(principal.tenant.id, "web", limits):
         await admission.admit_tenant(principal.tenant.id, "web", limits)
-
-
-async def chat_request(request: web.Request) -> tuple[Principal, schemas.ChatRequest]:
-    """Authenticate and validate a chat request (shared by /api/chat and /api/chat/stream)."""
-    principal = await authenticate(request)
-    require_web(principal)
-    check_tenant_claim(principal, request.query.get("tenantId"))
-    await admit_caller(request, principal)
     body = await read_json(request, schemas.ChatRequest)
     check_tenant_claim(principal, body.tenantId)
     if principal.user_id is not None and body.userId != principal.user_id:
