@@ -21,13 +21,14 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from schemathesis.core.failures import FailureGroup
-from schemathesis.specs.openapi.checks import (
+from schemathesis.checks import (
+    allow_header_conformance,
     content_type_conformance,
+    not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.errors import FailureGroup
 
 from chatgateway.testing.agent import FakeAgent
 from tests.conftest import ADMIN_TOKEN, tenant, write_config
@@ -44,6 +45,7 @@ CHECKS = [
     status_code_conformance,
     content_type_conformance,
     response_schema_conformance,
+    allow_header_conformance,
 ]
 
 
