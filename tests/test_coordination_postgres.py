@@ -130,7 +130,6 @@ async def test_a_cancelled_waiter_leaves_no_lock_behind(make_coordinator):
         await asyncio.gather(task, return_exceptions=True)
         if not task.cancelled():
             await lock.__aexit__(None, None, None)
-    await asyncio.gather(*one._background)
     async with asyncio.timeout(5), two.session_lock("s_c"):
         pass
 

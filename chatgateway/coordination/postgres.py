@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import random
 from collections.abc import Hashable
-from functools import partial
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -62,14 +62,94 @@ def channel_name(schema: str) -> str:
     return "chatgateway_" + hashlib.blake2b(schema.encode(), digest_size=8).hexdigest()
 
 
+@dataclass(slots=True)
+class _LockOp:
+    """A take (`conn` None) or a release (on `conn`) of advisory lock `lid`."""
+
+    lid: int
+    conn: _Conn | None
+    #: None for a release nobody waits for (a take whose waiter was cancelled).
+    done: asyncio.Future[_Conn | None] | None
+
+
 class _LockConnection:
-    """One dedicated autocommit connection holding advisory locks; reconnects on demand."""
+    """One dedicated autocommit connection holding advisory locks; reconnects on demand.
+
+    The takes and releases queued while a statement is in flight go out together as the next
+    one (`SELECT pg_advisory_unlock(..), pg_try_advisory_lock(..), ...`): under load a message
+    costs a fraction of a round trip instead of two.
+    """
 
     def __init__(self, conninfo: str, index: int) -> None:
         self._conninfo = conninfo
         self.index = index
         self.conn: _Conn | None = None
         self._connecting = asyncio.Lock()
+        self._pending: list[_LockOp] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def take(self, lid: int) -> asyncio.Future[_Conn | None]:
+        """Try to take `lid`: the connection now holding it, or None if another session has it."""
+        return self._submit(lid, None)
+
+    def release(self, lid: int, conn: _Conn) -> asyncio.Future[_Conn | None]:
+        """Release `lid`, taken on `conn` (nothing to do if that connection is gone)."""
+        return self._submit(lid, conn)
+
+    def release_later(self, lid: int, conn: _Conn) -> None:
+        """Queue a release nobody waits for."""
+        self._pending.append(_LockOp(lid, conn, None))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="coordination:locks")
+
+    def _submit(self, lid: int, conn: _Conn | None) -> asyncio.Future[_Conn | None]:
+        done: asyncio.Future[_Conn | None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_LockOp(lid, conn, done))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="coordination:locks")
+        return done
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._run(batch)
+        finally:
+            self._flusher = None
+
+    async def _run(self, batch: list[_LockOp]) -> None:
+        try:
+            conn = await self.get()
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        # A release for a connection that has since dropped: the server released it with it.
+        releases = [op for op in batch if op.conn is not None and op.conn is conn]
+        for op in batch:
+            if op.conn is not None and op.conn is not conn:
+                _resolve(op, None)
+        takes = [op for op in batch if op.conn is None]
+        ops = releases + takes  # releases first: a waiting instance gets its turn sooner
+        if not ops:
+            return
+        calls = ["pg_advisory_unlock(%s)"] * len(releases) + ["pg_try_advisory_lock(%s)"] * len(
+            takes
+        )
+        try:
+            cur = await conn.execute(f"SELECT {', '.join(calls)}", [op.lid for op in ops])
+            row = await cur.fetchone()
+        except Exception as exc:
+            _fail(ops, exc)
+            return
+        assert row is not None
+        for op in releases:
+            _resolve(op, None)
+        for op, taken in zip(takes, row[len(releases) :], strict=True):
+            if op.done is not None and op.done.cancelled():
+                if taken:  # its waiter gave up: a lock nobody would release
+                    self.release_later(op.lid, conn)
+            else:
+                _resolve(op, conn if taken else None)
 
     async def get(self) -> _Conn:
         conn = self.conn
@@ -85,9 +165,25 @@ class _LockConnection:
             return self.conn
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        _fail(self._pending, psycopg.OperationalError("coordinator closed"))
+        self._pending = []
         conn, self.conn = self.conn, None
         if conn is not None:
             await conn.close()
+
+
+def _resolve(op: _LockOp, result: _Conn | None) -> None:
+    if op.done is not None and not op.done.done():
+        op.done.set_result(result)
+
+
+def _fail(ops: list[_LockOp], exc: BaseException) -> None:
+    for op in ops:
+        if op.done is not None and not op.done.done():
+            op.done.set_exception(exc)
 
 
 class _PgSessionLock:
@@ -148,7 +244,6 @@ class PostgresCoordinator:
         #: The listener's current connection (tests close it to check the reconnect).
         self.listen_conn: _Conn | None = None
         self._closed = False
-        self._background: set[asyncio.Future[None]] = set()
         self._leases = PgLeases(self._conninfo, self.instance_id)
 
     # Lifecycle ------------------------------------------------------------------------------
@@ -196,41 +291,31 @@ class PostgresCoordinator:
         holder = self._lock_conns[lid % len(self._lock_conns)]
         delay = LOCK_POLL_MIN
         while True:
+            taking = holder.take(lid)
             try:
-                conn = await holder.get()
-                # Shielded: a cancellation must not leave a lock taken that nobody releases.
-                attempt = asyncio.ensure_future(self._try_lock(conn, lid))
-                try:
-                    taken = await asyncio.shield(attempt)
-                except asyncio.CancelledError:
-                    attempt.add_done_callback(partial(self._unlock_later, conn=conn, lid=lid))
-                    raise
+                conn = await taking
+            except asyncio.CancelledError:
+                # Granted just before the cancellation arrived: give it back. (A take cancelled
+                # while queued or in flight is given back by the holder.)
+                if taking.done() and not taking.cancelled() and taking.exception() is None:
+                    granted = taking.result()
+                    if granted is not None:
+                        holder.release_later(lid, granted)
+                raise
             except psycopg.OperationalError as exc:
                 log.warning("session_lock_failed", error=str(exc), retry_in=RECONNECT_MIN)
                 await asyncio.sleep(RECONNECT_MIN)
                 continue
-            if taken:
+            if conn is not None:
                 return conn
             await asyncio.sleep(delay)
             delay = min(delay * 2, LOCK_POLL_MAX)
 
-    @staticmethod
-    async def _try_lock(conn: _Conn, lid: int) -> bool:
-        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (lid,))
-        row = await cur.fetchone()
-        return bool(row and row[0])
-
-    def _unlock_later(self, attempt: asyncio.Future[bool], conn: _Conn, lid: int) -> None:
-        if not attempt.cancelled() and attempt.exception() is None and attempt.result():
-            task = asyncio.ensure_future(self._pg_unlock(conn, lid))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
     async def _pg_unlock(self, conn: _Conn, lid: int) -> None:
-        if conn.closed:
-            return  # the server released it with the connection
+        holder = self._lock_conns[lid % len(self._lock_conns)]
         try:
-            await asyncio.shield(conn.execute("SELECT pg_advisory_unlock(%s)", (lid,)))
+            # Sent even if this waiter is cancelled meanwhile: the release is already queued.
+            await holder.release(lid, conn)
         except psycopg.OperationalError as exc:
             log.warning("session_unlock_failed", error=str(exc))
 
