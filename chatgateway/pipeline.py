@@ -305,6 +305,21 @@ class Pipeline:
                 platform=message.platform.value,
                 session_id=session.id,
             )
+            if (
+                dedup
+                and self._claim_timeout is not None
+                and message.platform in LEASED_PLATFORMS
+                and await self.store.is_processed(
+                    message.tenant_id, message.platform, message.message_id
+                )
+            ):
+                # A bot's previous owner, still finishing this message when its lease was lost,
+                # answered it while we waited for the session's lock: Discord replayed it here.
+                self._metrics_for(message).deduplicated.inc()
+                log.info(
+                    "message_duplicate", message_id=message.message_id, answered_elsewhere=True
+                )
+                return Reply(None, "", "duplicate")
             history = await self.store.history(
                 message.tenant_id, session.id, config.agent.history_turns
             )

@@ -185,3 +185,47 @@ async def test_one_owner_kill_9_takeover_within_15s_without_duplicates_and_sigte
     assert all(n == 1 for n in counts.values()), counts
     assert connections(fake, bot) == 1
     assert await asyncio.to_thread(last.stop) == 0
+
+
+async def test_an_owner_that_loses_its_lease_finishes_its_reply_and_the_replay_is_not_answered_again(
+    fake, make_agent, gateway_process, dsn
+):
+    """The lease lost while alive (renewals too late under load): no second reply, no ping-pong."""
+    import psycopg
+
+    agent = await make_agent(delay=0.2)
+    bot = fake.add_bot("fencedbot")
+    config: dict[str, Any] = {
+        "storage": {"backend": "postgres", "dsn": {"value": dsn}},
+        "cluster": {"coordination": "postgres"},
+        "tenants": [tenant("acme", agent.url, discord={"bots": [fake.bot_settings(bot)]})],
+    }
+    procs = [await asyncio.to_thread(gateway_process, config) for _ in range(2)]
+    owner = await wait_owner(fake, bot, procs, within=30)
+    other = next(p for p in procs if p is not owner)
+    agent.delay = 6.0
+    slow = await fake.message_create(bot, "answered by the old owner")
+    await agent.wait_calls(1, within=20)
+    # Somebody else's row now, and expired: the standby takes it; the owner's renewal fails.
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE leases SET owner = 'elsewhere', expires_at = clock_timestamp() - "
+            "interval '1 second' WHERE name = 'discord:acme:fencedbot'"
+        )
+    await asyncio.to_thread(owner.wait_for_event, "adapter_lease_lost", 20.0)
+    agent.delay = 0.2
+    assert await wait_owner(fake, bot, procs, within=20) is other
+    after = await fake.message_create(bot, "answered by the new owner")
+    await fake.wait_for(
+        lambda: replies(fake, bot)[slow["id"]] >= 1 and replies(fake, bot)[after["id"]] >= 1,
+        within=30,
+    )
+    # The new owner got the slow message replayed, waited for the session's lock, and found it
+    # answered by the old owner.
+    await asyncio.to_thread(other.wait_for_event, "message_duplicate", 20.0,
+                            message_id=slow["id"], answered_elsewhere=True)
+    assert replies(fake, bot)[slow["id"]] == 1 and replies(fake, bot)[after["id"]] == 1
+    assert agent.texts().count("answered by the old owner") == 1
+    assert connections(fake, bot) == 1
+    for proc in procs:
+        assert await asyncio.to_thread(proc.stop) == 0

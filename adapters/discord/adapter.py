@@ -92,6 +92,8 @@ class _BotHTTPClient(HTTPClient):
         self.api_base_url = api_base_url.rstrip("/")
         self.gateway_url = yarl.URL(gateway_url)
         self.last_socket: aiohttp.ClientWebSocketResponse | None = None
+        #: Set when the adapter stops: the gateway may not be connected again.
+        self.fenced = False
 
     async def request(self, route: Route, **kwargs: Any) -> Any:
         base = Route.BASE
@@ -104,6 +106,8 @@ class _BotHTTPClient(HTTPClient):
         target = yarl.URL(url)
         if _same_endpoint(target, DiscordWebSocket.DEFAULT_GATEWAY):
             target = self.gateway_url.with_query(target.query)
+        if self.fenced:
+            raise ConnectionError("the adapter is stopping: no new gateway connection")
         self.last_socket = await super().ws_connect(str(target), compress=compress)
         return self.last_socket
 
@@ -267,6 +271,18 @@ class DiscordAdapter:
     async def stop(self) -> None:
         """Stop taking messages, let replies being sent finish briefly, close the client."""
         self._stopping = True
+        client = self._client
+        if client is not None and self._tasks:
+            # Leave the gateway first (4000: the session stays resumable), so the bot's next
+            # owner can take it over while replies still go out over REST; discord.py would
+            # reconnect at once, so new connections are refused from here on.
+            client._bot_http.fenced = True
+            ws = client.ws
+            if isinstance(ws, DiscordWebSocket) and ws.open:
+                try:
+                    await ws.close(4000)
+                except Exception as exc:
+                    self._log.debug("discord_gateway_close_failed", error=type(exc).__name__)
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
             for task in pending:
