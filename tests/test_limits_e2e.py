@@ -4,9 +4,11 @@ discord.py against the loopback fakes, with a real failing agent."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import aiohttp
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatgateway.daemon import Daemon
@@ -290,3 +292,46 @@ async def test_discord_user_over_the_limit_gets_one_notice_not_a_flood(
     await fake.wait_posts(3, token=bot.token)
     assert agent.texts() == ["one", "hello"]
     assert len(fake.posts(token=bot.token)) == 3
+
+
+# Reload and several instances --------------------------------------------------------------
+
+
+async def test_reload_applies_new_limits_and_storage_needs_a_restart(
+    make_agent, make_gateway, http
+):
+    agent = await make_agent()
+    config = {"tenants": [tenant("acme", agent.url, [KEY],
+                                 limits={**OFF, "tenant": {"per_minute": 1, "burst": 1}})]}
+    gw = await make_gateway(config)
+    assert (await post_chat(http, gw, {"message": "a", "userId": "u1"}))[0].status == 200
+    assert (await post_chat(http, gw, {"message": "b", "userId": "u1"}))[0].status == 429
+    config["tenants"][0]["limits"] = OFF
+    config["limits"] = {"storage": "redis://127.0.0.1:6379"}
+    gw.config_path.write_text(yaml.safe_dump({**yaml.safe_load(gw.config_path.read_text()),
+                                              **config}))
+    result = await gw.reload()
+    assert result.restart_needed == ["limits.storage"]
+    assert (await post_chat(http, gw, {"message": "c", "userId": "u1"}))[0].status == 200
+    assert gw.pipeline is not None and gw.pipeline.admission.shared is None  # still in memory
+
+
+async def test_two_gateways_on_one_redis_share_the_tenant_limit(make_agent, make_gateway, http,
+                                                              tmp_path):
+    agent = await make_agent()
+    tenant_id = f"t{secrets.token_hex(4)}"  # fresh keys: the Redis outlives the test
+    limits = {**OFF, "tenant": {"per_minute": 3, "burst": 3}}
+    gateways = [
+        await make_gateway({
+            "limits": {"storage": "redis://127.0.0.1:6379"},
+            "storage": {"path": str(tmp_path / f"gw{i}.db")},
+            "tenants": [tenant(tenant_id, agent.url, [KEY], limits=limits)],
+        })
+        for i in range(2)
+    ]
+    statuses = [
+        (await post_chat(http, gateways[i % 2], {"message": f"m{i}", "userId": "u"}))[0].status
+        for i in range(4)
+    ]
+    assert statuses == [200, 200, 200, 429]
+    assert len(agent.calls) == 3
