@@ -40,7 +40,10 @@ def cluster_config(dsn: str, agent_url: str, coordination: str = "postgres") -> 
         "storage": {"backend": "postgres", "dsn": {"value": dsn}},
         "cluster": {"coordination": coordination},
         "server": {"drain_seconds": 10},
-        "tenants": [tenant("acme", agent_url, keys=[KEY], agent={"timeout": 10})],
+        # Limits that never refuse: these tests send as fast as the instances answer.
+        "tenants": [tenant("acme", agent_url, keys=[KEY], agent={"timeout": 10},
+                           limits={n: {"per_minute": 1e9, "burst": 1_000_000_000}
+                                   for n in ("tenant", "user")})],
     }
 
 
@@ -288,7 +291,8 @@ async def test_a_rolling_restart_under_traffic_loses_no_message(
             calls_before = len(agent.calls)
             old.signal(15)  # SIGTERM: drain, then exit
             assert await asyncio.to_thread(old.proc.wait, 30) == 0, old.output()
-            new = gateway_process(config)
+            # In a thread: the clients and the agent in this event loop keep going meanwhile.
+            new = await asyncio.to_thread(gateway_process, config)
             procs[index] = new
             urls[index] = new.url
             await agent.wait_calls(calls_before + 20)  # traffic kept flowing meanwhile
