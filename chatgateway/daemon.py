@@ -211,6 +211,10 @@ class Daemon:
         self.tenants.on_change(self.supervisor.tenant_changed)
         await self.tenants.load(config.tenants)
         self.tenants.attach(self.coordinator)
+        if clustered:
+            # A change another instance made between our load and attach sent its notice to
+            # nobody here: look again now that notices arrive.
+            await self.tenants.sync_runtime()
         await self._start_web(config)
         await self._settle_adapters()
         self._spawn(self._prune_loop(), "maintenance:prune")
