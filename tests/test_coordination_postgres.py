@@ -300,3 +300,46 @@ async def test_session_locks_work_again_after_their_connection_dropped(make_coor
     two.subscribe(inbox)
     await one.publish({"kind": "after-drop"})
     await inbox.wait_for("after-drop")
+
+
+async def test_after_the_listener_reconnects_the_registry_reloads_what_it_missed(make_gateway):
+    """A change whose notice was lost (made while the listener was away) is picked up by the
+    resync after the reconnect: here a tenant written to the store without any notice."""
+    import time
+
+    import psycopg
+
+    from chatgateway.coordination.postgres import PostgresCoordinator
+    from chatgateway.store.base import TenantRecord
+    from tests.conftest import tenant
+
+    async with postgres_schema() as dsn:
+        config = {
+            "storage": {"backend": "postgres", "dsn": {"value": dsn}},
+            "cluster": {"coordination": "postgres"},
+            "tenants": [tenant("acme")],
+        }
+        one, two = await make_gateway(config), await make_gateway(config)
+        assert one.store is not None and isinstance(two.coordinator, PostgresCoordinator)
+        now = time.time()
+        await one.store.save_tenant(
+            TenantRecord(TenantId("quiet-co"), {"id": "quiet-co", "agent": {"builtin": "echo"}},
+                         now, now)
+        )
+        assert two.tenants is not None and two.tenants.get("quiet-co") is None
+        added = asyncio.Event()
+
+        async def on_change(old: Any, new: Any) -> None:
+            if new is not None and new.id == "quiet-co":
+                added.set()
+
+        two.tenants.on_change(on_change)
+        assert two.coordinator.listen_conn is not None
+        pid = two.coordinator.listen_conn.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(PG_SERVER, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await asyncio.wait_for(added.wait(), 10)
+        runtime = two.tenants.get("quiet-co")
+        assert runtime is not None and runtime.source == "runtime"
+        await one.stop()
+        await two.stop()
