@@ -5,11 +5,12 @@ on a few dedicated connections: one connection holds any number of locks, so an 
 holds no pooled connection, and a lock held by a crashed instance vanishes with its
 connection. A `KeyedLocks` in front queues one instance's messages of a session locally (FIFO),
 so each instance holds at most one PostgreSQL lock per session and only contends with other
-instances; the takes and releases of concurrent messages share statements. Change notices go through LISTEN/NOTIFY on one more dedicated connection, which
-reconnects with backoff when it drops and then delivers `{"kind": "resync"}` (anything may
-have changed while it was away). Instances share locks and notices when they use the same
-database and schema (`current_schema()`), so two deployments in two schemas stay apart.
-Leases (e.g. one Discord bot's connection) are in `try_lease`.
+instances; the takes and releases of concurrent messages share statements. Change notices go
+through LISTEN/NOTIFY on one more dedicated connection, which reconnects with backoff when it
+drops and then delivers `{"kind": "resync"}` (anything may have changed while it was away).
+Instances share locks and notices when they use the same database and schema
+(`current_schema()`), so two deployments in two schemas stay apart. Leases (e.g. one Discord
+bot's connection) are in `try_lease`.
 """
 
 from __future__ import annotations
