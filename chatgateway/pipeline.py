@@ -25,6 +25,7 @@ from chatgateway.models import (
 )
 from chatgateway.store.base import SessionStore
 from chatgateway.tenants import TenantRegistry, TenantRuntime
+from chatgateway.text import storable
 
 if TYPE_CHECKING:  # coordination.local imports KeyedLocks from here
     from chatgateway.coordination.base import Coordinator
@@ -370,6 +371,9 @@ class Pipeline:
                         )
                 series.agent_latency.observe(time.monotonic() - agent_started)
             now = time.time()
+            # An agent may answer a NUL or a lone surrogate; PostgreSQL refuses the first and
+            # neither store can encode the second, which would lose the whole exchange.
+            text = storable(text)
             turns = [Turn(Role.USER, message.text, message.timestamp)]
             if text:
                 turns.append(Turn(Role.AGENT, text, max(now, message.timestamp)))

@@ -382,3 +382,16 @@ async def test_openapi_describes_the_tenant_body(make_gateway, http):
     assert secret in schemas["AgentConfig"]["properties"]["bearer_token"]["anyOf"]
     assert schemas["SecretValue"]["required"] == ["value"]
     assert "password" not in json.dumps(document)  # no secret left as a plain string
+
+
+async def test_agent_answer_with_nul_is_stored_on_every_backend(make_agent, make_gateway, http,
+                                                                 storage):
+    """An agent's NUL must not make the exchange fail to be recorded (PostgreSQL refuses it)."""
+    agent = await make_agent(prefix="a\x00b ")
+    gw = await make_gateway({"storage": storage, "tenants": [tenant("acme", agent.url, keys=[KEY])]})
+    status, body = await send(http, gw, "POST", "/api/chat", {"message": "hi", "userId": "u1"})
+    assert status == 200, body
+    assert body["response"] == "a\ufffdb hi"
+    status, session = await send(http, gw, "GET", f"/api/sessions/{body['sessionId']}")
+    assert status == 200, session
+    assert [t["text"] for t in session["transcript"]] == ["hi", "a\ufffdb hi"]
