@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapters.web.app import PROXY_HEADERS, ApiError, bearer, json_response, require_admin
+from adapters.web.app import (
+    PROXY_HEADERS,
+    ApiError,
+    bearer,
+    is_loopback_host,
+    json_response,
+    require_admin,
+)
 from chatgateway.errors import ConfigError
 from chatgateway.metrics import Metrics
 
@@ -37,9 +44,12 @@ class Operations(Protocol):
 
 
 def _peer_is_loopback(request: web.Request) -> bool:
-    """A local caller: a loopback peer, and not a reverse proxy passing on someone else."""
-    # Behind a proxy on the same host every caller on the internet is a loopback peer.
+    """A local caller: a loopback peer naming a loopback Host, and not a reverse proxy."""
+    # Behind a proxy on the same host every caller on the internet is a loopback peer; a
+    # browser page whose name was rebound to 127.0.0.1 is one too, but sends its own Host.
     if any(header in request.headers for header in PROXY_HEADERS):
+        return False
+    if not is_loopback_host(request.host):
         return False
     try:
         return ipaddress.ip_address(request.remote or "").is_loopback
