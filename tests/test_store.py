@@ -17,7 +17,15 @@ import pytest
 from pydantic import SecretStr
 
 from chatgateway.errors import NotFoundError
-from chatgateway.models import ConversationKind, Platform, Role, SessionKey, TenantId, Turn
+from chatgateway.models import (
+    ConversationKind,
+    Platform,
+    Role,
+    SessionId,
+    SessionKey,
+    TenantId,
+    Turn,
+)
 from chatgateway.store.base import ApiKeyRecord, SessionStore, TenantRecord
 from chatgateway.store.sqlite import SqliteStore
 
@@ -387,3 +395,80 @@ async def test_open_store_picks_the_configured_backend(tmp_path: Path) -> None:
             assert await pg.gateway_setting("x", "y") == "y"
         finally:
             await pg.close()
+
+
+async def _exchange(store: SessionStore, tenant: TenantId, k: SessionKey, *texts: str) -> str:
+    sid = await new(store, k)
+    now = time.time()
+    turns = [Turn(Role.USER if i % 2 == 0 else Role.AGENT, t, now) for i, t in enumerate(texts)]
+    await store.record_exchange(tenant, sid, turns, max_turns=50)
+    return sid
+
+
+async def test_purge_tenant_deletes_every_row_of_that_tenant_only(store: SessionStore) -> None:
+    await store.save_tenant(TenantRecord(A, {"id": "tenant-a"}, 1, 1))
+    await store.add_api_key(ApiKeyRecord("ka", A, "h", "", 1))
+    await store.add_api_key(ApiKeyRecord("kb", B, "h", "", 1))
+    sid = await _exchange(store, A, key(A, "u1"), "hi", "hello")
+    await _exchange(store, A, key(A, "u2"), "x")
+    await store.record_exchange(A, sid, [], max_turns=50, processed_event=(Platform.SLACK, "E1"))
+    assert await store.claim_event(A, Platform.SLACK, "E2", "me", time.time(), stale_before=0)
+    kept = await _exchange(store, B, key(B, "u1"), "b")
+    deleted = await store.purge_tenant(A)
+    assert {k: v for k, v in deleted.items() if v} == {
+        "sessions": 2, "turns": 3, "api_keys": 1, "tenants": 1,
+        "processed_events": 1, "event_claims": 1,
+    }  # fmt: skip
+    assert await store.count_sessions(A) == 0
+    assert await store.get_session(A, SessionId(sid)) is None
+    assert await store.list_api_keys(A) == []
+    assert not await store.is_processed(A, Platform.SLACK, "E1")
+    assert await store.list_tenants() == []
+    assert await store.purge_tenant(A) == dict.fromkeys(deleted, 0)
+    assert [t.text for t in await store.history(B, SessionId(kept), 10)] == ["b"]
+    assert [k.key_id for k in await store.list_api_keys(B)] == ["kb"]
+
+
+async def test_export_user_gives_every_session_with_its_whole_transcript(
+    store: SessionStore,
+) -> None:
+    first = await _exchange(store, A, key(A, "alice", "c1"), "one", "two")
+    second = await _exchange(store, A, key(A, "alice", "c2"), "three")
+    slack = SessionKey(A, Platform.SLACK, "C1", "", "alice")
+    await store.create_session(slack, kind=ConversationKind.CHANNEL, user_name=None, now=time.time())
+    await _exchange(store, A, key(A, "bob"), "not alice")
+    await _exchange(store, B, key(B, "alice"), "another tenant's alice")
+    export = await store.export_user(A, "alice", platform=Platform.WEB)
+    assert [e.session.id for e in export] == [first, second]
+    assert [[t.text for t in e.turns] for e in export] == [["one", "two"], ["three"]]
+    assert [t.role for t in export[0].turns] == [Role.USER, Role.AGENT]
+    everything = await store.export_user(A, "alice")
+    assert {e.session.platform for e in everything} == {Platform.WEB, Platform.SLACK}
+    assert await store.export_user(A, "nobody") == []
+    assert [e.turns[0].text for e in await store.export_user(B, "alice")] == [
+        "another tenant's alice"
+    ]
+
+
+async def test_erase_user_deletes_their_sessions_only(store: SessionStore) -> None:
+    gone = await _exchange(store, A, key(A, "alice", "c1"), "one", "two")
+    slack = SessionKey(A, Platform.SLACK, "C1", "", "alice")
+    on_slack = await store.create_session(
+        slack, kind=ConversationKind.CHANNEL, user_name=None, now=time.time()
+    )
+    bob = await _exchange(store, A, key(A, "bob"), "bob's")
+    theirs = await _exchange(store, B, key(B, "alice"), "B's alice")
+    assert await store.erase_user(A, "alice", platform=Platform.WEB) == {"sessions": 1, "turns": 2}
+    assert await store.get_session(A, SessionId(gone)) is None
+    assert await store.history(A, SessionId(gone), 10) == []
+    assert await store.get_session(A, on_slack.id) is not None
+    assert await store.erase_user(A, "alice") == {"sessions": 1, "turns": 0}
+    assert await store.export_user(A, "alice") == []
+    assert await store.get_session(A, SessionId(bob)) is not None
+    assert await store.get_session(B, SessionId(theirs)) is not None
+    store = await reopen(store)
+    try:  # gone from the file too, not just from a cache
+        assert await store.get_session(A, SessionId(gone)) is None
+        assert await store.export_user(A, "alice") == []
+    finally:
+        await store.close()

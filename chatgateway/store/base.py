@@ -35,6 +35,14 @@ class ApiKeyRecord:
     created_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class SessionTranscript:
+    """One session with every turn the store keeps of it, oldest first (a user's export)."""
+
+    session: Session
+    turns: list[Turn]
+
+
 class SessionStore(Protocol):
     """Persistence for the gateway. No method can return another tenant's rows."""
 
@@ -127,3 +135,17 @@ class SessionStore(Protocol):
     # Gateway-wide settings (not tenant data), e.g. the generated visitor-token secret.
     async def gateway_setting(self, name: str, default: str) -> str:
         """Return the setting `name`, durably storing `default` first if it has no value."""
+
+    # Customers' data (docs/operations.md): offboarding, and a user's export and erasure.
+    async def purge_tenant(self, tenant_id: TenantId) -> dict[str, int]:
+        """Delete the tenant's rows from every table with a tenant_id; the count per table."""
+
+    async def export_user(
+        self, tenant_id: TenantId, user_id: str, *, platform: Platform | None = None
+    ) -> list[SessionTranscript]:
+        """Every session of one user (on one platform, or all) with its whole transcript."""
+
+    async def erase_user(
+        self, tenant_id: TenantId, user_id: str, *, platform: Platform | None = None
+    ) -> dict[str, int]:
+        """Delete one user's sessions with their transcripts; the count per table."""

@@ -20,6 +20,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import structlog
 from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -36,7 +37,7 @@ from chatgateway.models import (
     TenantId,
     Turn,
 )
-from chatgateway.store.base import ApiKeyRecord, TenantRecord
+from chatgateway.store.base import ApiKeyRecord, SessionTranscript, TenantRecord
 from chatgateway.store.migrations import MigrateMode, SchemaError, SchemaStatus, refusal
 from chatgateway.store.migrations import postgres as migrations
 from chatgateway.store.migrations.postgres import KEY_ID_SETTING, SCOPE_SETTING, TENANT_SETTING
@@ -44,10 +45,12 @@ from chatgateway.store.rows import (
     CLAIM_EVENT,
     DEDUP_RETENTION,
     SESSION_COLUMNS,
+    group_turns,
     key_from_row,
     list_sessions_query,
     new_session_id,
     session_from_row,
+    user_sessions_query,
 )
 
 log = structlog.get_logger("chatgateway.store")
@@ -461,3 +464,59 @@ class PostgresStore:
             row = await cur.fetchone()
             assert row is not None  # inserted above, and settings are never deleted
             return str(row[0])
+
+    # Customers' data -----------------------------------------------------------------------
+
+    async def purge_tenant(self, tenant_id: TenantId) -> dict[str, int]:
+        async with self._transaction(tenant_id) as conn:
+            # Every table with a tenant_id: one added later is purged without a change here.
+            cur = await conn.execute(
+                "SELECT c.table_name FROM information_schema.columns c "
+                "JOIN information_schema.tables t USING (table_schema, table_name) "
+                "WHERE c.table_schema = current_schema() AND c.column_name = 'tenant_id' "
+                "AND t.table_type = 'BASE TABLE' ORDER BY c.table_name"
+            )
+            deleted: dict[str, int] = {}
+            for (table,) in await cur.fetchall():
+                done = await conn.execute(
+                    psycopg.sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(
+                        psycopg.sql.Identifier(table)
+                    ),
+                    (tenant_id,),
+                )
+                deleted[table] = done.rowcount
+            return deleted
+
+    async def export_user(
+        self, tenant_id: TenantId, user_id: str, *, platform: Platform | None = None
+    ) -> list[SessionTranscript]:
+        sql, params = user_sessions_query("%s", tenant_id, user_id, platform)
+        async with self._transaction(tenant_id) as conn:
+            cur = await conn.execute(sql, params)
+            sessions = [session_from_row(r) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                f"SELECT t.session_id, t.role, t.text, t.ts FROM turns t JOIN ({sql}) s "
+                "ON t.session_id = s.id WHERE t.tenant_id = %s ORDER BY t.session_id, t.seq",
+                (*params, tenant_id),
+            )
+            return group_turns(sessions, await cur.fetchall())
+
+    async def erase_user(
+        self, tenant_id: TenantId, user_id: str, *, platform: Platform | None = None
+    ) -> dict[str, int]:
+        sql, params = user_sessions_query("%s", tenant_id, user_id, platform)
+        async with self._transaction(tenant_id) as conn:
+            cur = await conn.execute(
+                f"DELETE FROM sessions WHERE tenant_id = %s AND id IN (SELECT id FROM ({sql}) s) "
+                "RETURNING id",
+                (tenant_id, *params),
+            )
+            ids = [r[0] for r in await cur.fetchall()]
+            turns = 0
+            if ids:
+                done = await conn.execute(
+                    "DELETE FROM turns WHERE tenant_id = %s AND session_id = ANY(%s)",
+                    (tenant_id, ids),
+                )
+                turns = done.rowcount
+            return {"sessions": len(ids), "turns": turns}

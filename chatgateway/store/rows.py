@@ -5,8 +5,17 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from chatgateway.models import ConversationKind, Platform, Session, SessionId, SessionKey, TenantId
-from chatgateway.store.base import ApiKeyRecord
+from chatgateway.models import (
+    ConversationKind,
+    Platform,
+    Role,
+    Session,
+    SessionId,
+    SessionKey,
+    TenantId,
+    Turn,
+)
+from chatgateway.store.base import ApiKeyRecord, SessionTranscript
 
 SESSION_COLUMNS = (
     "id, tenant_id, platform, conversation_id, thread_id, user_id, user_name, kind, "
@@ -78,3 +87,24 @@ CLAIM_EVENT = (
     "owner = excluded.owner, claimed_at = excluded.claimed_at "
     "WHERE c.claimed_at < {p} OR c.owner = excluded.owner RETURNING 1"
 )
+
+
+def user_sessions_query(
+    mark: str, tenant_id: TenantId, user_id: str, platform: Platform | None
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL and parameters selecting one user's sessions, oldest first."""
+    sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = {mark} AND user_id = {mark}"
+    params: tuple[Any, ...] = (tenant_id, user_id)
+    if platform is not None:
+        sql += f" AND platform = {mark}"
+        params += (platform.value,)
+    return sql + " ORDER BY created_at, id", params
+
+
+def group_turns(sessions: list[Session], rows: list[tuple[Any, ...]]) -> list[SessionTranscript]:
+    """Pair each session with its turns, from rows of (session_id, role, text, ts) in order."""
+    turns: dict[str, list[Turn]] = {s.id: [] for s in sessions}
+    for session_id, role, text, ts in rows:
+        if session_id in turns:
+            turns[session_id].append(Turn(Role(role), text, ts))
+    return [SessionTranscript(s, turns[s.id]) for s in sessions]

@@ -40,17 +40,19 @@ from chatgateway.models import (
     TenantId,
     Turn,
 )
-from chatgateway.store.base import ApiKeyRecord, TenantRecord
+from chatgateway.store.base import ApiKeyRecord, SessionTranscript, TenantRecord
 from chatgateway.store.migrations import MigrateMode, SchemaStatus, refusal
 from chatgateway.store.migrations import sqlite as migrations
 from chatgateway.store.rows import (
     CLAIM_EVENT,
     DEDUP_RETENTION,
     SESSION_COLUMNS,
+    group_turns,
     key_from_row,
     list_sessions_query,
     new_session_id,
     session_from_row,
+    user_sessions_query,
 )
 
 T = TypeVar("T")
@@ -731,3 +733,69 @@ class SqliteStore:
 
         return await self._write(op)
 
+
+    # Customers' data -----------------------------------------------------------------------
+
+    async def purge_tenant(self, tenant_id: TenantId) -> dict[str, int]:
+        def op(c: sqlite3.Connection) -> dict[str, int]:
+            return {
+                table: c.execute(f"DELETE FROM {table} WHERE tenant_id = ?", (tenant_id,)).rowcount
+                for table in _tenant_tables(c)
+            }
+
+        deleted = await self._write(op, slow=True)
+        for session_id in [s for s, h in self._hot.items() if h.session.tenant_id == tenant_id]:
+            self._forget(session_id)
+        return deleted
+
+    async def export_user(
+        self, tenant_id: TenantId, user_id: str, *, platform: Platform | None = None
+    ) -> list[SessionTranscript]:
+        sql, params = user_sessions_query("?", tenant_id, user_id, platform)
+        sessions = [
+            hot.session if (hot := self._hot.get(s.id)) is not None else s
+            for s in map(session_from_row, self._read(sql, params))
+        ]
+        rows = self._read(
+            f"SELECT t.session_id, t.role, t.text, t.ts FROM turns t JOIN ({sql}) s "
+            "ON t.session_id = s.id WHERE t.tenant_id = ? ORDER BY t.session_id, t.seq",
+            (*params, tenant_id),
+        )
+        return group_turns(sessions, rows)
+
+    async def erase_user(
+        self, tenant_id: TenantId, user_id: str, *, platform: Platform | None = None
+    ) -> dict[str, int]:
+        sql, params = user_sessions_query("?", tenant_id, user_id, platform)
+
+        def op(c: sqlite3.Connection) -> tuple[list[str], int]:
+            ids = [r[0] for r in c.execute(sql, params)]
+            turns = 0
+            for chunk in range(0, len(ids), 500):
+                part = ids[chunk : chunk + 500]
+                marks = ",".join("?" * len(part))
+                turns += c.execute(
+                    f"DELETE FROM turns WHERE tenant_id = ? AND session_id IN ({marks})",
+                    (tenant_id, *part),
+                ).rowcount
+                c.execute(
+                    f"DELETE FROM sessions WHERE tenant_id = ? AND id IN ({marks})",
+                    (tenant_id, *part),
+                )
+            return ids, turns
+
+        ids, turns = await self._write(op, slow=True)
+        for session_id in ids:
+            self._forget(SessionId(session_id))
+        return {"sessions": len(ids), "turns": turns}
+
+
+def _tenant_tables(c: sqlite3.Connection) -> list[str]:
+    """Every table with a tenant_id column: one added later is purged without a change here."""
+    return [
+        r[0]
+        for r in c.execute(
+            "SELECT m.name FROM sqlite_master m, pragma_table_info(m.name) p "
+            "WHERE m.type = 'table' AND p.name = 'tenant_id' ORDER BY m.name"
+        )
+    ]
