@@ -70,15 +70,42 @@ RESTART_KEYS = (
 State = Literal["starting", "ready", "reloading", "draining", "stopped"]
 
 
-def resolve_storage(storage: StorageConfig, environ: Mapping[str, str]) -> StorageConfig:
-    """Relative SQLite paths live in $STATE_DIRECTORY (systemd) or else the working directory."""
+#: The embedded default configuration (package data), used by `run` without --config.
+EMBEDDED_CONFIG = Path(__file__).resolve().parent / "cli" / "default.yaml"
+
+
+def user_state_dir(environ: Mapping[str, str]) -> Path:
+    """The per-user state directory: $XDG_STATE_HOME/chatgateway, else ~/.local/state/chatgateway."""
+    base = environ.get("XDG_STATE_HOME") or ""
+    if not Path(base).is_absolute():  # the XDG spec says to ignore a relative value
+        home = environ.get("HOME") or str(Path.home())
+        base = str(Path(home) / ".local" / "state")
+    return Path(base) / "chatgateway"
+
+
+def resolve_storage(
+    storage: StorageConfig, environ: Mapping[str, str], config_file: str | Path | None = None
+) -> StorageConfig:
+    """Make a relative SQLite `storage.path` absolute (docs/configuration.md#storage).
+
+    Precedence: $STATE_DIRECTORY (systemd's StateDirectory=; the file name only), else the
+    directory of the config file, else (the embedded default, or no file) the user's state
+    directory. Without a config file the working directory is never used: a command run from
+    another directory must find the same database as the daemon.
+    """
+    if storage.backend != "sqlite" or storage.path == ":memory:":
+        return storage
     path = Path(storage.path)
+    if path.is_absolute():
+        return storage
     state_dir = environ.get("STATE_DIRECTORY")
-    if storage.backend == "sqlite" and not path.is_absolute() and storage.path != ":memory:":
-        if state_dir:
-            path = Path(state_dir.split(":")[0]) / path.name
-        return storage.model_copy(update={"path": str(path)})
-    return storage
+    if state_dir:
+        path = Path(state_dir.split(":")[0]) / path.name
+    elif config_file is not None and Path(config_file).resolve() != EMBEDDED_CONFIG:
+        path = Path(config_file).resolve().parent / path
+    else:
+        path = user_state_dir(environ) / path
+    return storage.model_copy(update={"path": str(path)})
 
 
 @dataclass(slots=True)
@@ -188,7 +215,7 @@ class Daemon:
         self.config = config
         configure_logging(config.logging.level, config.logging.format, environ=self.environ)
         scrubber.update(secrets_in(config))
-        self._storage = resolve_storage(config.storage, self.environ)
+        self._storage = resolve_storage(config.storage, self.environ, self.config_path)
         self.store = await open_store(self._storage, source=str(self.config_path))
         self.coordinator = await start_coordinator(config)
         self.tenants = TenantRegistry(self.store, self.environ)
