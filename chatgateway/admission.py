@@ -5,22 +5,34 @@ may go on; a refusal is a `RateLimitedError` carrying the seconds to wait, the r
 Slack and Discord, the notice to post (at most one per user per `notice_interval`). The breaker
 decides, right before each agent call, whether the agent is called or the fallback is answered.
 
-Rates are token buckets (rate and burst). In one process they live in memory here: the
+Rates are token buckets (rate and burst). The tenant's rate paces rather than refuses: a message
+over it whose token comes within `limits.tenant.max_wait` reserves that token (the bucket goes
+into debt, at most rate x max_wait) and waits until its time, so a flood is served at exactly the
+configured rate, evenly spaced, instead of being refused and retried at once. On the web API a
+refusal of a tenant or address limit is answered only after min(Retry-After,
+`limits.refusal_delay`) plus a little jitter (`refusal_hold`): a cheap 429 would let a client
+that retries at once turn the limit into a CPU flood of the event loop every tenant shares.
+
+In one process the buckets live in memory here: the
 `limits` library has no token bucket, and its in-memory storage reads the wall clock and sweeps
 every key through a thread hop, which costs more than the whole check on the web path. With a
 shared store (`limits.storage`, e.g. Redis) the same rule runs as `limits`' moving window of
 `burst` messages per `burst / rate` seconds: the same long-run rate and the same burst, held
-across instances. The breaker is a small state machine of our own; no maintained library fits
-an asyncio per-tenant breaker whose probe is decided at call time.
+across instances; a moving window cannot reserve a future slot, so there the tenant's rate
+refuses at once (and the web API still holds its 429). The breaker is a small state machine of
+our own; no maintained library fits an asyncio per-tenant breaker whose probe is decided at call
+time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
+import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -77,8 +89,15 @@ class TokenBuckets:
         self._buckets: dict[object, list[float]] = {}
         self._sweep_at = SWEEP_AT
 
-    def take(self, key: object, rate: float, burst: int, now: float) -> float:
-        """Take one token: 0.0 if granted, else the seconds until one is available."""
+    def take(
+        self, key: object, rate: float, burst: int, now: float, max_wait: float = 0.0
+    ) -> float:
+        """Take one token: 0.0 if granted now, else the seconds until one is available.
+
+        A wait of at most `max_wait` is a reservation: the token is taken (the bucket goes into
+        debt, at most rate x max_wait tokens) and is the caller's after that wait, each next
+        one 1/rate later. A longer wait takes nothing: the caller is refused.
+        """
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self._sweep_at:
@@ -90,8 +109,13 @@ class TokenBuckets:
         if tokens > burst:
             tokens = burst
         if tokens < 1.0:
-            bucket[0], bucket[1] = tokens, now
-            return (1.0 - tokens) / rate
+            wait = (1.0 - tokens) / rate
+            if wait > max_wait:
+                bucket[0], bucket[1] = tokens, now
+                return wait
+            tokens -= 1.0
+            bucket[0], bucket[1], bucket[2] = tokens, now, now + (burst - tokens) / rate
+            return wait
         tokens -= 1.0
         bucket[0], bucket[1], bucket[2] = tokens, now, now + (burst - tokens) / rate
         return 0.0
@@ -103,6 +127,12 @@ class TokenBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def refusal_hold(retry_after: float, cap: float, jitter: float) -> float:
+    """Seconds to hold a web 429: its Retry-After (whole seconds, at least 1), at most `cap`,
+    stretched by `jitter` (0-1) times a tenth so that held clients do not all return at once."""
+    return min(max(1, math.ceil(retry_after)), cap) * (1.0 + 0.1 * jitter)
 
 
 class DailyCounts:
@@ -267,11 +297,16 @@ class Admission:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.metrics = metrics
         self.shared = shared
         self._clock = clock
         self._wall = wall
+        #: Waits out a paced message's reservation (the tenant's rate); tests pass a fake.
+        self.sleep = sleep
+        self._jitter = jitter
         self._buckets = TokenBuckets()
         self._daily = DailyCounts()
         self._noticed: dict[tuple[str, str, str], float] = {}
@@ -290,28 +325,41 @@ class Admission:
         wait = max(1, math.ceil(retry_after))
         return RateLimitedError(reason, retry_after, f"{_MESSAGES[reason]}; retry in {wait} s")
 
-    # `check_*` decide in memory without a coroutine (the web path's cost): True when decided
-    # (RateLimitedError when refused), False when the shared store decides (`admit_*`).
+    def hold(self, exc: RateLimitedError, limits: LimitsConfig) -> float:
+        """Seconds the web API holds this refusal before answering its 429."""
+        return refusal_hold(exc.retry_after, limits.refusal_delay, self._jitter())
 
-    def check_tenant(self, tenant_id: str, platform: str, limits: LimitsConfig) -> bool:
-        """The tenant's own rate and daily quota, in memory."""
+    # `check_*` decide in memory without a coroutine (the web path's cost), raising
+    # RateLimitedError to refuse; False (None) means the shared store decides (`admit_*`).
+
+    def check_tenant(self, tenant_id: str, platform: str, limits: LimitsConfig) -> float | None:
+        """The tenant's own rate and daily quota, in memory: the seconds the message must wait
+        for its reserved token (0.0: none), or None when the shared store decides."""
         if self.shared is not None:
-            return False
+            return None
         rate = limits.tenant
+        wait = 0.0
         if rate is not None:
             key = ("t", tenant_id)
-            wait = self._buckets.take(key, rate.per_minute / 60.0, rate.burst, self._clock())
-            if wait:
-                raise self._refuse("tenant_rate", wait, tenant_id, platform)
+            wait = self._buckets.take(
+                key, rate.per_minute / 60.0, rate.burst, self._clock(), rate.max_wait
+            )
+            if wait > rate.max_wait:
+                # Retrying after this, the message would be paced again within max_wait.
+                raise self._refuse("tenant_rate", wait - rate.max_wait, tenant_id, platform)
         if limits.daily_quota is not None:
-            wait = self._daily.take(tenant_id, limits.daily_quota, self._wall())
-            if wait:
-                raise self._refuse("daily_quota", wait, tenant_id, platform)
-        return True
+            refused = self._daily.take(tenant_id, limits.daily_quota, self._wall())
+            if refused:
+                raise self._refuse("daily_quota", refused, tenant_id, platform)
+        return wait
 
     async def admit_tenant(self, tenant_id: str, platform: str, limits: LimitsConfig) -> None:
-        """The tenant's own rate and daily quota; raises RateLimitedError."""
-        if self.check_tenant(tenant_id, platform, limits):
+        """The tenant's own rate and daily quota, after any wait for a reserved token; raises
+        RateLimitedError."""
+        wait = self.check_tenant(tenant_id, platform, limits)
+        if wait is not None:
+            if wait:
+                await self.sleep(wait)
             return
         assert self.shared is not None
         if limits.tenant is not None:

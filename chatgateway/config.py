@@ -277,16 +277,27 @@ DEFAULT_NOTICE = (
 )
 
 
+class TenantRateConfig(RateConfig):
+    """The tenant's token bucket; a message over it waits up to `max_wait` for its token."""
+
+    max_wait: float = Field(
+        1.0, ge=0, le=60, description="Seconds a message may wait for a token (0: refuse at once)"
+    )
+
+
 class LimitsConfig(Model):
     """A tenant's limits; `null` turns one off. See docs/configuration.md for the reasoning."""
 
-    tenant: RateConfig | None = RateConfig(per_minute=600, burst=100)
+    tenant: TenantRateConfig | None = TenantRateConfig(per_minute=600, burst=100)
     daily_quota: int | None = Field(None, ge=1, description="Messages per UTC day (none: off)")
     user: RateConfig | None = RateConfig(per_minute=30, burst=15)
     address: RateConfig | None = RateConfig(per_minute=60, burst=30)
     visitor_tokens: RateConfig | None = RateConfig(per_minute=10, burst=20)
     notice_text: str = Field(DEFAULT_NOTICE, min_length=1, max_length=2000)
     notice_interval: float = Field(60.0, ge=0, le=86400)
+    refusal_delay: float = Field(
+        1.0, ge=0, le=60, description="Seconds a web 429 of a limit is held at most (0: at once)"
+    )
 
 
 class BreakerConfig(Model):

@@ -19,6 +19,7 @@ from chatgateway.admission import (
     TokenBuckets,
     client_address,
     open_shared_limiter,
+    refusal_hold,
     seconds_to_next_day,
 )
 from chatgateway.config import BreakerConfig, LimitsConfig, RateConfig
@@ -55,6 +56,45 @@ def test_bucket_allows_the_burst_then_refuses_until_a_token_refills() -> None:
     assert buckets.take("k", rate, 3, 1.0) > 0
     # The long-run rate: after a long pause only `burst` at once, never more.
     assert [buckets.take("k", rate, 3, 100.0) for _ in range(4)][-1] > 0
+
+
+def test_bucket_paces_within_max_wait_one_grant_every_1_over_rate() -> None:
+    buckets = TokenBuckets()
+    rate, burst, max_wait = 10.0, 2, 1.0  # debt of at most rate x max_wait = 10 tokens
+    waits = [buckets.take("k", rate, burst, 0.0, max_wait) for _ in range(12)]
+    # The burst at once, then each next message's token 0.1 s after the previous one's.
+    assert waits == pytest.approx([0.0, 0.0, *(i / 10 for i in range(1, 11))])
+    # Beyond max_wait: refused (the wait returned is over max_wait), and nothing is taken.
+    assert buckets.take("k", rate, burst, 0.0, max_wait) == pytest.approx(1.1)
+    assert buckets.take("k", rate, burst, 0.0, max_wait) == pytest.approx(1.1)
+    # Half a second later five tokens were repaid: five more reservations, continuing the
+    # schedule (grants at 1.1, 1.2, ... 1.5 s), and not one more.
+    later = [0.5 + buckets.take("k", rate, burst, 0.5, max_wait) for _ in range(6)]
+    assert later[:5] == pytest.approx([1.1, 1.2, 1.3, 1.4, 1.5])
+    assert later[5] - 0.5 > max_wait
+    # Once the debt is repaid and the bucket refilled, the burst is there again.
+    assert buckets.take("k", rate, burst, 10.0, max_wait) == 0.0
+
+
+def test_bucket_debt_is_capped_whatever_the_flood() -> None:
+    buckets = TokenBuckets()
+    waits = [buckets.take("k", 100.0, 100, 0.0, 0.5) for _ in range(10_000)]
+    assert sum(w == 0.0 for w in waits) == 100  # the burst
+    assert sum(0.0 < w <= 0.5 for w in waits) == 50  # rate x max_wait reserved
+    # max_wait 0 (the default) reserves nothing: a refusal as before.
+    assert TokenBuckets().take("k", 1.0, 1, 0.0) == 0.0
+    zero = TokenBuckets()
+    zero.take("k", 1.0, 1, 0.0)
+    assert zero.take("k", 1.0, 1, 0.0) == pytest.approx(1.0)
+    assert zero.take("k", 1.0, 1, 0.5) == pytest.approx(0.5)
+
+
+def test_refusal_hold_is_the_retry_after_capped_with_a_little_jitter() -> None:
+    assert refusal_hold(0.01, 1.0, 0.0) == 1.0  # Retry-After says 1 s at least
+    assert refusal_hold(0.01, 1.0, 1.0) == pytest.approx(1.1)
+    assert refusal_hold(30.0, 1.0, 0.5) == pytest.approx(1.05)
+    assert refusal_hold(2.5, 5.0, 0.0) == 3.0
+    assert refusal_hold(5.0, 0.0, 1.0) == 0.0  # refusal_delay 0: at once
 
 
 def test_buckets_are_per_key() -> None:
@@ -180,7 +220,8 @@ async def test_user_refusal_carries_one_notice_per_interval() -> None:
 async def test_tenant_rate_and_quota_refuse_with_their_reason() -> None:
     clock, metrics = Clock(), Metrics()
     admission = Admission(metrics, clock=clock, wall=lambda: 20_000 * DAY + 100)
-    config = limits(tenant={"per_minute": 6, "burst": 1}, user=None, daily_quota=2)
+    config = limits(tenant={"per_minute": 6, "burst": 1, "max_wait": 0}, user=None,
+                    daily_quota=2)
     await admission.admit_tenant("acme", "web", config)
     with pytest.raises(RateLimitedError) as rate:
         await admission.admit_tenant("acme", "web", config)
@@ -198,9 +239,31 @@ async def test_tenant_rate_and_quota_refuse_with_their_reason() -> None:
     await admission.admit_tenant("other", "web", config)
 
 
+async def test_tenant_rate_paces_within_max_wait_then_refuses() -> None:
+    clock, metrics, slept = Clock(), Metrics(), []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    admission = Admission(metrics, clock=clock, sleep=sleep)
+    config = limits(tenant={"per_minute": 120, "burst": 1, "max_wait": 1.5}, user=None)
+    assert admission.check_tenant("acme", "web", config) == 0.0  # the fast path: no wait
+    for _ in range(3):  # Slack and Discord wait inside admit_message
+        await admission.admit_message("acme", "slack", "U1", config)
+    assert slept == pytest.approx([0.5, 1.0, 1.5])
+    with pytest.raises(RateLimitedError) as exc:
+        admission.check_tenant("acme", "web", config)
+    # Retrying after this the message would be paced again, within max_wait.
+    assert exc.value.reason == "tenant_rate" and exc.value.retry_after == pytest.approx(0.5)
+    assert rejected(metrics, "acme", "web", "tenant_rate") == 1
+    assert rejected(metrics, "acme", "slack", "tenant_rate") == 0  # paced is not refused
+    clock.now += 0.5
+    assert admission.check_tenant("acme", "web", config) == pytest.approx(1.5)
+
+
 async def test_a_tenant_refusal_also_tells_the_user_once() -> None:
     admission = Admission(Metrics(), clock=Clock())
-    config = limits(tenant={"per_minute": 1, "burst": 1}, user=None)
+    config = limits(tenant={"per_minute": 1, "burst": 1, "max_wait": 0}, user=None)
     await admission.admit_message("acme", "discord", "42", config)
     with pytest.raises(RateLimitedError) as exc:
         await admission.admit_message("acme", "discord", "42", config)

@@ -9,9 +9,11 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatgateway.daemon import Daemon
+from chatgateway.testing.agent import AgentCall
 from tests.conftest import ADMIN_TOKEN, tenant, url
 from tests.fakes.discord import FakeDiscord, user_object
 from tests.test_discord_adapter import discord_tenant, until
@@ -21,7 +23,8 @@ from tests.test_slack_e2e import slack_tenant, start
 
 KEY = "acme-key-0123456789abcdef"
 ADMIN = {"token": {"value": ADMIN_TOKEN}}
-OFF = {"tenant": None, "user": None, "address": None, "visitor_tokens": None}
+#: Refusals answered at once, except where a test is about holding them.
+OFF = {"tenant": None, "user": None, "address": None, "visitor_tokens": None, "refusal_delay": 0}
 
 
 async def post_chat(http: aiohttp.ClientSession, gw: Daemon, body: Any, *, key: str | None = KEY,
@@ -62,7 +65,7 @@ async def test_tenant_flood_gets_429_with_retry_after_before_the_body_is_read(
     make_agent, make_gateway, http
 ):
     agent = await make_agent()
-    limits = {**OFF, "tenant": {"per_minute": 60, "burst": 2}}
+    limits = {**OFF, "tenant": {"per_minute": 60, "burst": 2, "max_wait": 0}}
     gw = await make_gateway({"tenants": [tenant("acme", agent.url, [KEY], limits=limits)]})
     for i in range(2):
         resp, body = await post_chat(http, gw, {"message": f"m{i}", "userId": "u1"})
@@ -80,6 +83,41 @@ async def test_tenant_flood_gets_429_with_retry_after_before_the_body_is_read(
     assert resp.status == 429 and resp.headers["Retry-After"] == "1"
     assert agent.texts() == ["m0", "m1"]
     assert rejected(await scrape(http, gw), "acme", "web", "tenant_rate") == 3
+
+
+async def test_a_flood_within_max_wait_is_paced_at_the_rate_and_beyond_it_held_429s(
+    make_agent, make_gateway, http
+):
+    loop = asyncio.get_running_loop()
+    arrived: list[float] = []
+
+    async def answer(call: AgentCall) -> web.StreamResponse:
+        arrived.append(loop.time())
+        return web.json_response({"response": "ok"})
+
+    agent = await make_agent(behaviour=answer)
+    # 10/s, burst 2, up to 1 s of waiting: 2 at once plus 10 paced, 0.1 s apart.
+    limits = {**OFF, "tenant": {"per_minute": 600, "burst": 2, "max_wait": 1},
+              "refusal_delay": 0.5}
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, [KEY], limits=limits)]})
+
+    async def one(i: int) -> tuple[int, float, str | None]:
+        started = loop.time()
+        resp, _ = await post_chat(http, gw, {"message": f"m{i}", "userId": f"u{i}"})
+        return resp.status, loop.time() - started, resp.headers.get("Retry-After")
+
+    results = await asyncio.gather(*(one(i) for i in range(14)))
+    assert sorted(status for status, _, _ in results) == [200] * 12 + [429] * 2
+    # The paced ones reach the agent on a schedule of one every 1/rate (a late wake-up on a
+    # busy machine can bring two closer, never ahead of the schedule): no burst after a wait.
+    arrived.sort()
+    behind = [arrived[i] - arrived[0] - (i - 1) / 10 for i in range(2, len(arrived))]
+    assert len(arrived) == 12 and min(behind) >= -0.02, behind
+    # Beyond the bound: a 429, held min(Retry-After, refusal_delay) before it is answered.
+    refused = [(elapsed, retry) for status, elapsed, retry in results if status == 429]
+    assert all(elapsed >= 0.5 and retry == "1" for elapsed, retry in refused), refused
+    metrics = await scrape(http, gw)
+    assert rejected(metrics, "acme", "web", "tenant_rate") == 2
 
 
 async def test_user_rate_refuses_one_user_only_and_the_daily_quota_says_so(

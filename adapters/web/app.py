@@ -422,14 +422,22 @@ async def chat_request(request: web.Request) -> tuple[Principal, schemas.ChatReq
     require_web(principal)
     check_tenant_claim(principal, request.query.get("tenantId"))
     # The tenant's rate and quota (and a public caller's address rate) before the body is
-    # read, so a flood is refused for little work; RateLimitedError becomes a 429. Inline and
-    # without a coroutine in memory: this is every chat request's path.
+    # read, so a flood costs little work; RateLimitedError becomes a 429. Inline and without a
+    # coroutine in memory when a token is there: this is every chat request's path.
     limits = principal.tenant.config.limits
     admission = request.app[CONTEXT].pipeline.admission
-    if principal.public and limits.address is not None:
-        await admission.admit_address(principal.tenant.id, request_address(request), limits)
-    if not admission.check_tenant(principal.tenant.id, "web", limits):
-        await admission.admit_tenant(principal.tenant.id, "web", limits)
+    try:
+        if principal.public and limits.address is not None:
+            await admission.admit_address(principal.tenant.id, request_address(request), limits)
+        wait = admission.check_tenant(principal.tenant.id, "web", limits)
+        if wait is None:
+            await admission.admit_tenant(principal.tenant.id, "web", limits)
+        elif wait:
+            await admission.sleep(wait)  # paced: this request's token comes then
+    except RateLimitedError as exc:
+        # A 429 at once lets a client that retries at once flood the loop every tenant shares.
+        await admission.sleep(admission.hold(exc, limits))
+        raise
     body = await read_json(request, schemas.ChatRequest)
     check_tenant_claim(principal, body.tenantId)
     if principal.user_id is not None and body.userId != principal.user_id:

@@ -349,9 +349,15 @@ async def visitor_token(request: web.Request) -> web.Response:
             raise ApiError(403, "forbidden", "userId can only be chosen with an API key")
         check_origin(request, tenant)
         # Each hand-out is a new visitor with a fresh per-user limit: cap them per address.
-        await ctx.pipeline.admission.admit_address(
-            tenant.id, request_address(request), tenant.config.limits, minting=True
-        )
+        admission = ctx.pipeline.admission
+        try:
+            await admission.admit_address(
+                tenant.id, request_address(request), tenant.config.limits, minting=True
+            )
+        except RateLimitedError as exc:
+            # Held, as chat_request holds its refusals: a cheap 429 invites an instant retry.
+            await admission.sleep(admission.hold(exc, tenant.config.limits))
+            raise
         user_id, kind = new_visitor_id(), "p"
     elif presented.startswith(TOKEN_PREFIX + "."):
         claim, tenant = _verified(request, presented)
