@@ -344,6 +344,13 @@ class StorageConfig(Model):
         description="auto: apply pending schema migrations at start; check: refuse to start "
         "until `chatgateway db migrate` has",
     )
+    prune_interval: float = Field(
+        3600.0,
+        ge=0.1,
+        le=7 * 86400,
+        description="Seconds between retention runs (sessions past each tenant's "
+        "sessions.retention_days are deleted); the first runs at start",
+    )
 
     @field_validator("dsn", mode="after")
     @classmethod

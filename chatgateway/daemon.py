@@ -11,7 +11,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,6 +37,7 @@ from chatgateway.metrics import GatewaySample, Metrics
 from chatgateway.models import Platform, TenantId
 from chatgateway.notify import Notifier
 from chatgateway.pipeline import Pipeline
+from chatgateway.retention import prune_expired
 from chatgateway.store import SessionStore, open_store
 from chatgateway.supervisor import Supervisor, load_adapter_class
 from chatgateway.tenants import TenantRegistry
@@ -49,7 +50,7 @@ log = structlog.get_logger("chatgateway.daemon")
 #: Exit code of `run` when the gateway could not start for a reason other than its config
 #: (port in use, unreadable database); systemd's Restart=on-failure retries it.
 EXIT_FAILURE = 1
-#: How often idle sessions past their tenant's retention are deleted.
+#: How often idle sessions past their tenant's retention are deleted (storage.prune_interval).
 PRUNE_INTERVAL = 3600.0
 #: Longest pause between health checks (adapter liveness, STATUS=); the systemd watchdog
 #: interval is used when it is shorter.
@@ -177,6 +178,9 @@ def tune_gc() -> None:
 
 class Daemon:
     """One gateway process. `start` then `stop`, or `run` to serve until a signal."""
+
+    #: The time retention is measured against (tests move it instead of waiting days).
+    clock: Callable[[], float] = staticmethod(time.time)
 
     def __init__(self, config_path: str | Path, environ: Mapping[str, str]) -> None:
         self.config_path = Path(config_path)
@@ -330,17 +334,12 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _prune_loop(self) -> None:
+        """Apply every tenant's retention at start, then every `storage.prune_interval`."""
         assert self.tenants is not None and self.store is not None
+        interval = self._storage.prune_interval if self._storage else PRUNE_INTERVAL
         while True:
-            for tenant in self.tenants.all():
-                retention = tenant.config.sessions.retention_days * 86400
-                try:
-                    removed = await self.store.prune(tenant.id, idle_before=time.time() - retention)
-                    if removed:
-                        log.info("sessions_pruned", tenant_id=tenant.id, count=removed)
-                except Exception as exc:
-                    log.warning("prune_failed", tenant_id=tenant.id, error=str(exc))
-            await asyncio.sleep(PRUNE_INTERVAL)
+            await prune_expired(self.store, self.tenants.all(), self.clock())
+            await asyncio.sleep(interval)
 
     # Health, watchdog and status -----------------------------------------------------------
 

@@ -269,6 +269,23 @@ class TenantRegistry:
         log.info("tenant_deleted", tenant_id=tenant_id)
         await self._notify("tenant", tenant_id=tenant_id)
 
+    async def purge(self, tenant_id: str) -> dict[str, int]:
+        """Delete every row of a runtime or former config tenant; the count per table."""
+        current = self._tenants.get(TenantId(tenant_id))
+        if current is not None and current.source == "config":
+            raise ConflictError(
+                f"tenant {tenant_id!r} is defined in the config file; remove it there and "
+                "reload before purging its data"
+            )
+        if current is not None:
+            # Out of the registry first: its adapters stop taking messages that would write.
+            await self._remove(current.id)
+        deleted = await self._store.purge_tenant(TenantId(tenant_id))
+        log.info("tenant_purged", tenant_id=tenant_id, rows=sum(deleted.values()))
+        if current is not None or deleted.get("tenants"):
+            await self._notify("tenant", tenant_id=tenant_id)
+        return deleted
+
     def _runtime_tenant(self, tenant_id: str) -> TenantRuntime:
         current = self._tenants.get(TenantId(tenant_id))
         if current is None:

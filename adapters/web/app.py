@@ -737,6 +737,9 @@ def create_app(context: WebContext) -> web.Application:
     app[CONTEXT] = context
     app[TOKEN_RESOLVERS] = []
     app.add_routes(routes)
+    from adapters.web.lifecycle import routes as lifecycle_routes
+
+    app.add_routes(lifecycle_routes)  # a tenant's purge, a user's export and erasure
     app.add_routes(context.extra_routes)
     from adapters.web.chat import install
 

@@ -229,6 +229,9 @@ def openapi_document() -> dict[str, Any]:
     from adapters.web.chat import openapi_paths  # the browser chat (docs/web-chat.md)
 
     webchat = openapi_paths(components)
+    from adapters.web.lifecycle import openapi_paths as lifecycle_paths
+
+    lifecycle = lifecycle_paths(components)  # purge, a user's export and erasure
     return {
         "openapi": "3.1.0",
         "info": {"title": "chatgateway", "version": __version__},
@@ -249,6 +252,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "paths": {
             **webchat,
+            **lifecycle,
             **_ops_paths(admin),
             "/api/chat": {
                 "post": {
