@@ -40,6 +40,9 @@ B_RATE = 20.0
 #: Tenant A's configured rate when the config has `limits:` (100 messages/s, burst 100).
 A_RATE_PER_MINUTE = 6000.0
 A_BURST = 100
+#: How long one of A's messages over its rate may wait for its token (paced, not refused), when
+#: the config has `limits.tenant.max_wait`: 100 of A's requests can be waiting at once.
+A_MAX_WAIT = 1.0
 #: A's agent deadline: a hung agent turns into failures this fast (the breaker counts them).
 A_AGENT_TIMEOUT = 1.0
 FLOOD_CONNECTIONS = 64
@@ -234,6 +237,13 @@ def _has_limits() -> bool:
     return {"limits", "breaker"} <= set(TenantConfig.model_fields)
 
 
+def _has_pacing() -> bool:
+    from chatgateway import config
+
+    rate = getattr(config, "TenantRateConfig", None)
+    return rate is not None and "max_wait" in rate.model_fields
+
+
 def gateway_config(workdir: Path, agent_a: str, agent_b: str) -> dict[str, Any]:
     """Two tenants; with `limits:` in the config, A held to its rate and B's limits above 20/s."""
     a: dict[str, Any] = {"id": "tenant-a", "agent": {"url": agent_a, "timeout": A_AGENT_TIMEOUT,
@@ -246,6 +256,8 @@ def gateway_config(workdir: Path, agent_a: str, agent_b: str) -> dict[str, Any]:
         # address, and B's 20/s over 50 users would meet the defaults.
         a["limits"] = {"tenant": {"per_minute": A_RATE_PER_MINUTE, "burst": A_BURST},
                        "user": None, "address": None}
+        if _has_pacing():
+            a["limits"]["tenant"]["max_wait"] = A_MAX_WAIT
         b["limits"] = {"tenant": {"per_minute": B_RATE * 60 * 10, "burst": 200},
                        "user": None, "address": None}
         a["breaker"] = {"failures": 5, "window": 60, "cooldown": 30}
@@ -339,6 +351,8 @@ def rows(alone: list[Paced], flooded: list[tuple[Paced, Flood]],
     q99 = statistics.median(p.p99_ms for p in alone)
     configured = (f"{A_RATE_PER_MINUTE / 60:.0f}/s, burst {A_BURST}" if _has_limits()
                   else "unlimited")
+    if _has_pacing():
+        configured += f", max_wait {A_MAX_WAIT:g} s"
 
     def a_cells(a: Flood, state: str) -> list[str]:
         return [f"{a.ok / a.seconds:,.0f}/s", configured, f"{a.limited:,}", f"{a.other:,}",
