@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -447,6 +448,28 @@ class GatewayLimitsConfig(Model):
         return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
+class TracingConfig(Model):
+    """OpenTelemetry traces of every message (docs/operations.md#traces); off by default."""
+
+    enabled: bool = False
+    endpoint: HttpUrl = Field(
+        "http://127.0.0.1:4318/v1/traces",
+        description="the OTLP/HTTP (protobuf) traces URL of a collector",
+    )
+    service_name: str = Field("chatgateway", min_length=1, max_length=200)
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of messages traced (a parent's decision wins)"
+    )
+
+    @field_validator("enabled", mode="after")
+    @classmethod
+    def _sdk_installed(cls, enabled: bool) -> bool:
+        # Looked up without importing it: the SDK is an optional extra.
+        if enabled and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise ValueError("needs OpenTelemetry: pip install 'chatgateway[tracing]'")
+        return enabled
+
+
 class GatewayConfig(Model):
     listen: ListenConfig = ListenConfig()
     storage: StorageConfig = StorageConfig()
@@ -455,6 +478,7 @@ class GatewayConfig(Model):
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
     limits: GatewayLimitsConfig = GatewayLimitsConfig()
+    tracing: TracingConfig = TracingConfig()
     tenants: list[TenantConfig] = Field(default_factory=list)
 
 

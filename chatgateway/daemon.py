@@ -43,7 +43,10 @@ from chatgateway.supervisor import Supervisor, load_adapter_class
 from chatgateway.tenants import TenantRegistry
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
     from adapters.web import WebContext
+    from chatgateway.tracing import MessageTracer
 
 log = structlog.get_logger("chatgateway.daemon")
 
@@ -153,6 +156,8 @@ def restart_needed(old: GatewayConfig, new: GatewayConfig) -> list[str]:
         found.append("cluster")
     if old.limits != new.limits:
         found.append("limits.storage")
+    if old.tracing != new.tracing:
+        found.append("tracing")
     if old.server.max_body_bytes != new.server.max_body_bytes:
         found.append("server.max_body_bytes")
     if old.server.visitor_secret != new.server.visitor_secret:
@@ -178,6 +183,9 @@ def tune_gc() -> None:
 
 class Daemon:
     """One gateway process. `start` then `stop`, or `run` to serve until a signal."""
+
+    #: Where spans go instead of `tracing.endpoint` (tests set an in-memory exporter).
+    span_exporter: SpanExporter | None = None
 
     #: The time retention is measured against (tests move it instead of waiting days).
     clock: Callable[[], float] = staticmethod(time.time)
@@ -209,6 +217,10 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
         self._health_problems: list[str] = []
+        #: Unix time of the last health check that found nothing wedged (the watchdog's ping).
+        self._healthy_at: float | None = None
+        #: Spans of every message when `tracing.enabled` (chatgateway.tracing).
+        self.tracer: MessageTracer | None = None
         self.metrics.watch_gateway(self._gateway_sample)
 
     # Start ---------------------------------------------------------------------------------
@@ -235,6 +247,13 @@ class Daemon:
             claim_timeout=config.cluster.claim_timeout if clustered else None,
         )
         # Limits and quotas count in this process, or in the store `limits.storage` names.
+        if config.tracing.enabled:
+            # Imported only now: OpenTelemetry is an optional extra that costs nothing when off.
+            from chatgateway.tracing import MessageTracer
+
+            self.tracer = MessageTracer(config.tracing, self.span_exporter)
+            self.pipeline.tracer = self.tracer
+            self.pipeline.store = self.tracer.traced_store(self.store, config.storage.backend)
         self.pipeline.admission = Admission(
             self.metrics, open_shared_limiter(config.limits.storage_uri())
         )
@@ -383,6 +402,8 @@ class Daemon:
             elif self._health_problems:
                 log.info("health_restored")
             self._health_problems = health.problems
+        if health.ok:
+            self._healthy_at = time.time()
         return health.ok
 
     def status_line(self) -> str:
@@ -411,6 +432,8 @@ class Daemon:
             draining=self.state == "draining",
             in_flight=self.pipeline.active if self.pipeline else 0,
             tenants=len(self.tenants) if self.tenants else 0,
+            healthy=not self._health_problems,
+            healthy_at=self._healthy_at,
         )
 
     async def refresh_metrics(self) -> None:
@@ -634,6 +657,7 @@ class Daemon:
             ("coordination", self.coordinator.close() if self.coordinator else None),
             ("limits", self.pipeline.admission.close() if self.pipeline else None),
             ("store", self.store.close() if self.store else None),
+            ("tracing", self.tracer.shutdown() if self.tracer else None),
         ]
         for name, step in steps:
             if step is None:

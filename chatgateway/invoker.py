@@ -25,7 +25,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from chatgateway import codec
+from chatgateway import codec, tracing
 from chatgateway.config import AgentConfig
 from chatgateway.errors import AgentError
 from chatgateway.models import NormalizedMessage, SessionId, Turn
@@ -149,7 +149,10 @@ class HttpAgentInvoker:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.config.max_concurrency)
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                # Every HTTP invoker's requests carry the message's `traceparent` when tracing.
+                trace_configs=tracing.client_trace_configs(),
             )
         return self._session
 

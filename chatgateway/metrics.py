@@ -37,6 +37,10 @@ class GatewaySample:
     draining: bool
     in_flight: int
     tenants: int
+    #: The last health check found nothing wedged (the systemd watchdog gets its ping).
+    healthy: bool = True
+    #: Unix time of the last healthy check; None before the first.
+    healthy_at: float | None = None
 
 
 class Metrics:
@@ -183,3 +187,14 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily(
                 "chatgateway_tenants", "Tenants configured", value=gateway.tenants
             )
+            yield GaugeMetricFamily(
+                "chatgateway_healthy",
+                "1 when the last health check found nothing wedged (watchdog pings go out)",
+                value=gateway.healthy,
+            )
+            if gateway.healthy_at is not None:
+                yield GaugeMetricFamily(
+                    "chatgateway_last_healthy_timestamp_seconds",
+                    "Unix time of the last health check that found nothing wedged",
+                    value=gateway.healthy_at,
+                )

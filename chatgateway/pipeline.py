@@ -29,6 +29,7 @@ from chatgateway.text import storable
 
 if TYPE_CHECKING:  # coordination.local imports KeyedLocks from here
     from chatgateway.coordination.base import Coordinator
+    from chatgateway.tracing import MessageTracer
 
 log = structlog.get_logger("chatgateway.pipeline")
 
@@ -129,6 +130,8 @@ class Pipeline:
         metrics.watch_breakers(self._breaker_states)
         self._reserved = 0
         self.accepting = True
+        #: Spans of every message (`tracing.enabled`); None costs nothing per message.
+        self.tracer: MessageTracer | None = None
 
     def _breaker_states(self) -> list[tuple[str, str]]:
         """(tenant, breaker state) of every tenant with a breaker, for the metric."""
@@ -208,6 +211,24 @@ class Pipeline:
         UnavailableError once the gateway has begun to shut down (unless the message was
         reserved before).
         """
+        work = self._process(
+            message, session_id, new_session, dedup, on_delta, reservation, admitted
+        )
+        if self.tracer is None:
+            return await work
+        return await self.tracer.message(message, work)
+
+    async def _process(
+        self,
+        message: NormalizedMessage,
+        session_id: SessionId | None,
+        new_session: bool,
+        dedup: bool,
+        on_delta: DeltaSink | None,
+        reservation: Reservation | None,
+        admitted: bool,
+    ) -> Reply:
+        """`handle`'s work (inside the message's span when tracing)."""
         try:
             if not self.accepting and (reservation is None or not reservation.held):
                 raise UnavailableError("the gateway is shutting down")
@@ -343,7 +364,12 @@ class Pipeline:
                 ).inc()
             else:
                 try:
-                    text = await current.invoker.invoke(request, on_delta)
+                    if self.tracer is None:
+                        text = await current.invoker.invoke(request, on_delta)
+                    else:
+                        text = await self.tracer.agent_call(
+                            message, current.invoker.invoke(request, on_delta)
+                        )
                     outcome = "ok" if text else "empty"
                     if tripped:
                         self.admission.breaker_record(message.tenant_id, breaker, True)

@@ -1,0 +1,274 @@
+"""Traces: a span per message with store and agent children, `traceparent` sent to the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from chatgateway.daemon import Daemon
+from chatgateway.errors import ConfigError
+from tests.conftest import tenant, url, write_config
+from tests.fakes.slack import FakeSlack
+from tests.test_slack_e2e import slack_tenant
+from tests.test_slack_e2e import start as start_slack
+
+KEY = "tracing-test-key-0123456789abcdef"
+
+TracedGateway = Callable[..., Awaitable[tuple[Daemon, InMemorySpanExporter]]]
+
+
+@pytest.fixture
+async def traced_gateway(tmp_path: Path) -> AsyncIterator[TracedGateway]:
+    """Start an in-process gateway whose spans go to an in-memory exporter."""
+    daemons: list[Daemon] = []
+
+    async def make(config: dict[str, Any], **tracing: Any) -> tuple[Daemon, InMemorySpanExporter]:
+        config = {**config, "tracing": {"enabled": True, **tracing}}
+        daemon = Daemon(write_config(tmp_path, config, f"gw-{len(daemons)}.yaml"), {})
+        exporter = InMemorySpanExporter()
+        daemon.span_exporter = exporter
+        daemons.append(daemon)
+        await daemon.start()
+        return daemon, exporter
+
+    yield make
+    for daemon in daemons:
+        await daemon.stop()
+
+
+def traceparent(header: str) -> tuple[str, str, str]:
+    """(trace id, parent span id, flags) of a W3C traceparent header."""
+    version, trace_id, span_id, flags = header.split("-")
+    assert version == "00"
+    return trace_id, span_id, flags
+
+
+def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+async def chat(http: Any, daemon: Daemon, text: str, user: str = "u1") -> dict[str, Any]:
+    async with http.post(url(daemon, "/api/chat"), json={"message": text, "userId": user},
+                         headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+async def test_web_message_is_one_trace_into_the_agent(traced_gateway, make_agent, http):
+    agent = await make_agent()
+    daemon, exporter = await traced_gateway(
+        {"tenants": [tenant("acme", agent.url, keys=[KEY])]}, service_name="gw-test"
+    )
+    answer = await chat(http, daemon, "hello")
+    assert answer["response"] == "agent: hello"
+
+    spans = exporter.get_finished_spans()
+    [message] = by_name(spans, "chatgateway.message")
+    [agent_span] = by_name(spans, "chatgateway.agent_call")
+    store_spans = [s for s in spans if s.name.startswith("store.")]
+    assert message.attributes is not None
+    assert message.attributes["chatgateway.tenant"] == "acme"
+    assert message.attributes["chatgateway.platform"] == "web"
+    assert message.attributes["chatgateway.outcome"] == "ok"
+    assert message.attributes["chatgateway.session_id"] == answer["sessionId"]
+    assert message.kind == SpanKind.CONSUMER
+    assert message.resource.attributes["service.name"] == "gw-test"
+    # The store's and the agent's work are children of the message's span, in one trace.
+    ctx = message.get_span_context()
+    assert message.parent is None
+    for child in (agent_span, *store_spans):
+        assert child.parent is not None and child.parent.span_id == ctx.span_id
+        assert child.get_span_context().trace_id == ctx.trace_id
+    names = {s.name for s in store_spans}
+    assert {"store.history", "store.record_exchange"} <= names
+    assert {s.attributes["db.system"] for s in store_spans if s.attributes} == {"sqlite"}
+    assert agent_span.kind == SpanKind.CLIENT
+    assert agent_span.status.status_code == StatusCode.UNSET
+
+    # The agent got the agent call's span as its parent: its own spans join this trace.
+    [call] = agent.calls
+    trace_id, parent_id, flags = traceparent(call.headers["traceparent"])
+    assert trace_id == f"{ctx.trace_id:032x}"
+    assert parent_id == f"{agent_span.get_span_context().span_id:016x}"
+    assert int(flags, 16) & 1  # sampled
+
+
+async def test_each_message_is_its_own_trace_and_failures_are_marked(
+    traced_gateway, make_agent, http
+):
+    agent = await make_agent(status=500)
+    daemon, exporter = await traced_gateway(
+        {"tenants": [tenant("acme", agent.url, keys=[KEY], agent={"retry": {"attempts": 2}})]}
+    )
+    await chat(http, daemon, "one")
+    await chat(http, daemon, "two")
+
+    spans = exporter.get_finished_spans()
+    messages = by_name(spans, "chatgateway.message")
+    assert len(messages) == 2
+    assert messages[0].context.trace_id != messages[1].context.trace_id
+    for message in messages:
+        assert message.attributes is not None
+        assert message.attributes["chatgateway.outcome"] == "fallback"
+        assert message.attributes["chatgateway.cause"] == "http_5xx"
+    agent_spans = by_name(spans, "chatgateway.agent_call")
+    assert [s.status.status_code for s in agent_spans] == [StatusCode.ERROR] * 2
+    # A retried call sends the same parent: both attempts belong to one agent call span.
+    assert len(agent.calls) == 4
+    first, second = (traceparent(c.headers["traceparent"]) for c in agent.calls[:2])
+    assert first == second
+    assert first[1] == f"{agent_spans[0].context.span_id:016x}"
+
+
+async def test_refused_message_has_a_span_with_its_reason(traced_gateway, http):
+    daemon, exporter = await traced_gateway({"tenants": [tenant(
+        "acme", None, keys=[KEY], limits={"user": {"per_minute": 1, "burst": 1}})]})
+    await chat(http, daemon, "first")
+    async with http.post(url(daemon, "/api/chat"), json={"message": "again", "userId": "u1"},
+                         headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        assert resp.status == 429
+    outcomes = [(s.attributes or {}).get("chatgateway.outcome")
+                for s in by_name(exporter.get_finished_spans(), "chatgateway.message")]
+    causes = [(s.attributes or {}).get("chatgateway.cause")
+              for s in by_name(exporter.get_finished_spans(), "chatgateway.message")]
+    assert outcomes == ["ok", "rejected"]
+    assert causes == [None, "user_rate"]
+
+
+async def test_sample_ratio_zero_records_nothing_but_still_propagates(
+    traced_gateway, make_agent, http
+):
+    agent = await make_agent()
+    daemon, exporter = await traced_gateway(
+        {"tenants": [tenant("acme", agent.url, keys=[KEY])]}, sample_ratio=0.0
+    )
+    await chat(http, daemon, "hello")
+    assert exporter.get_finished_spans() == ()
+    # The agent learns the message was not sampled (flag bit 0 clear) and can decide the same.
+    assert not int(traceparent(agent.calls[0].headers["traceparent"])[2], 16) & 1
+
+
+@pytest.fixture
+async def fake_slack() -> AsyncIterator[FakeSlack]:
+    fake = await FakeSlack().start()
+    yield fake
+    await fake.stop()
+
+
+async def test_slack_message_through_the_fake_is_traced(traced_gateway, fake_slack, make_agent):
+    agent = await make_agent()
+    app = fake_slack.add_app()
+
+    async def make(config: dict[str, Any]) -> Daemon:
+        daemon, make.exporter = await traced_gateway(config)  # type: ignore[attr-defined]
+        return daemon
+
+    await start_slack(make, fake_slack, slack_tenant("acme", agent.url, fake_slack, app))
+    await fake_slack.dm(app, "U0ALICE", "hello from slack")
+    await fake_slack.wait_posts(1, channel="DU0ALICE")
+    exporter: InMemorySpanExporter = make.exporter  # type: ignore[attr-defined]
+    spans = exporter.get_finished_spans()
+    [message] = by_name(spans, "chatgateway.message")
+    assert message.attributes is not None
+    assert message.attributes["chatgateway.platform"] == "slack"
+    assert message.attributes["chatgateway.tenant"] == "acme"
+    assert message.attributes["chatgateway.outcome"] == "ok"
+    [call] = agent.calls
+    assert traceparent(call.headers["traceparent"])[0] == f"{message.context.trace_id:032x}"
+
+
+async def test_spans_reach_an_otlp_collector(tmp_path, make_agent, http):
+    """The real OTLP/HTTP exporter: a loopback collector receives the spans by the stop."""
+    received: list[ExportTraceServiceRequest] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        assert request.content_type == "application/x-protobuf"
+        received.append(ExportTraceServiceRequest.FromString(await request.read()))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    agent = await make_agent()
+    config = {"tenants": [tenant("acme", agent.url, keys=[KEY])],
+              "tracing": {"enabled": True, "endpoint": f"http://127.0.0.1:{port}/v1/traces",
+                          "service_name": "gw-otlp"}}
+    daemon = Daemon(write_config(tmp_path, config), {})
+    try:
+        await daemon.start()
+        await chat(http, daemon, "hello")
+    finally:
+        await daemon.stop()  # flushes the batch
+        await runner.cleanup()
+    spans = [(rs.resource, span) for req in received for rs in req.resource_spans
+             for ss in rs.scope_spans for span in ss.spans]
+    names = {span.name for _, span in spans}
+    assert {"chatgateway.message", "chatgateway.agent_call", "store.history"} <= names
+    resource = spans[0][0]
+    assert {"key": "service.name", "value": "gw-otlp"} in [
+        {"key": a.key, "value": a.value.string_value} for a in resource.attributes]
+
+
+async def test_off_by_default_no_header_and_no_opentelemetry(tmp_path):
+    """Without `tracing`, OpenTelemetry is never imported and the agent gets no traceparent."""
+    script = f"""
+import asyncio, sys
+from chatgateway.daemon import Daemon
+from chatgateway.testing.agent import FakeAgent
+from tests.conftest import tenant, write_config
+import aiohttp
+from pathlib import Path
+
+async def main():
+    agent = await FakeAgent().start()
+    path = write_config(Path({str(tmp_path)!r}), {{"tenants": [tenant("acme", agent.url, keys=[{KEY!r}])]}})
+    daemon = Daemon(path, {{}})
+    await daemon.start()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{{daemon.port}}/api/chat",
+                             json={{"message": "hi", "userId": "u"}},
+                             headers={{"Authorization": "Bearer {KEY}"}}) as resp:
+            assert resp.status == 200
+    await daemon.stop()
+    await agent.stop()
+    print(json.dumps({{"header": "traceparent" in agent.calls[0].headers,
+                      "otel": sorted(m for m in sys.modules if m.startswith("opentelemetry"))}}))
+
+import json
+asyncio.run(main())
+"""
+    out = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True,
+        timeout=60, cwd=Path(__file__).parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"header": False, "otel": []}
+
+
+def test_tracing_config_is_validated(tmp_path):
+    from chatgateway.config import load_config
+
+    path = write_config(tmp_path, {"tracing": {"enabled": True, "sample_ratio": 2,
+                                               "endpoint": "collector:4318", "colour": "x"}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    paths = {p.path for p in info.value.problems}
+    assert {"tracing.sample_ratio", "tracing.endpoint", "tracing.colour"} <= paths
