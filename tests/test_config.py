@@ -106,13 +106,15 @@ def test_check_config_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{path}: tenants[2].agent.timeout:" in err
     assert f"{path}: tenants[1].agent.url: must be an http:// or https:// URL" in err
-    assert main(["check-config", str(ROOT / "config" / "gateway.yaml")], environ={}) == 0
+    assert main(["check-config", str(ROOT / "chatgateway" / "cli" / "default.yaml")],
+                environ={}) == 0
     assert main(["check-config", str(tmp_path / "absent.yaml")], environ={}) == EXIT_CONFIG
     assert "cannot read" in capsys.readouterr().err
 
 
 def test_shipped_examples_are_valid():
-    for path in sorted((ROOT / "config").glob("*.yaml")):
+    shipped = [*(ROOT / "config").glob("*.yaml"), ROOT / "chatgateway" / "cli" / "default.yaml"]
+    for path in sorted(shipped):
         env = {name: f"placeholder-{name.lower()}" for name in (
             "ACME_API_KEY", "ACME_AGENT_SECRET", "GLOBEX_API_KEY", "SLACK_BOT_TOKEN",
             "SLACK_APP_TOKEN", "DISCORD_BOT_TOKEN", "CHATGATEWAY_ADMIN_TOKEN")}
@@ -133,14 +135,22 @@ def test_keys_cli_creates_a_working_key(tmp_path, capsys):
     path = tmp_path / "gw.yaml"
     path.write_text(f"storage: {{path: {tmp_path / 'db.sqlite'}}}\n"
                     "tenants:\n  - id: acme\n    agent: {builtin: echo}\n")
-    assert main(["keys", "create", "--tenant", "acme", "--config", str(path)], environ={}) == 0
+    # --offline acts on an existing database only: the gateway (or `db migrate`) creates it.
+    assert main(["keys", "create", "--offline", "--tenant", "acme", "--config", str(path)],
+                environ={}) == 5
+    assert main(["db", "migrate", "--config", str(path)], environ={}) == 0
+    capsys.readouterr()
+    assert main(["keys", "create", "--offline", "--tenant", "acme", "--config", str(path)],
+                environ={}) == 0
     key = capsys.readouterr().out.strip()
     assert key.startswith("cgw_")
-    assert main(["keys", "list", "--tenant", "acme", "--config", str(path)], environ={}) == 0
-    key_id = capsys.readouterr().out.split("\t")[0]
+    assert main(["keys", "list", "--offline", "--tenant", "acme", "--config", str(path)],
+                environ={}) == 0
+    key_id = capsys.readouterr().out.splitlines()[1].split()[0]
     assert key_id in key
-    assert main(["keys", "create", "--tenant", "nobody", "--config", str(path)], environ={}) == 2
-    assert main(["keys", "revoke", "--tenant", "acme", key_id, "--config", str(path)],
+    assert main(["keys", "create", "--offline", "--tenant", "nobody", "--config", str(path)],
+                environ={}) == 5
+    assert main(["keys", "revoke", "--offline", "--tenant", "acme", key_id, "--config", str(path)],
                 environ={}) == 0
 
 

@@ -75,12 +75,13 @@ async def test_kill_and_restart_keeps_everything(
 
 
 async def test_embedded_default_config_runs_and_echoes(gateway_process, tmp_path):
-    """The quickstart: the shipped config/gateway.yaml, no key, the echo agent (port made free)."""
+    """The quickstart: the shipped embedded default, no key, the echo agent (port made free)."""
     from pathlib import Path
 
     import yaml
 
-    shipped = yaml.safe_load((Path(__file__).parent.parent / "config" / "gateway.yaml").read_text())
+    root = Path(__file__).parent.parent
+    shipped = yaml.safe_load((root / "chatgateway" / "cli" / "default.yaml").read_text())
     shipped["listen"]["port"] = 0
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(shipped))
@@ -90,7 +91,7 @@ async def test_embedded_default_config_runs_and_echoes(gateway_process, tmp_path
                              json={"message": "hello", "userId": "me"}) as resp:
             assert resp.status == 200
             assert (await resp.json())["response"] == "echo: hello"
-    assert (tmp_path / "var" / "chatgateway.db").exists()
+    assert (tmp_path / "chatgateway.db").exists()  # beside the config file
     assert proc.stop() == 0
     handled = [e for e in proc.events() if e.get("event") == "message_handled"]
     assert handled and {"tenant_id", "platform", "session_id", "latency_ms", "outcome"} <= set(
