@@ -141,6 +141,9 @@ class RetryConfig(Model):
 
 
 class AgentConfig(Model):
+    protocol: Literal["chatgateway", "openai", "a2a"] = Field(
+        "chatgateway", description="The agent's protocol (docs/agent-protocol.md)"
+    )
     url: HttpUrl | None = None
     builtin: Literal["echo"] | None = None
     timeout: float = Field(30.0, gt=0, le=600, description="Deadline of one agent call, seconds")
@@ -154,6 +157,24 @@ class AgentConfig(Model):
     fallback_text: str = "Sorry, I can't answer right now. Please try again in a moment."
     max_concurrency: int = Field(32, ge=1, le=10_000)
     max_queue: int = Field(256, ge=0, le=100_000)
+    # OpenAI-compatible Chat Completions (protocol: openai); `url` is the base URL.
+    model: str | None = Field(None, min_length=1, max_length=200)
+    system_prompt: str | None = Field(None, max_length=100_000)
+    query: dict[str, str] = Field(
+        default_factory=dict, description="Query parameters, e.g. Azure's api-version"
+    )
+    content_filter_notice: str | None = Field(
+        None, min_length=1, max_length=2000, description="Answer to a filtered completion"
+    )
+    # Usage (every protocol).
+    daily_token_budget: int | None = Field(
+        None, ge=1, description="Tokens a day (UTC) after which the agent is not called"
+    )
+    budget_notice: str = Field(
+        "Sorry, the daily usage limit has been reached. Please try again tomorrow.",
+        min_length=1,
+        max_length=2000,
+    )
 
     def header_values(self) -> dict[str, str]:
         """`headers` with every secret reference resolved to its text."""
@@ -166,6 +187,18 @@ class AgentConfig(Model):
     def _one_target(self) -> AgentConfig:
         if (self.url is None) == (self.builtin is None):
             raise ValueError("give exactly one of url (an HTTP agent) or builtin (e.g. echo)")
+        if self.protocol != "chatgateway":
+            if self.builtin is not None:
+                raise ValueError(f"a builtin agent has no protocol; drop {self.protocol!r}")
+            if self.secret is not None:
+                raise ValueError("secret (request signing) belongs to protocol: chatgateway")
+        if self.protocol == "openai" and self.model is None:
+            raise ValueError("protocol: openai needs model (e.g. gpt-4o-mini)")
+        if self.protocol != "openai":
+            extra = [k for k in ("model", "system_prompt", "content_filter_notice")
+                     if getattr(self, k) is not None] + (["query"] if self.query else [])
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: only for protocol: openai")
         return self
 
 

@@ -656,6 +656,7 @@ class Daemon:
             ("agents", self.tenants.close() if self.tenants else None),
             ("coordination", self.coordinator.close() if self.coordinator else None),
             ("limits", self.pipeline.admission.close() if self.pipeline else None),
+            ("usage", self.pipeline.usage.close() if self.pipeline else None),
             ("store", self.store.close() if self.store else None),
             ("tracing", self.tracer.shutdown() if self.tracer else None),
         ]

@@ -1,6 +1,8 @@
-"""Call a tenant's agent: the agent protocol, request signing, retries inside a deadline.
+"""Call a tenant's agent: the invoker interface, the chatgateway protocol, retries in a deadline.
 
-The wire format is documented in docs/agent-protocol.md; `agent_payload` is its only writer.
+The wire format is documented in docs/agent-protocol.md; `agent_payload` is its only writer. The
+other protocols (`agent.protocol`) live in `invoker_openai` and `invoker_a2a`, built by
+`make_invoker`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     wait_random_exponential,
@@ -38,6 +41,24 @@ NDJSON = "application/x-ndjson"
 #: Receives each text delta of a streaming answer as it arrives.
 DeltaSink = Callable[[str], Awaitable[None]]
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one agent call used, as the agent's protocol reported them."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAnswer:
+    """An answer with what it cost; an invoker whose protocol reports no usage returns a str."""
+
+    text: str
+    usage: Usage | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class AgentRequest:
@@ -47,9 +68,12 @@ class AgentRequest:
 
 
 class AgentInvoker(Protocol):
-    """One tenant's agent. `invoke` returns the answer text ("" means send nothing)."""
+    """One tenant's agent. `invoke` returns the answer text ("" means send nothing), or an
+    AgentAnswer when the protocol reports token usage."""
 
-    async def invoke(self, request: AgentRequest, on_delta: DeltaSink | None = None) -> str: ...
+    async def invoke(
+        self, request: AgentRequest, on_delta: DeltaSink | None = None
+    ) -> str | AgentAnswer: ...
 
     async def close(self) -> None: ...
 
@@ -109,9 +133,11 @@ def verify_signature(
 
 
 class _Retryable(Exception):
-    def __init__(self, cause: str, detail: str) -> None:
+    def __init__(self, cause: str, detail: str, retry_after: float | None = None) -> None:
         self.cause = cause
         self.detail = detail
+        #: The agent's Retry-After, seconds: the next attempt waits this long instead.
+        self.retry_after = retry_after
         super().__init__(detail)
 
 
@@ -167,14 +193,16 @@ class HttpAgentInvoker:
             await self._session.close()
             self._session = None
 
-    async def invoke(self, request: AgentRequest, on_delta: DeltaSink | None = None) -> str:
+    async def invoke(
+        self, request: AgentRequest, on_delta: DeltaSink | None = None
+    ) -> str | AgentAnswer:
         self._active += 1
         self._idle.clear()
         try:
-            async with asyncio.timeout(self.config.timeout):
+            async with asyncio.timeout(self.config.timeout) as scope:
                 await self._slots.acquire()
                 try:
-                    return await self._call_with_retries(request, on_delta)
+                    return await self._call_with_retries(request, on_delta, scope.when() or 0.0)
                 finally:
                     self._slots.release()
         except TimeoutError:
@@ -184,34 +212,52 @@ class HttpAgentInvoker:
             if self._active == 0:
                 self._idle.set()
 
-    async def _call_with_retries(self, request: AgentRequest, on_delta: DeltaSink | None) -> str:
+    async def _call_with_retries(
+        self, request: AgentRequest, on_delta: DeltaSink | None, deadline: float
+    ) -> str | AgentAnswer:
+        """One call with its retries; `deadline` is the event loop's time it must end by."""
         body = codec.dumps(agent_payload(request))
         headers = dict(self._headers)
         headers["Idempotency-Key"] = idempotency_key(request.message)
         headers["Accept"] = f"application/json, {NDJSON}" if on_delta else "application/json"
+        return await self._with_retries(lambda: self._call_once(body, headers, on_delta))
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call`, again on _Retryable with jittered backoff (or its Retry-After)."""
         try:
             # The common case, one successful attempt, skips the retry machinery entirely.
-            return await self._call_once(body, headers, on_delta)
+            return await call()
         except _Retryable as exc:
             if self.config.retry.attempts == 1:
                 raise AgentError(exc.cause, exc.detail) from None
+            first_wait = exc.retry_after
         retry = self.config.retry
         # Full jitter on every wait, the first included, so clients that failed together do not
         # retry together. Attempt n of the loop is the call's attempt n + 1, hence 2 * initial.
+        backoff = wait_random_exponential(
+            multiplier=2 * retry.backoff_initial, max=retry.backoff_max
+        )
+
+        def wait(state: RetryCallState) -> float:
+            failure = state.outcome.exception() if state.outcome else None
+            if isinstance(failure, _Retryable) and failure.retry_after is not None:
+                return failure.retry_after
+            return float(backoff(state))
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(retry.attempts - 1),
-            wait=wait_random_exponential(
-                multiplier=2 * retry.backoff_initial, max=retry.backoff_max
-            ),
+            wait=wait,
             retry=retry_if_exception_type(_Retryable),
             reraise=True,
             sleep=asyncio.sleep,
         )
         try:
-            await asyncio.sleep(random.uniform(0, min(retry.backoff_initial, retry.backoff_max)))
+            if first_wait is None:
+                first_wait = random.uniform(0, min(retry.backoff_initial, retry.backoff_max))
+            await asyncio.sleep(first_wait)
             async for attempt in retrying:
                 with attempt:
-                    return await self._call_once(body, headers, on_delta)
+                    return await call()
         except _Retryable as exc:
             raise AgentError(exc.cause, exc.detail) from None
         raise AssertionError("unreachable")  # pragma: no cover
@@ -290,7 +336,11 @@ async def _read_stream(resp: aiohttp.ClientResponse, on_delta: DeltaSink | None)
 
 
 def make_invoker(config: AgentConfig) -> AgentInvoker:
-    """Build the invoker a tenant's agent config asks for."""
+    """Build the invoker a tenant's agent config asks for (`agent.protocol`)."""
     if config.builtin == "echo":
         return EchoAgent()
+    if config.protocol == "openai":
+        from chatgateway.invoker_openai import OpenAIInvoker
+
+        return OpenAIInvoker(config)
     return HttpAgentInvoker(config)

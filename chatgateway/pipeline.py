@@ -12,7 +12,7 @@ import structlog
 
 from chatgateway.admission import Admission
 from chatgateway.errors import AgentError, NotFoundError, OverloadedError, UnavailableError
-from chatgateway.invoker import AgentRequest, DeltaSink
+from chatgateway.invoker import AgentRequest, DeltaSink, Usage
 from chatgateway.metrics import Metrics
 from chatgateway.models import (
     NormalizedMessage,
@@ -26,6 +26,7 @@ from chatgateway.models import (
 from chatgateway.store.base import SessionStore
 from chatgateway.tenants import TenantRegistry, TenantRuntime
 from chatgateway.text import storable
+from chatgateway.usage import UsageRecorder
 
 if TYPE_CHECKING:  # coordination.local imports KeyedLocks from here
     from chatgateway.coordination.base import Coordinator
@@ -128,6 +129,8 @@ class Pipeline:
         #: Limits, quotas and the breaker; the daemon replaces it with one on the shared store.
         self.admission = Admission(metrics)
         metrics.watch_breakers(self._breaker_states)
+        #: Agent calls and tokens per tenant: metrics, daily buckets, the token budget.
+        self.usage = UsageRecorder(store, metrics)
         self._reserved = 0
         self.accepting = True
         #: Spans of every message (`tracing.enabled`); None costs nothing per message.
@@ -356,20 +359,33 @@ class Pipeline:
             tripped = breaker.enabled and message.tenant_id in self.admission.breakers
             series = self._metrics_for(message)
             outcome: Outcome
-            if tripped and not self.admission.breaker_allow(message.tenant_id, breaker):
+            budget = current.config.agent.daily_token_budget
+            if budget is not None and await self.usage.spent_today(message.tenant_id) >= budget:
+                # The day's tokens are spent: the tenant's notice, without calling the agent.
+                cause, outcome = "token_budget", "fallback"
+                text = current.config.agent.budget_notice
+                self.metrics.rejected.labels(
+                    message.tenant_id, message.platform.value, cause
+                ).inc()
+            elif tripped and not self.admission.breaker_allow(message.tenant_id, breaker):
                 # The breaker is open: the fallback at once, without calling the agent.
                 cause, text, outcome = "breaker_open", config.agent.fallback_text, "fallback"
                 self.metrics.rejected.labels(
                     message.tenant_id, message.platform.value, cause
                 ).inc()
             else:
+                usage: Usage | None = None
                 try:
                     if self.tracer is None:
-                        text = await current.invoker.invoke(request, on_delta)
+                        answer = await current.invoker.invoke(request, on_delta)
                     else:
-                        text = await self.tracer.agent_call(
+                        answer = await self.tracer.agent_call(
                             message, current.invoker.invoke(request, on_delta)
                         )
+                    if isinstance(answer, str):
+                        text = answer
+                    else:  # an AgentAnswer: the protocol reported the tokens it used
+                        text, usage = answer.text, answer.usage
                     outcome = "ok" if text else "empty"
                     if tripped:
                         self.admission.breaker_record(message.tenant_id, breaker, True)
@@ -396,6 +412,7 @@ class Pipeline:
                             message.tenant_id, breaker, not isinstance(exc, AgentError)
                         )
                 series.agent_latency.observe(time.monotonic() - agent_started)
+                self.usage.record(message.tenant_id, usage)
             now = time.time()
             # An agent may answer a NUL or a lone surrogate; PostgreSQL refuses the first and
             # neither store can encode the second, which would lose the whole exchange.

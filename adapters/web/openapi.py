@@ -211,7 +211,57 @@ def _ops_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
                 },
             }
         },
+        "/admin/tenants/{tenant_id}/usage": {
+            "get": {
+                "summary": "A tenant's agent calls and tokens by UTC day, for billing or capping",
+                "security": admin,
+                "parameters": [
+                    _TENANT_PATH,
+                    *(
+                        {
+                            "name": name,
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "format": "date"},
+                            "description": description,
+                        }
+                        for name, description in (
+                            ("from", "First day, YYYY-MM-DD (default: 29 days before to)"),
+                            ("to", "Last day, YYYY-MM-DD (default: today, UTC)"),
+                        )
+                    ),
+                ],
+                "responses": {
+                    "200": _json(_usage_schema(), "Days with usage, oldest first, and totals"),
+                    "400": _json(
+                        _ref("ErrorResponse"),
+                        "invalid_query: from or to is not a date, from is after to, or the "
+                        "range is longer than 366 days",
+                    ),
+                    **_errors(401, 403, 404),
+                },
+            }
+        },
     }
+
+
+def _usage_schema() -> dict[str, Any]:
+    counts = {
+        "calls": {"type": "integer", "description": "Agent calls (failed ones included)"},
+        "tokensIn": {"type": "integer", "description": "Prompt tokens the agent reported"},
+        "tokensOut": {"type": "integer", "description": "Completion tokens it reported"},
+    }
+    return _object(
+        "A tenant's usage",
+        tenant={"type": "string"},
+        **{"from": {"type": "string", "format": "date"}},
+        to={"type": "string", "format": "date"},
+        days={
+            "type": "array",
+            "items": _object("One UTC day", day={"type": "string", "format": "date"}, **counts),
+        },
+        total=_object("Sums over the days", **counts),
+    )
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Operations endpoints: /healthz, /readyz, /metrics, GET /admin/status, POST /admin/reload.
+"""Operations endpoints: /healthz, /readyz, /metrics, GET /admin/status, POST /admin/reload,
+GET /admin/tenants/{id}/usage.
 
 The daemon passes itself in as `Operations`; see docs/operations.md for what each one answers.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -22,6 +24,8 @@ from adapters.web.app import (
 )
 from chatgateway.errors import ConfigError
 from chatgateway.metrics import Metrics
+from chatgateway.models import TenantId
+from chatgateway.usage import utc_day
 
 if TYPE_CHECKING:
     from chatgateway.daemon import ReloadResult
@@ -55,6 +59,34 @@ def _peer_is_loopback(request: web.Request) -> bool:
         return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:
         return False
+
+
+#: The longest span one usage request may ask for, in days.
+MAX_USAGE_DAYS = 366
+
+
+def usage_range(query: Any, today: str) -> tuple[str, str]:
+    """The (from, to) days of a usage request; by default the 30 days up to today (UTC)."""
+    days: dict[str, date] = {}
+    for name in ("from", "to"):
+        raw = query.get(name)
+        if raw is None:
+            continue
+        try:
+            days[name] = date.fromisoformat(raw)
+        except ValueError:
+            raise ApiError(
+                400, "invalid_query", f"{name} must be a date as YYYY-MM-DD, got {raw[:40]!r}"
+            ) from None
+        if len(raw) != 10:  # fromisoformat also takes 20261202 and 2026-W49-3
+            raise ApiError(400, "invalid_query", f"{name} must be a date as YYYY-MM-DD")
+    last = days.get("to", date.fromisoformat(today))
+    first = days.get("from", last - timedelta(days=29))
+    if first > last:
+        raise ApiError(400, "invalid_query", "from is after to")
+    if (last - first).days >= MAX_USAGE_DAYS:
+        raise ApiError(400, "invalid_query", f"ask for at most {MAX_USAGE_DAYS} days at once")
+    return first.isoformat(), last.isoformat()
 
 
 def ops_routes(ops: Operations) -> list[web.RouteDef]:
@@ -107,10 +139,33 @@ def ops_routes(ops: Operations) -> list[web.RouteDef]:
             ) from None
         return json_response(result.as_dict())
 
+    async def admin_usage(request: web.Request) -> web.Response:
+        require_admin(request)
+        tenant_id = request.match_info["tenant_id"]
+        pipeline = ops.pipeline
+        if pipeline is None or pipeline.tenants.get(tenant_id) is None:
+            raise ApiError(404, "not_found", f"no tenant {tenant_id!r}")
+        first, last = usage_range(request.query, utc_day(time.time()))
+        await pipeline.usage.flush()  # this instance's latest calls count too
+        rows = await pipeline.store.usage(TenantId(tenant_id), first, last)
+        days = [
+            {"day": r.day, "calls": r.calls, "tokensIn": r.tokens_in, "tokensOut": r.tokens_out}
+            for r in rows
+        ]
+        total = {
+            "calls": sum(r.calls for r in rows),
+            "tokensIn": sum(r.tokens_in for r in rows),
+            "tokensOut": sum(r.tokens_out for r in rows),
+        }
+        return json_response(
+            {"tenant": tenant_id, "from": first, "to": last, "days": days, "total": total}
+        )
+
     return [
         web.get("/healthz", healthz, allow_head=True),
         web.get("/readyz", readyz, allow_head=True),
         web.get("/metrics", metrics),
         web.get("/admin/status", admin_status),
         web.post("/admin/reload", admin_reload),
+        web.get("/admin/tenants/{tenant_id}/usage", admin_usage),
     ]

@@ -26,6 +26,25 @@ class TenantRecord:
     updated_at: float
 
 
+#: Adds a day's usage to a tenant's counters (both backends; `{p}` is the placeholder).
+ADD_USAGE = (
+    "INSERT INTO agent_usage VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (tenant_id, day) "
+    "DO UPDATE SET calls = agent_usage.calls + excluded.calls, "
+    "tokens_in = agent_usage.tokens_in + excluded.tokens_in, "
+    "tokens_out = agent_usage.tokens_out + excluded.tokens_out"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """A tenant's agent usage on one UTC day (`day`: YYYY-MM-DD)."""
+
+    day: str
+    calls: int
+    tokens_in: int
+    tokens_out: int
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKeyRecord:
     key_id: str
@@ -149,3 +168,12 @@ class SessionStore(Protocol):
         self, tenant_id: TenantId, user_id: str, *, platform: Platform | None = None
     ) -> dict[str, int]:
         """Delete one user's sessions with their transcripts; the count per table."""
+
+    # Agent usage by UTC day.
+    async def add_usage(
+        self, tenant_id: TenantId, day: str, *, calls: int, tokens_in: int, tokens_out: int
+    ) -> None:
+        """Add to the tenant's usage counters of `day` (YYYY-MM-DD), creating the day's row."""
+
+    async def usage(self, tenant_id: TenantId, first: str, last: str) -> list[UsageRecord]:
+        """The tenant's days from `first` to `last` (inclusive) that have usage, oldest first."""

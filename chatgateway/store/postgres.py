@@ -37,7 +37,13 @@ from chatgateway.models import (
     TenantId,
     Turn,
 )
-from chatgateway.store.base import ApiKeyRecord, SessionTranscript, TenantRecord
+from chatgateway.store.base import (
+    ADD_USAGE,
+    ApiKeyRecord,
+    SessionTranscript,
+    TenantRecord,
+    UsageRecord,
+)
 from chatgateway.store.migrations import MigrateMode, SchemaError, SchemaStatus, refusal
 from chatgateway.store.migrations import postgres as migrations
 from chatgateway.store.migrations.postgres import KEY_ID_SETTING, SCOPE_SETTING, TENANT_SETTING
@@ -520,3 +526,21 @@ class PostgresStore:
                 )
                 turns = done.rowcount
             return {"sessions": len(ids), "turns": turns}
+
+    # Agent usage ---------------------------------------------------------------------------
+
+    async def add_usage(
+        self, tenant_id: TenantId, day: str, *, calls: int, tokens_in: int, tokens_out: int
+    ) -> None:
+        await self._write(
+            tenant_id, ADD_USAGE.format(p="%s"), (tenant_id, day, calls, tokens_in, tokens_out)
+        )
+
+    async def usage(self, tenant_id: TenantId, first: str, last: str) -> list[UsageRecord]:
+        rows = await self._read(
+            tenant_id,
+            "SELECT day, calls, tokens_in, tokens_out FROM agent_usage "
+            "WHERE tenant_id = %s AND day >= %s AND day <= %s ORDER BY day",
+            (tenant_id, first, last),
+        )
+        return [UsageRecord(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]

@@ -40,7 +40,13 @@ from chatgateway.models import (
     TenantId,
     Turn,
 )
-from chatgateway.store.base import ApiKeyRecord, SessionTranscript, TenantRecord
+from chatgateway.store.base import (
+    ADD_USAGE,
+    ApiKeyRecord,
+    SessionTranscript,
+    TenantRecord,
+    UsageRecord,
+)
 from chatgateway.store.migrations import MigrateMode, SchemaStatus, refusal
 from chatgateway.store.migrations import sqlite as migrations
 from chatgateway.store.rows import (
@@ -788,6 +794,22 @@ class SqliteStore:
         for session_id in ids:
             self._forget(SessionId(session_id))
         return {"sessions": len(ids), "turns": turns}
+
+    # Agent usage ---------------------------------------------------------------------------
+
+    async def add_usage(
+        self, tenant_id: TenantId, day: str, *, calls: int, tokens_in: int, tokens_out: int
+    ) -> None:
+        row = (tenant_id, day, calls, tokens_in, tokens_out)
+        await self._write(lambda c: c.execute(ADD_USAGE.format(p="?"), row))
+
+    async def usage(self, tenant_id: TenantId, first: str, last: str) -> list[UsageRecord]:
+        rows = self._read(
+            "SELECT day, calls, tokens_in, tokens_out FROM agent_usage "
+            "WHERE tenant_id = ? AND day >= ? AND day <= ? ORDER BY day",
+            (tenant_id, first, last),
+        )
+        return [UsageRecord(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
 
 def _tenant_tables(c: sqlite3.Connection) -> list[str]:

@@ -141,11 +141,24 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 """
 
+# Version 5: each tenant's agent usage by UTC day (calls and tokens), for billing and budgets.
+AGENT_USAGE = """
+CREATE TABLE IF NOT EXISTS agent_usage (
+    tenant_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    calls BIGINT NOT NULL DEFAULT 0,
+    tokens_in BIGINT NOT NULL DEFAULT 0,
+    tokens_out BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, day)
+);
+""" + tenant_rls("agent_usage")
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", INITIAL),
     Migration(2, "row-level security by tenant", ROW_LEVEL_SECURITY),
     Migration(3, "event claims of several instances", EVENT_CLAIMS),
     Migration(4, "leases of several instances", LEASES),
+    Migration(5, "agent usage by tenant and day", AGENT_USAGE),
 )
 
 _Conn = AsyncConnection[tuple[Any, ...]]

@@ -83,9 +83,22 @@ CREATE TABLE IF NOT EXISTS event_claims (
 ) WITHOUT ROWID;
 """
 
+# Version 3: each tenant's agent usage by UTC day (calls and tokens), for billing and budgets.
+AGENT_USAGE = """
+CREATE TABLE IF NOT EXISTS agent_usage (
+    tenant_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    calls INTEGER NOT NULL DEFAULT 0,
+    tokens_in INTEGER NOT NULL DEFAULT 0,
+    tokens_out INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, day)
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", INITIAL),
     Migration(2, "event claims of several instances", EVENT_CLAIMS),
+    Migration(3, "agent usage by tenant and day", AGENT_USAGE),
 )
 
 _VERSION_TABLE_SQL = (
