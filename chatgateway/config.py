@@ -192,6 +192,9 @@ class AgentConfig(Model):
                 raise ValueError(f"a builtin agent has no protocol; drop {self.protocol!r}")
             if self.secret is not None:
                 raise ValueError("secret (request signing) belongs to protocol: chatgateway")
+        if self.protocol == "a2a" and importlib.util.find_spec("a2a.client") is None:
+            # Looked up without importing it: the SDK is an optional extra.
+            raise ValueError("protocol: a2a needs the A2A SDK: pip install 'chatgateway[a2a]'")
         if self.protocol == "openai" and self.model is None:
             raise ValueError("protocol: openai needs model (e.g. gpt-4o-mini)")
         if self.protocol != "openai":

@@ -343,4 +343,9 @@ def make_invoker(config: AgentConfig) -> AgentInvoker:
         from chatgateway.invoker_openai import OpenAIInvoker
 
         return OpenAIInvoker(config)
+    if config.protocol == "a2a":
+        # Imported only when a tenant uses it: the A2A SDK is large (protobuf, httpx).
+        from chatgateway.invoker_a2a import A2AInvoker
+
+        return A2AInvoker(config)
     return HttpAgentInvoker(config)
