@@ -396,3 +396,37 @@ echo "python $*" >> {calls}
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\nversion = '2'\n")
     assert "python -m pip install -e ." in run()
     assert run() == ["chatgateway run --flag"]
+
+
+def test_tenants_purge(daemon, tmp_path):
+    """Offboarding: a runtime tenant and a former config tenant, with what was deleted."""
+    proc, config, elsewhere = daemon
+    env = {"CHATGATEWAY_ADMIN_TOKEN": ADMIN, "CHATGATEWAY_CONFIG": str(config)}
+    spec = json.dumps({"id": "beta", "agent": {"builtin": "echo"},
+                       "web": {"api_keys": [{"value": "beta-key-0000000001"}]}})
+    assert cli("tenants", "add", "-", cwd=elsewhere, env=env, stdin=spec).returncode == 0
+    assert chat(proc.url, "beta-key-0000000001")[0] == 200
+
+    unconfirmed = cli("tenants", "purge", "beta", cwd=elsewhere, env=env)
+    assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+    purged = cli("tenants", "purge", "beta", "--yes", "--json", cwd=elsewhere, env=env)
+    assert purged.returncode == 0, purged.stderr
+    report = json.loads(purged.stdout)
+    assert report["tenantId"] == "beta" and report["tenantRemoved"] is True
+    assert report["deleted"]["sessions"] == 1 and report["deleted"]["turns"] == 2
+    assert chat(proc.url, "beta-key-0000000001")[0] == 401
+
+    # A tenant still in the config file is refused (409); once removed from it, purged.
+    assert chat(proc.url, ACME_KEY)[0] == 200
+    in_file = cli("tenants", "purge", "acme", "--yes", cwd=elsewhere, env=env)
+    assert in_file.returncode == 6 and "config file" in in_file.stderr
+    data = yaml.safe_load(config.read_text())
+    data["tenants"] = []
+    config.write_text(yaml.safe_dump(data))
+    assert cli("reload", cwd=elsewhere, env=env).returncode == 0
+    table = cli("tenants", "purge", "acme", "--yes", cwd=elsewhere, env=env)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0] == "purged tenant acme (data purged)"
+    assert lines[1].split() == ["TABLE", "ROWS", "DELETED"]
+    assert ["sessions", "1"] in [line.split() for line in lines[2:]]
