@@ -79,7 +79,7 @@ EMBEDDED_CONFIG = Path(__file__).resolve().parent / "cli" / "default.yaml"
 
 
 def user_state_dir(environ: Mapping[str, str]) -> Path:
-    """The per-user state directory: $XDG_STATE_HOME/chatgateway, else ~/.local/state/chatgateway."""
+    """The per-user state directory: $XDG_STATE_HOME/chatgateway or ~/.local/state/chatgateway."""
     base = environ.get("XDG_STATE_HOME") or ""
     if not Path(base).is_absolute():  # the XDG spec says to ignore a relative value
         home = environ.get("HOME") or str(Path.home())
