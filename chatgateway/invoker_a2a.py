@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from chatgateway import tracing
 from chatgateway.config import AgentConfig
 from chatgateway.errors import AgentError
 from chatgateway.invoker import (
@@ -124,6 +125,8 @@ class A2AInvoker(HttpAgentInvoker):
                 headers=self.config.header_values(),
                 timeout=httpx.Timeout(self.config.timeout),
                 limits=httpx.Limits(max_connections=self.config.max_concurrency),
+                # The message's `traceparent` when tracing, as HttpAgentInvoker's client sends.
+                event_hooks=tracing.httpx_event_hooks(),
             )
         try:
             card = await A2ACardResolver(self._http, self._base).get_agent_card()

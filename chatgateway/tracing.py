@@ -29,6 +29,9 @@ inject: Callable[[dict[str, str]], None] | None = None
 
 T = TypeVar("T")
 
+#: Seconds an export to the collector may take, retries included; also bounds the stop's flush.
+EXPORT_TIMEOUT = 5.0
+
 #: Span attribute names (OpenTelemetry has no convention for a chat gateway's fields).
 TENANT = "chatgateway.tenant"
 PLATFORM = "chatgateway.platform"
@@ -71,7 +74,8 @@ class MessageTracer:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             # Batched in the SDK's own thread: exporting never blocks the event loop.
-            processor: Any = BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint))
+            exporter = OTLPSpanExporter(endpoint=config.endpoint, timeout=EXPORT_TIMEOUT)
+            processor: Any = BatchSpanProcessor(exporter)
         else:
             processor = SimpleSpanProcessor(exporter)
         self._provider.add_span_processor(processor)
@@ -206,3 +210,15 @@ def client_trace_configs() -> list[aiohttp.TraceConfig] | None:
     config = aiohttp.TraceConfig()
     config.on_request_start.append(on_request_start)
     return [config]
+
+
+def httpx_event_hooks() -> dict[str, list[Callable[[Any], Awaitable[None]]]] | None:
+    """httpx hooks that add `traceparent` to an agent client's requests (a2a); None when off."""
+    if inject is None:
+        return None
+
+    async def on_request(request: Any) -> None:
+        if inject is not None:
+            inject(request.headers)
+
+    return {"request": [on_request]}

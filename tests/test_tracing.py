@@ -21,6 +21,8 @@ from chatgateway.daemon import Daemon
 from chatgateway.errors import ConfigError
 from tests.conftest import tenant, url, write_config
 from tests.fakes.slack import FakeSlack
+from tests.test_invoker_a2a import a2a_tenant, make_a2a  # noqa: F401 (a fixture)
+from tests.test_invoker_openai import make_openai, openai_tenant  # noqa: F401 (a fixture)
 from tests.test_slack_e2e import slack_tenant
 from tests.test_slack_e2e import start as start_slack
 
@@ -272,3 +274,41 @@ def test_tracing_config_is_validated(tmp_path):
         load_config(path, {})
     paths = {p.path for p in info.value.problems}
     assert {"tracing.sample_ratio", "tracing.endpoint", "tracing.colour"} <= paths
+
+
+async def test_openai_and_a2a_agents_get_the_traceparent_too(
+    traced_gateway, make_openai, make_a2a, http, monkeypatch  # noqa: F811 (fixtures)
+):
+    """Every HTTP protocol sends it: aiohttp's client (chatgateway, openai) and httpx's (a2a)."""
+    import uvicorn
+    from starlette.datastructures import Headers
+
+    a2a_headers: list[str | None] = []
+    real_config = uvicorn.Config
+
+    def recording_config(app: Any, **kwargs: Any) -> Any:
+        async def recording(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] != "/.well-known/agent-card.json":
+                a2a_headers.append(Headers(scope=scope).get("traceparent"))
+            await app(scope, receive, send)
+
+        return real_config(recording, **kwargs)
+
+    monkeypatch.setattr(uvicorn, "Config", recording_config)  # the A2A test server's app
+    openai = await make_openai()
+    a2a = await make_a2a(streaming=False)
+    openai_spec = openai_tenant(openai)
+    a2a_spec = a2a_tenant(a2a)
+    a2a_spec.update(id="globex", web={"enabled": True, "api_keys": [{"value": KEY}]})
+    openai_spec["web"] = {"enabled": True, "api_keys": [{"value": KEY + "-openai"}]}
+    daemon, exporter = await traced_gateway({"tenants": [openai_spec, a2a_spec]})
+    for key in (KEY + "-openai", KEY):
+        async with http.post(url(daemon, "/api/chat"), json={"message": "hi", "userId": "u"},
+                             headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 200, await resp.text()
+    calls = {(s.attributes or {})["chatgateway.tenant"]: s
+             for s in by_name(exporter.get_finished_spans(), "chatgateway.agent_call")}
+    sent = traceparent(openai.requests[0]["headers"]["traceparent"])
+    assert sent[1] == f"{calls['acme'].context.span_id:016x}"
+    assert a2a_headers and a2a_headers[-1] is not None
+    assert traceparent(a2a_headers[-1])[1] == f"{calls['globex'].context.span_id:016x}"
