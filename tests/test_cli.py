@@ -348,6 +348,7 @@ def test_every_subcommand_and_option_has_help(capsys):
     names = {" ".join(c) for c, _ in commands}
     assert {"run", "check-config", "keys create", "keys list", "keys revoke", "tenants list",
             "tenants show", "tenants add", "tenants remove", "tenants purge", "status",
+            "users export", "users erase",
             "reload", "db status", "db migrate", "db backup"} <= names
     for command, sub in commands:
         assert sub.description, f"{' '.join(command)} has no description"
@@ -430,3 +431,30 @@ def test_tenants_purge(daemon, tmp_path):
     assert lines[0] == "purged tenant acme (data purged)"
     assert lines[1].split() == ["TABLE", "ROWS", "DELETED"]
     assert ["sessions", "1"] in [line.split() for line in lines[2:]]
+
+
+def test_users_export_and_erase(daemon, tmp_path):
+    """A user's data (GDPR articles 15 and 17) through the CLI."""
+    proc, config, elsewhere = daemon
+    env = {"CHATGATEWAY_ADMIN_TOKEN": ADMIN, "CHATGATEWAY_CONFIG": str(config)}
+    assert chat(proc.url, ACME_KEY, "my data")[0] == 200
+
+    out = elsewhere / "u1.json"
+    exported = cli("users", "export", "--tenant", "acme", "u1", "--platform", "web",
+                   "--out", out.name, cwd=elsewhere, env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    document = json.loads(out.read_text())
+    assert document["userId"] == "u1" and len(document["sessions"]) == 1
+    assert [t["text"] for t in document["sessions"][0]["transcript"]] == ["my data", "echo: my data"]
+    exists = cli("users", "export", "--tenant", "acme", "u1", "--out", out.name,
+                 cwd=elsewhere, env=env)
+    assert exists.returncode == 2  # never overwrites a file
+
+    assert cli("users", "erase", "--tenant", "acme", "u1", cwd=elsewhere, env=env).returncode == 2
+    erased = cli("users", "erase", "--tenant", "acme", "u1", "--yes", "--json",
+                 cwd=elsewhere, env=env)
+    assert erased.returncode == 0, erased.stderr
+    assert json.loads(erased.stdout)["deleted"]["sessions"] == 1
+    gone = cli("users", "export", "--tenant", "acme", "u1", cwd=elsewhere, env=env)
+    assert gone.returncode == 5 and "404" in gone.stderr

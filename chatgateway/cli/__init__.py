@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from chatgateway import __version__
-from chatgateway.cli import db, gateway, keys, tenants
+from chatgateway.cli import db, gateway, keys, tenants, users
 from chatgateway.cli.client import CommandError
 from chatgateway.cli.common import common_parsers
 from chatgateway.cli.settings import CONFIG_ENV, config_path
@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     keys.add_parser(sub, common)
     tenants.add_parser(sub, common)
+    users.add_parser(sub, common)
     gateway.add_parser(sub, common)
     db.add_parser(sub, common)
     return parser
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return 0
         if args.command == "run":
             return _run(config_path(args.config, env), env)
-        runs = {"keys": keys.run, "tenants": tenants.run, "db": db.run}
+        runs = {"keys": keys.run, "tenants": tenants.run, "users": users.run, "db": db.run}
         code: int = asyncio.run(runs.get(args.command, gateway.run)(args, env))
         return code
     except ConfigError as exc:
