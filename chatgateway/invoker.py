@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -31,7 +31,10 @@ from tenacity import (
 from chatgateway import codec, tracing
 from chatgateway.config import AgentConfig
 from chatgateway.errors import AgentError
-from chatgateway.models import NormalizedMessage, SessionId, Turn
+from chatgateway.models import NormalizedMessage, SessionId, TenantId, Turn
+
+if TYPE_CHECKING:
+    from chatgateway.store.base import SessionStore
 
 PROTOCOL_VERSION = 1
 SIGNATURE_HEADER = "X-Chatgateway-Signature"
@@ -60,11 +63,36 @@ class AgentAnswer:
     usage: Usage | None = None
 
 
+class SessionMemory(Protocol):
+    """What a protocol keeps for one session between its messages (e.g. an open A2A task)."""
+
+    async def recall(self) -> str | None: ...
+
+    async def remember(self, value: str | None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSessionMemory:
+    """A session's memory in the store, so it survives a restart and is shared by instances."""
+
+    store: SessionStore
+    tenant_id: TenantId
+    session_id: SessionId
+
+    async def recall(self) -> str | None:
+        return await self.store.agent_state(self.tenant_id, self.session_id)
+
+    async def remember(self, value: str | None) -> None:
+        await self.store.set_agent_state(self.tenant_id, self.session_id, value, now=time.time())
+
+
 @dataclass(frozen=True, slots=True)
 class AgentRequest:
     message: NormalizedMessage
     session_id: SessionId
     history: list[Turn]
+    #: Given to the protocols that keep state per session (a2a); None for the others.
+    memory: SessionMemory | None = None
 
 
 class AgentInvoker(Protocol):

@@ -100,7 +100,8 @@ class A2AInvoker(HttpAgentInvoker):
         self._a2a: Client | None = None
         self._http: httpx.AsyncClient | None = None
         self._streaming = False
-        #: session id -> the task that asked for input, continued by the session's next message.
+        #: session id -> the task that asked for input, continued by the session's next message
+        #: (when the request brings no SessionMemory, e.g. an invoker used on its own).
         self._open_tasks: OrderedDict[SessionId, str] = OrderedDict()
 
     async def close(self) -> None:
@@ -185,8 +186,9 @@ class A2AInvoker(HttpAgentInvoker):
             role=Role.ROLE_USER,
             parts=[Part(text=request.message.text)],
         )
-        open_task = self._open_tasks.pop(session, None)
-        if open_task is not None:
+        memory = request.memory
+        open_task = await memory.recall() if memory else self._open_tasks.pop(session, None)
+        if open_task:
             message.task_id = open_task
         outcome = _Outcome()
         delivered = False
@@ -210,21 +212,26 @@ class A2AInvoker(HttpAgentInvoker):
             if isinstance(exc, httpx.TransportError):
                 raise _Retryable("connection_error", detail) from None
             raise AgentError("agent_error", detail) from None
-        answer = self._answer(session, outcome)
+        waiting = outcome.state in (INPUT_REQUIRED, AUTH_REQUIRED)
+        if memory is not None and (waiting or open_task):
+            # Forgotten once the task moved on, whatever its end (a failure raises below).
+            await memory.remember(outcome.task_id if waiting else None)
+        answer = self._answer(session, outcome, remember=memory is None)
         if on_delta is not None and not delivered and answer.text:
             await on_delta(answer.text)  # an agent that does not stream: one delta
         return answer
 
-    def _answer(self, session: SessionId, outcome: _Outcome) -> AgentAnswer:
+    def _answer(self, session: SessionId, outcome: _Outcome, *, remember: bool) -> AgentAnswer:
         text = outcome.text()
         if outcome.state in FAILED:
             cause = outcome.state.removeprefix("TASK_STATE_").lower()
             raise AgentError(f"task_{cause}", (outcome.status_text or "no reason given")[:300])
         if outcome.state in (INPUT_REQUIRED, AUTH_REQUIRED):
             # The agent's question is the answer; the user's next message continues the task.
-            self._open_tasks[session] = outcome.task_id
-            while len(self._open_tasks) > MAX_OPEN_TASKS:
-                self._open_tasks.popitem(last=False)
+            if remember:
+                self._open_tasks[session] = outcome.task_id
+                while len(self._open_tasks) > MAX_OPEN_TASKS:
+                    self._open_tasks.popitem(last=False)
             text = outcome.status_text or text
         elif outcome.state and outcome.state != COMPLETED:
             # Still working when the stream or the answer ended: nothing would deliver the

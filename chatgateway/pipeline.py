@@ -12,7 +12,7 @@ import structlog
 
 from chatgateway.admission import Admission
 from chatgateway.errors import AgentError, NotFoundError, OverloadedError, UnavailableError
-from chatgateway.invoker import AgentRequest, DeltaSink, Usage
+from chatgateway.invoker import AgentRequest, DeltaSink, StoredSessionMemory, Usage
 from chatgateway.metrics import Metrics
 from chatgateway.models import (
     NormalizedMessage,
@@ -348,7 +348,15 @@ class Pipeline:
             history = await self.store.history(
                 message.tenant_id, session.id, config.agent.history_turns
             )
-            request = AgentRequest(message=message, session_id=session.id, history=history)
+            request = AgentRequest(
+                message=message,
+                session_id=session.id,
+                history=history,
+                # Only A2A keeps state per session (the task waiting for the user's input).
+                memory=StoredSessionMemory(self.store, message.tenant_id, session.id)
+                if config.agent.protocol == "a2a"
+                else None,
+            )
             cause: str | None = None
             agent_started = time.monotonic()
             # The tenant's current client and breaker: a reload may have replaced them while

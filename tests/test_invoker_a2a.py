@@ -30,9 +30,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from chatgateway.models import SessionId
 from tests.conftest import tenant, url
 from tests.test_agent_calls import chat, log_events
 from tests.test_lifecycle_supervisor import wait_until
+from tests.test_store import A, B, store  # noqa: F401  (the backend-parametrized fixture)
 
 TOKEN = "a2a-bearer-token-0123456789"
 KEY = "acme-key-0001"
@@ -233,3 +235,28 @@ async def test_a_wrong_token_gives_the_fallback(make_a2a, make_gateway, http, ca
     assert body["response"] == "FALLBACK"
     out = capsys.readouterr().out
     assert "wrong-token-0123456789" not in out
+
+
+async def test_the_open_task_survives_a_gateway_restart(make_a2a, make_gateway, http):
+    server = await make_a2a()
+    config = {"tenants": [a2a_tenant(server)]}
+    gw = await make_gateway(config)
+    _status, question = await chat(http, gw, KEY, "ask where my order is")
+    assert question["response"] == "What is your order number?"
+    await gw.stop()
+    # The task id was kept in the store with the session, not in the stopped gateway's memory.
+    gw2 = await make_gateway(config)
+    _status, answer = await chat(http, gw2, KEY, "B-77", sessionId=question["sessionId"])
+    assert answer["response"] == "order B-77 is on its way"
+    assert server.recorder.calls[0][1] == "" and server.recorder.calls[1][1] != ""
+
+
+async def test_store_keeps_agent_state_per_session_and_tenant(store) -> None:  # noqa: F811
+    session = SessionId("s_1")
+    assert await store.agent_state(A, session) is None
+    await store.set_agent_state(A, session, "task-1", now=1.0)
+    await store.set_agent_state(A, session, "task-2", now=2.0)
+    assert await store.agent_state(A, session) == "task-2"
+    assert await store.agent_state(B, session) is None  # scoped by tenant
+    await store.set_agent_state(A, session, None, now=3.0)
+    assert await store.agent_state(A, session) is None

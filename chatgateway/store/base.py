@@ -177,3 +177,11 @@ class SessionStore(Protocol):
 
     async def usage(self, tenant_id: TenantId, first: str, last: str) -> list[UsageRecord]:
         """The tenant's days from `first` to `last` (inclusive) that have usage, oldest first."""
+
+    # What an agent protocol keeps per session between messages (e.g. an open A2A task).
+    async def agent_state(self, tenant_id: TenantId, session_id: SessionId) -> str | None: ...
+
+    async def set_agent_state(
+        self, tenant_id: TenantId, session_id: SessionId, value: str | None, *, now: float
+    ) -> None:
+        """Keep `value` for the session (None forgets it); durable on return."""

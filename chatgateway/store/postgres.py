@@ -544,3 +544,28 @@ class PostgresStore:
             (tenant_id, first, last),
         )
         return [UsageRecord(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    async def agent_state(self, tenant_id: TenantId, session_id: SessionId) -> str | None:
+        rows = await self._read(
+            tenant_id,
+            "SELECT value FROM agent_state WHERE tenant_id = %s AND session_id = %s",
+            (tenant_id, session_id),
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def set_agent_state(
+        self, tenant_id: TenantId, session_id: SessionId, value: str | None, *, now: float
+    ) -> None:
+        if value is None:
+            await self._write(
+                tenant_id,
+                "DELETE FROM agent_state WHERE tenant_id = %s AND session_id = %s",
+                (tenant_id, session_id),
+            )
+            return
+        await self._write(
+            tenant_id,
+            "INSERT INTO agent_state VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id, session_id) "
+            "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (tenant_id, session_id, value, now),
+        )

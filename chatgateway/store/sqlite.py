@@ -811,6 +811,33 @@ class SqliteStore:
         )
         return [UsageRecord(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
+    async def agent_state(self, tenant_id: TenantId, session_id: SessionId) -> str | None:
+        rows = self._read(
+            "SELECT value FROM agent_state WHERE tenant_id = ? AND session_id = ?",
+            (tenant_id, session_id),
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def set_agent_state(
+        self, tenant_id: TenantId, session_id: SessionId, value: str | None, *, now: float
+    ) -> None:
+        if value is None:
+            params: tuple[Any, ...] = (tenant_id, session_id)
+            await self._write(
+                lambda c: c.execute(
+                    "DELETE FROM agent_state WHERE tenant_id = ? AND session_id = ?", params
+                )
+            )
+            return
+        row = (tenant_id, session_id, value, now)
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO agent_state VALUES (?, ?, ?, ?) ON CONFLICT (tenant_id, session_id) "
+                "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                row,
+            )
+        )
+
 
 def _tenant_tables(c: sqlite3.Connection) -> list[str]:
     """Every table with a tenant_id column: one added later is purged without a change here."""

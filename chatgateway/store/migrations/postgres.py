@@ -153,12 +153,25 @@ CREATE TABLE IF NOT EXISTS agent_usage (
 );
 """ + tenant_rls("agent_usage")
 
+# Version 6: what an agent protocol keeps per session between messages (A2A: the task waiting for
+# the user's input).
+AGENT_STATE = """
+CREATE TABLE IF NOT EXISTS agent_state (
+    tenant_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (tenant_id, session_id)
+);
+""" + tenant_rls("agent_state")
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", INITIAL),
     Migration(2, "row-level security by tenant", ROW_LEVEL_SECURITY),
     Migration(3, "event claims of several instances", EVENT_CLAIMS),
     Migration(4, "leases of several instances", LEASES),
     Migration(5, "agent usage by tenant and day", AGENT_USAGE),
+    Migration(6, "agent state per session", AGENT_STATE),
 )
 
 _Conn = AsyncConnection[tuple[Any, ...]]

@@ -95,10 +95,23 @@ CREATE TABLE IF NOT EXISTS agent_usage (
 ) WITHOUT ROWID;
 """
 
+# Version 4: what an agent protocol keeps per session between messages (A2A: the task waiting for
+# the user's input).
+AGENT_STATE = """
+CREATE TABLE IF NOT EXISTS agent_state (
+    tenant_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant_id, session_id)
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", INITIAL),
     Migration(2, "event claims of several instances", EVENT_CLAIMS),
     Migration(3, "agent usage by tenant and day", AGENT_USAGE),
+    Migration(4, "agent state per session", AGENT_STATE),
 )
 
 _VERSION_TABLE_SQL = (
