@@ -51,7 +51,7 @@ def connections(fake: FakeDiscord, bot: FakeBot) -> int:
 
 
 def connected_by(procs: list[GatewayProcess]) -> list[GatewayProcess]:
-    """The processes whose last gateway event was a (re)connection, not a loss of the lease."""
+    """The processes whose last gateway event was a (re)connection, not a loss or a stop."""
     found = []
     for proc in procs:
         if proc.proc.poll() is not None:
@@ -59,7 +59,9 @@ def connected_by(procs: list[GatewayProcess]) -> list[GatewayProcess]:
         names = [e.get("event") for e in proc.events()]
         last_up = max((i for i, n in enumerate(names) if n in ("discord_ready", "discord_resumed")),
                       default=-1)
-        last_down = max((i for i, n in enumerate(names) if n == "adapter_lease_lost"), default=-1)
+        # A stopping process may still be exiting after it released the bot.
+        last_down = max((i for i, n in enumerate(names)
+                         if n in ("adapter_lease_lost", "gateway_stopping")), default=-1)
         if last_up > last_down:
             found.append(proc)
     return found
