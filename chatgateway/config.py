@@ -500,10 +500,20 @@ class TracingConfig(Model):
     @field_validator("enabled", mode="after")
     @classmethod
     def _sdk_installed(cls, enabled: bool) -> bool:
-        # Looked up without importing it: the SDK is an optional extra.
-        if enabled and importlib.util.find_spec("opentelemetry.sdk") is None:
+        if enabled and not _sdk_available():
             raise ValueError("needs OpenTelemetry: pip install 'chatgateway[tracing]'")
         return enabled
+
+
+def _sdk_available() -> bool:
+    """Whether the OpenTelemetry SDK and its OTLP exporter are installed, without importing them."""
+    try:
+        return all(
+            importlib.util.find_spec(name) is not None
+            for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+        )
+    except ModuleNotFoundError:  # a parent package (opentelemetry) is missing altogether
+        return False
 
 
 class GatewayConfig(Model):

@@ -312,3 +312,36 @@ async def test_openai_and_a2a_agents_get_the_traceparent_too(
     assert sent[1] == f"{calls['acme'].context.span_id:016x}"
     assert a2a_headers and a2a_headers[-1] is not None
     assert traceparent(a2a_headers[-1])[1] == f"{calls['globex'].context.span_id:016x}"
+
+
+def test_enabled_without_the_sdk_is_a_config_error_naming_the_extra(tmp_path):
+    """Without the `tracing` extra installed, `enabled: true` is refused at its key path."""
+    path = write_config(tmp_path, {"tracing": {"enabled": True}})
+    script = f"""
+import importlib.abc, sys
+class NoOpenTelemetry(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "opentelemetry":
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, NoOpenTelemetry())
+from chatgateway.config import load_config
+from chatgateway.errors import ConfigError
+try:
+    load_config({str(path)!r}, {{}})
+except ConfigError as exc:
+    print("|".join(f"{{p.path}}: {{p.message}}" for p in exc.problems))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        "tracing.enabled: needs OpenTelemetry: pip install 'chatgateway[tracing]'")
+
+
+async def test_changing_tracing_needs_a_restart(traced_gateway, tmp_path):
+    daemon, _exporter = await traced_gateway({"tenants": [tenant("acme", None, keys=[KEY])]})
+    config = {"tenants": [tenant("acme", None, keys=[KEY])],
+              "tracing": {"enabled": True, "sample_ratio": 0.5}}
+    write_config(tmp_path, config, daemon.config_path.name)
+    result = await daemon.reload()
+    assert result.ok and result.restart_needed == ["tracing"]
