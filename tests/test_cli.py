@@ -458,3 +458,19 @@ def test_users_export_and_erase(daemon, tmp_path):
     assert json.loads(erased.stdout)["deleted"]["sessions"] == 1
     gone = cli("users", "export", "--tenant", "acme", "u1", cwd=elsewhere, env=env)
     assert gone.returncode == 5 and "404" in gone.stderr
+
+
+def test_run_from_another_directory_keeps_the_database_beside_its_config(tmp_path):
+    """`chatgateway run --config ../etc/gateway.yaml`: relative paths follow the file."""
+    config, env = systemd_like(tmp_path, port=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = GatewayProcess(elsewhere / "unused.yaml", env,
+                          args=["run", "--config", relative(config, elsewhere)])
+    try:
+        proc.wait_started()
+        assert chat(proc.url, ACME_KEY)[0] == 200
+        assert (config.parent / "state" / "gateway.db").exists()
+        assert list(elsewhere.iterdir()) == []
+    finally:
+        assert proc.stop() == 0
