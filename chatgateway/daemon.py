@@ -257,7 +257,11 @@ class Daemon:
         self.pipeline.admission = Admission(
             self.metrics, open_shared_limiter(config.limits.storage_uri())
         )
-        self.supervisor = Supervisor(self._make_adapter, self.metrics, self.coordinator)
+        # Leases only when there can be other instances: one process runs every adapter itself.
+        clustered = config.cluster.coordination != "local"
+        self.supervisor = Supervisor(
+            self._make_adapter, self.metrics, self.coordinator if clustered else None
+        )
         self.tenants.on_change(self.supervisor.tenant_changed)
         await self.tenants.load(config.tenants)
         self.tenants.attach(self.coordinator)
