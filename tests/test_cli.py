@@ -200,7 +200,7 @@ def test_tenants_status_and_reload(daemon, tmp_path):
     report = json.loads(status.stdout)
     assert report["state"] == "ready" and report["pid"] == proc.proc.pid
     lines = cli("status", cwd=elsewhere, env=env).stdout.splitlines()
-    assert lines[0].split() == ["state:", "ready", "(ready)"]
+    assert lines[0].split() == ["state:", "ready"] and lines[1].split() == ["ready:", "yes"]
     assert any(line.startswith("started:") and "Z (up" in line for line in lines)
     assert any(line.split()[:1] == ["TENANT"] for line in lines)
 

@@ -65,7 +65,8 @@ def _show_status(args: argparse.Namespace, status: dict[str, Any]) -> int:
     print(
         fields(
             [
-                ("state", f"{status['state']} ({'ready' if status['ready'] else 'not ready'})"),
+                ("state", status["state"]),
+                ("ready", bool(status.get("ready"))),
                 ("health", "ok" if health.get("ok") else "; ".join(health.get("problems", []))),
                 ("version", status.get("version")),
                 ("pid", status.get("pid")),

@@ -190,10 +190,13 @@ def _show_one(args: argparse.Namespace, tenant: Any, keys: Any, status: Any) -> 
          a.get("lastError"))
         for a in report["adapters"]
     ]  # fmt: skip
-    print(table(["platform", "name", "state", "connected at", "last error"], adapters))
+    if adapters:
+        print(table(["platform", "name", "state", "connected at", "last error"], adapters))
+    else:
+        print("no Slack apps or Discord bots")
     print()
     rows = [(k["keyId"], k["label"], iso_time(k["createdAt"])) for k in keys]
-    print(table(["key id", "label", "created"], rows))
+    print(table(["key id", "label", "created"], rows) if rows else "no generated keys")
     return 0
 
 
