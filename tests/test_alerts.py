@@ -60,3 +60,47 @@ def test_a_broken_rule_fails_the_check(promtool, tmp_path):
     broken.write_text(RULES.read_text().replace("rate(", "rat(", 1))
     result = run(promtool, "check", "rules", str(broken))
     assert result.returncode != 0
+
+
+async def test_the_watchdog_metrics_follow_the_health_check(make_gateway, http):
+    """What ChatgatewayWatchdogWithheld and ChatgatewayWatchdogMissed read from /metrics."""
+    import asyncio
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import url
+
+    daemon = await make_gateway({"tenants": []})
+
+    async def scrape() -> dict[str, float]:
+        async with http.get(url(daemon, "/metrics")) as resp:
+            text = await resp.text()
+        return {s.name: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name.startswith(("chatgateway_healthy",
+                                                          "chatgateway_last_healthy"))}
+
+    started = time.time()
+    assert daemon.health_check()
+    first = await scrape()
+    assert first["chatgateway_healthy"] == 1
+    assert started <= first["chatgateway_last_healthy_timestamp_seconds"] <= time.time()
+
+    # An adapter task that ignores cancellation: the supervisor's one problem it cannot repair.
+    release = asyncio.Event()
+    wedged = asyncio.create_task(release.wait())
+    assert daemon.supervisor is not None
+    daemon.supervisor._leaked[wedged] = "acme/slack/default"
+    last_healthy = daemon._healthy_at  # from here on no check can pass (nor the health loop's)
+    assert not daemon.health_check()
+    wedged_metrics = await scrape()
+    assert wedged_metrics["chatgateway_healthy"] == 0
+    assert wedged_metrics["chatgateway_last_healthy_timestamp_seconds"] == last_healthy
+
+    release.set()
+    await wedged
+    assert daemon.health_check()
+    again = await scrape()
+    assert again["chatgateway_healthy"] == 1
+    assert again["chatgateway_last_healthy_timestamp_seconds"] > wedged_metrics[
+        "chatgateway_last_healthy_timestamp_seconds"]
