@@ -474,3 +474,11 @@ def test_run_from_another_directory_keeps_the_database_beside_its_config(tmp_pat
         assert list(elsewhere.iterdir()) == []
     finally:
         assert proc.stop() == 0
+
+
+def test_shipped_configs_listen_on_loopback():
+    """The examples for /etc/chatgateway/gateway.yaml agree: behind a proxy, on loopback."""
+    for path in [ROOT / "config" / "multi-tenant.example.yaml",
+                 ROOT / "systemd" / "gateway.example.yaml",
+                 ROOT / "chatgateway" / "cli" / "default.yaml"]:
+        assert yaml.safe_load(path.read_text())["listen"]["host"] == "127.0.0.1", path
