@@ -7,6 +7,7 @@ input stays open for the session's next message. The mapping is in docs/agent-pr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -99,7 +100,7 @@ class A2AInvoker(HttpAgentInvoker):
         )
         self._a2a: Client | None = None
         self._http: httpx.AsyncClient | None = None
-        self._streaming = False
+        self._connecting = asyncio.Lock()
         #: session id -> the task that asked for input, continued by the session's next message
         #: (when the request brings no SessionMemory, e.g. an invoker used on its own).
         self._open_tasks: OrderedDict[SessionId, str] = OrderedDict()
@@ -114,9 +115,16 @@ class A2AInvoker(HttpAgentInvoker):
             await http.aclose()
 
     async def _connect(self) -> Client:
-        """Read the agent card and build the SDK's client for the transport it prefers."""
+        """The SDK's client, built once from the agent card (concurrent first calls wait)."""
         if self._a2a is not None:
             return self._a2a
+        async with self._connecting:
+            if self._a2a is None:
+                self._a2a = await self._read_card()
+            return self._a2a
+
+    async def _read_card(self) -> Client:
+        """Read the agent card and build the SDK's client for the transport it prefers."""
         import httpx
         from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
         from a2a.utils.constants import TransportProtocol
@@ -146,14 +154,16 @@ class A2AInvoker(HttpAgentInvoker):
             )
         )
         try:
-            self._a2a = factory.create(card)
+            client = factory.create(card)
         except ValueError as exc:
             raise AgentError("bad_response", f"agent card: {exc}") from None
-        self._streaming = bool(card.capabilities.streaming)
         log.info(
-            "a2a_agent_card", agent=card.name, streaming=self._streaming, url=self._base
+            "a2a_agent_card",
+            agent=card.name,
+            streaming=bool(card.capabilities.streaming),
+            url=self._base,
         )
-        return self._a2a
+        return client
 
     def _authenticate(self, card: AgentCard) -> None:
         """Send the bearer token the way the card's security scheme asks (default: bearer)."""
