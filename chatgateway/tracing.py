@@ -7,12 +7,19 @@ message and the agent gets no `traceparent` header.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from chatgateway import __version__
-from chatgateway.errors import AgentError, NotFoundError, OverloadedError, RateLimitedError
+from chatgateway.errors import (
+    AgentError,
+    NotFoundError,
+    OverloadedError,
+    RateLimitedError,
+    UnavailableError,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -40,13 +47,18 @@ CAUSE = "chatgateway.cause"
 
 
 def refusal(exc: BaseException) -> str | None:
-    """The outcome of a message `Pipeline.handle` refused with `exc`, None for other errors."""
-    if isinstance(exc, RateLimitedError):
-        return "rejected"
-    if isinstance(exc, OverloadedError):
+    """The outcome of a message `Pipeline.handle` did not process because of `exc`, if expected.
+
+    None for anything else: an error, recorded on the span with its status.
+    """
+    if isinstance(exc, RateLimitedError | OverloadedError):
         return "rejected"
     if isinstance(exc, NotFoundError):
         return "not_found"
+    if isinstance(exc, UnavailableError):
+        return "unavailable"  # the gateway is shutting down
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"  # e.g. the web client went away, or a forced stop
     return None
 
 
@@ -170,8 +182,6 @@ class MessageTracer:
 
     async def shutdown(self) -> None:
         """Export the spans still buffered (the SDK waits up to its export timeout)."""
-        import asyncio
-
         await asyncio.to_thread(self._provider.shutdown)
 
 

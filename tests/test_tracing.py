@@ -142,12 +142,17 @@ async def test_refused_message_has_a_span_with_its_reason(traced_gateway, http):
     async with http.post(url(daemon, "/api/chat"), json={"message": "again", "userId": "u1"},
                          headers={"Authorization": f"Bearer {KEY}"}) as resp:
         assert resp.status == 429
-    outcomes = [(s.attributes or {}).get("chatgateway.outcome")
-                for s in by_name(exporter.get_finished_spans(), "chatgateway.message")]
-    causes = [(s.attributes or {}).get("chatgateway.cause")
-              for s in by_name(exporter.get_finished_spans(), "chatgateway.message")]
-    assert outcomes == ["ok", "rejected"]
-    assert causes == [None, "user_rate"]
+    async with http.post(url(daemon, "/api/chat"),
+                         json={"message": "x", "userId": "u2", "sessionId": "s_not_there"},
+                         headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        assert resp.status == 404
+    spans = by_name(exporter.get_finished_spans(), "chatgateway.message")
+    outcomes = [(s.attributes or {}).get("chatgateway.outcome") for s in spans]
+    causes = [(s.attributes or {}).get("chatgateway.cause") for s in spans]
+    assert outcomes == ["ok", "rejected", "not_found"]
+    assert causes == [None, "user_rate", None]
+    # Refusals are expected outcomes, not errors of the gateway.
+    assert {s.status.status_code for s in spans} == {StatusCode.UNSET}
 
 
 async def test_sample_ratio_zero_records_nothing_but_still_propagates(
