@@ -19,7 +19,7 @@ from aiohttp import web
 
 from chatgateway.config import parse_tenant
 from chatgateway.errors import ConfigError
-from tests.conftest import ADMIN_TOKEN, tenant, url
+from tests.conftest import ADMIN_TOKEN, tenant, url, write_config
 from tests.test_agent_calls import chat, log_events
 
 API_KEY = "sk-test-openai-key-0123456789abcdef"
@@ -284,3 +284,17 @@ def test_config_validation_names_the_problem():
         parse_tenant({"id": "acme", "agent": {"url": "http://127.0.0.1:1/", "protocol": "gpt"}},
                      environ={})
     assert info.value.problems[0].path.endswith("agent.protocol")
+
+
+async def test_a_reload_switches_the_protocol(make_openai, make_agent, make_gateway, http):
+    agent = await make_agent()
+    fake = await make_openai()
+    gw = await make_gateway({"tenants": [tenant("acme", agent.url, keys=[KEY])]})
+    _status, body = await chat(http, gw, KEY, "hi")
+    assert body["response"] == "agent: hi"
+    write_config(gw.config_path.parent, {"tenants": [openai_tenant(fake)]},
+                 gw.config_path.name)
+    result = await gw.reload()
+    assert result.ok and result.changes == ["changed acme"]
+    _status, body = await chat(http, gw, KEY, "hi")
+    assert body["response"] == "model says hi" and len(fake.requests) == 1
