@@ -20,7 +20,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 from chatgateway.daemon import Daemon
 from chatgateway.errors import ConfigError
 from tests.conftest import tenant, url, write_config
+from tests.fakes.discord import FakeDiscord
 from tests.fakes.slack import FakeSlack
+from tests.test_discord_adapter import ALICE, discord_tenant
 from tests.test_invoker_a2a import a2a_tenant, make_a2a  # noqa: F401 (a fixture)
 from tests.test_invoker_openai import make_openai, openai_tenant  # noqa: F401 (a fixture)
 from tests.test_slack_e2e import slack_tenant
@@ -192,6 +194,26 @@ async def test_slack_message_through_the_fake_is_traced(traced_gateway, fake_sla
     assert message.attributes is not None
     assert message.attributes["chatgateway.platform"] == "slack"
     assert message.attributes["chatgateway.tenant"] == "acme"
+    assert message.attributes["chatgateway.outcome"] == "ok"
+    [call] = agent.calls
+    assert traceparent(call.headers["traceparent"])[0] == f"{message.context.trace_id:032x}"
+
+
+async def test_discord_message_through_the_fake_is_traced(traced_gateway, make_agent):
+    fake = await FakeDiscord().start()
+    try:
+        agent = await make_agent()
+        bot = fake.add_bot("acmebot")
+        _daemon, exporter = await traced_gateway(
+            {"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
+        await fake.wait_ready(bot)
+        await fake.message_create(bot, "hello from discord", channel_id="2001", author=ALICE)
+        await fake.wait_posts(1, token=bot.token)
+    finally:
+        await fake.stop()
+    [message] = by_name(exporter.get_finished_spans(), "chatgateway.message")
+    assert message.attributes is not None
+    assert message.attributes["chatgateway.platform"] == "discord"
     assert message.attributes["chatgateway.outcome"] == "ok"
     [call] = agent.calls
     assert traceparent(call.headers["traceparent"])[0] == f"{message.context.trace_id:032x}"
