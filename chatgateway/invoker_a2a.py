@@ -194,8 +194,17 @@ class A2AInvoker(HttpAgentInvoker):
             # The gateway's session is the agent's conversation: it keeps its state by it.
             context_id=session,
             role=Role.ROLE_USER,
-            parts=[Part(text=request.message.text)],
+            parts=[Part(text=request.message.text)] if request.message.text else [],
         )
+        for attachment in request.message.attachments:
+            if attachment.url:  # the gateway passes files on as links, never their content
+                message.parts.append(
+                    Part(
+                        url=attachment.url,
+                        filename=attachment.name,
+                        media_type=attachment.content_type or "",
+                    )
+                )
         memory = request.memory
         open_task = await memory.recall() if memory else self._open_tasks.pop(session, None)
         if open_task:

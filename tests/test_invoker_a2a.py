@@ -30,7 +30,18 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from chatgateway.models import SessionId
+from chatgateway.config import AgentConfig
+from chatgateway.invoker import AgentAnswer, AgentRequest, make_invoker
+from chatgateway.models import (
+    Attachment,
+    Conversation,
+    ConversationKind,
+    NormalizedMessage,
+    Platform,
+    SessionId,
+    TenantId,
+    User,
+)
 from tests.conftest import tenant, url
 from tests.test_agent_calls import chat, log_events
 from tests.test_lifecycle_supervisor import wait_until
@@ -46,6 +57,7 @@ class Recorder:
 
     calls: list[tuple[str, str, str]] = field(default_factory=list)
     authorization: list[str] = field(default_factory=list)
+    files: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class ShopAgent(AgentExecutor):
@@ -61,6 +73,7 @@ class ShopAgent(AgentExecutor):
         task = context.current_task
         continued = task is not None
         self.recorder.calls.append((message.context_id, task.id if task else "", text))
+        self.recorder.files += [(p.url, p.filename, p.media_type) for p in message.parts if p.url]
         if task is None:
             task = new_task_from_user_message(message)
             await event_queue.enqueue_event(task)
@@ -260,3 +273,23 @@ async def test_store_keeps_agent_state_per_session_and_tenant(store) -> None:  #
     assert await store.agent_state(B, session) is None  # scoped by tenant
     await store.set_agent_state(A, session, None, now=3.0)
     assert await store.agent_state(A, session) is None
+
+
+async def test_attachments_are_sent_as_file_links(make_a2a) -> None:
+    server = await make_a2a()
+    config = AgentConfig.model_validate(
+        {"protocol": "a2a", "url": server.base_url, "bearer_token": {"value": TOKEN},
+         "timeout": 10}, context={"environ": {}})
+    invoker = make_invoker(config)
+    message = NormalizedMessage(
+        tenant_id=TenantId("acme"), platform=Platform.SLACK,
+        conversation=Conversation("C1", ConversationKind.CHANNEL), user=User("U1"),
+        text="see the photo", message_id="1700000000.000100", timestamp=0.0,
+        attachments=(Attachment("cat.png", "image/png", 10, "https://files.example/cat.png"),
+                     Attachment("no-url.txt")))
+    try:
+        answer = await invoker.invoke(AgentRequest(message, SessionId("s_1"), []))
+    finally:
+        await invoker.close()
+    assert isinstance(answer, AgentAnswer) and answer.text == "you said: see the photo"
+    assert server.recorder.files == [("https://files.example/cat.png", "cat.png", "image/png")]
