@@ -248,17 +248,26 @@ class HttpAgentInvoker:
         headers = dict(self._headers)
         headers["Idempotency-Key"] = idempotency_key(request.message)
         headers["Accept"] = f"application/json, {NDJSON}" if on_delta else "application/json"
-        return await self._with_retries(lambda: self._call_once(body, headers, on_delta))
+        try:
+            # The common case, one successful attempt, skips the retry machinery entirely.
+            return await self._call_once(body, headers, on_delta)
+        except _Retryable as exc:
+            failure = exc
+        return await self._retry(lambda: self._call_once(body, headers, on_delta), failure)
 
     async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call`, again on _Retryable with jittered backoff (or its Retry-After)."""
         try:
-            # The common case, one successful attempt, skips the retry machinery entirely.
             return await call()
         except _Retryable as exc:
-            if self.config.retry.attempts == 1:
-                raise AgentError(exc.cause, exc.detail) from None
-            first_wait = exc.retry_after
+            failure = exc
+        return await self._retry(call, failure)
+
+    async def _retry(self, call: Callable[[], Awaitable[T]], failure: _Retryable) -> T:
+        """Retry `call` after its first attempt failed with `failure`."""
+        if self.config.retry.attempts == 1:
+            raise AgentError(failure.cause, failure.detail)
+        first_wait = failure.retry_after
         retry = self.config.retry
         # Full jitter on every wait, the first included, so clients that failed together do not
         # retry together. Attempt n of the loop is the call's attempt n + 1, hence 2 * initial.
@@ -267,9 +276,9 @@ class HttpAgentInvoker:
         )
 
         def wait(state: RetryCallState) -> float:
-            failure = state.outcome.exception() if state.outcome else None
-            if isinstance(failure, _Retryable) and failure.retry_after is not None:
-                return failure.retry_after
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, _Retryable) and error.retry_after is not None:
+                return error.retry_after
             return float(backoff(state))
 
         retrying = AsyncRetrying(

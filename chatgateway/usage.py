@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
-from prometheus_client import Counter
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from chatgateway.invoker import Usage
 from chatgateway.metrics import Metrics
@@ -42,9 +43,18 @@ class _Bucket:
 
 
 @dataclass(slots=True)
+class _Entry:
+    """A tenant's counts of the current day (not yet in the store) and since the start."""
+
+    day: _Bucket
+    total: _Bucket
+
+
+@dataclass(slots=True)
 class _Spent:
     """A tenant's tokens of one day: the store's total when read, plus ours since."""
 
+    day: str
     read_at: float
     stored: int
     since: int = 0
@@ -55,58 +65,53 @@ class UsageRecorder:
 
     def __init__(self, store: SessionStore, metrics: Metrics) -> None:
         self.store = store
-        self._calls = Counter(
-            "chatgateway_agent_calls",
-            "Agent calls by tenant (every protocol; the breaker's and the budget's refusals are "
-            "not calls)",
-            ["tenant"],
-            registry=metrics.registry,
-        )
-        self._tokens = Counter(
-            "chatgateway_agent_tokens",
-            "Tokens the agents reported by tenant and direction (in: prompt, out: completion)",
-            ["tenant", "direction"],
-            registry=metrics.registry,
-        )
-        self._series: dict[str, tuple[Any, Any, Any]] = {}
         self._pending: dict[tuple[str, str], _Bucket] = {}
-        self._spent: dict[tuple[str, str], _Spent] = {}
+        #: tenant -> its entry for the current day (a view on `_pending` and `_totals`).
+        self._entries: dict[str, _Entry] = {}
+        self._totals: dict[str, _Bucket] = {}
+        self._spent: dict[str, _Spent] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         self._day = ""
         self._day_ends = 0.0
+        # Read at scrape time: a call costs integer additions, no metric object.
+        metrics.registry.register(_UsageCollector(self._totals))
 
     def record(self, tenant_id: str, usage: Usage | None) -> None:
         """Count one agent call of `tenant_id` and the tokens it used, if reported."""
-        series = self._series.get(tenant_id)
-        if series is None:
-            series = self._series[tenant_id] = (
-                self._calls.labels(tenant_id),
-                self._tokens.labels(tenant_id, "in"),
-                self._tokens.labels(tenant_id, "out"),
-            )
-        series[0].inc()
         now = time.time()
         if now >= self._day_ends:
             self._day = utc_day(now)
             self._day_ends = (now // 86400 + 1) * 86400  # Unix time has no leap seconds
-        key = (tenant_id, self._day)
-        bucket = self._pending.get(key)
-        if bucket is None:
-            bucket = self._pending[key] = _Bucket()
-        bucket.calls += 1
+            self._entries = {}
+        entry = self._entries.get(tenant_id)
+        if entry is None:
+            entry = self._enter(tenant_id)
+        day, total = entry.day, entry.total
+        day.calls += 1
+        total.calls += 1
         if usage is not None:
-            series[1].inc(usage.tokens_in)
-            series[2].inc(usage.tokens_out)
-            bucket.tokens_in += usage.tokens_in
-            bucket.tokens_out += usage.tokens_out
-            spent = self._spent.get(key)
-            if spent is not None:
+            day.tokens_in += usage.tokens_in
+            day.tokens_out += usage.tokens_out
+            total.tokens_in += usage.tokens_in
+            total.tokens_out += usage.tokens_out
+            spent = self._spent.get(tenant_id)
+            if spent is not None and spent.day == self._day:
                 spent.since += usage.tokens_in + usage.tokens_out
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(
                 self._flush_later(), name="usage-flush"
             )
+
+    def _enter(self, tenant_id: str) -> _Entry:
+        day = self._pending.get((tenant_id, self._day))
+        if day is None:
+            day = self._pending[(tenant_id, self._day)] = _Bucket()
+        total = self._totals.get(tenant_id)
+        if total is None:
+            total = self._totals[tenant_id] = _Bucket()
+        entry = self._entries[tenant_id] = _Entry(day, total)
+        return entry
 
     async def _flush_later(self) -> None:
         try:
@@ -119,6 +124,7 @@ class UsageRecorder:
         """Write the usage counted so far to the store (kept for the next try if it fails)."""
         async with self._flushing:
             pending, self._pending = self._pending, {}
+            self._entries = {}
             for (tenant_id, day), bucket in pending.items():
                 try:
                     await self.store.add_usage(
@@ -147,13 +153,37 @@ class UsageRecorder:
     async def spent_today(self, tenant_id: str) -> int:
         """Tokens `tenant_id` used today (UTC), across instances within BUDGET_REFRESH_SECONDS."""
         now = time.time()
-        key = (tenant_id, utc_day(now))
-        spent = self._spent.get(key)
-        if spent is None or now - spent.read_at > BUDGET_REFRESH_SECONDS:
+        today = utc_day(now)
+        spent = self._spent.get(tenant_id)
+        if spent is None or spent.day != today or now - spent.read_at > BUDGET_REFRESH_SECONDS:
             await self.flush()
-            rows = await self.store.usage(TenantId(tenant_id), key[1], key[1])
+            rows = await self.store.usage(TenantId(tenant_id), today, today)
             stored = sum(r.tokens_in + r.tokens_out for r in rows)
-            # Yesterday's entries are of no more use.
-            self._spent = {k: v for k, v in self._spent.items() if k[1] == key[1]}
-            spent = self._spent[key] = _Spent(now, stored)
+            spent = self._spent[tenant_id] = _Spent(today, now, stored)
         return spent.stored + spent.since
+
+
+class _UsageCollector(Collector):
+    """chatgateway_agent_calls_total and chatgateway_agent_tokens_total, read when scraped."""
+
+    def __init__(self, totals: dict[str, _Bucket]) -> None:
+        self._totals = totals
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "chatgateway_agent_calls",
+            "Agent calls by tenant (every protocol; the breaker's and the budget's refusals are "
+            "not calls)",
+            labels=["tenant"],
+        )
+        tokens = CounterMetricFamily(
+            "chatgateway_agent_tokens",
+            "Tokens the agents reported by tenant and direction (in: prompt, out: completion)",
+            labels=["tenant", "direction"],
+        )
+        for tenant_id, total in list(self._totals.items()):
+            calls.add_metric([tenant_id], total.calls)
+            tokens.add_metric([tenant_id, "in"], total.tokens_in)
+            tokens.add_metric([tenant_id, "out"], total.tokens_out)
+        yield calls
+        yield tokens
