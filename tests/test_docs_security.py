@@ -94,7 +94,9 @@ def test_every_documented_key_exists_with_its_default() -> None:
     ("tenants.limits.", LimitsConfig, {"notice_text"}),
     ("tenants.breaker.", BreakerConfig, {"enabled"}),
     ("tenants.agent.", AgentConfig, {"url", "builtin", "secret", "bearer_token", "headers",
-                                     "retry", "history_turns", "fallback_text"}),
+                                     "retry", "history_turns", "fallback_text", "protocol",
+                                     "model", "system_prompt", "query", "content_filter_notice",
+                                     "budget_notice"}),
     ("tenants.sessions.", SessionConfig, set()),
 ])
 def test_every_limit_and_timeout_is_documented(
