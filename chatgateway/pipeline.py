@@ -23,6 +23,7 @@ from chatgateway.models import (
     SessionKey,
     Turn,
 )
+from chatgateway.outbound import Outbound
 from chatgateway.store.base import SessionStore
 from chatgateway.tenants import TenantRegistry, TenantRuntime
 from chatgateway.text import storable
@@ -204,8 +205,12 @@ class Pipeline:
         on_delta: DeltaSink | None = None,
         reservation: Reservation | None = None,
         admitted: bool = False,
+        outbound: Outbound | None = None,
     ) -> Reply:
         """Process one message; a `reservation` taken for it is released on return.
+
+        With an `outbound`, the answer is streamed through it as the agent writes and finished
+        there once stored (the returned Reply is then for information only).
 
         Raises NotFoundError for an unknown tenant or a session the caller may not see, and
         OverloadedError when the tenant already has too many messages in flight,
@@ -215,7 +220,7 @@ class Pipeline:
         reserved before).
         """
         work = self._process(
-            message, session_id, new_session, dedup, on_delta, reservation, admitted
+            message, session_id, new_session, dedup, on_delta, reservation, admitted, outbound
         )
         if self.tracer is None:
             return await work
@@ -230,6 +235,7 @@ class Pipeline:
         on_delta: DeltaSink | None,
         reservation: Reservation | None,
         admitted: bool,
+        outbound: Outbound | None,
     ) -> Reply:
         """`handle`'s work (inside the message's span when tracing)."""
         try:
@@ -281,7 +287,9 @@ class Pipeline:
         self._per_tenant[message.tenant_id] = self._per_tenant.get(message.tenant_id, 0) + 1
         self._idle.clear()
         try:
-            return await self._handle(tenant, message, session_id, new_session, dedup, on_delta)
+            return await self._handle(
+                tenant, message, session_id, new_session, dedup, on_delta, outbound
+            )
         finally:
             self._in_flight.discard(event)
             self._active -= 1
@@ -301,8 +309,11 @@ class Pipeline:
         new_session: bool,
         dedup: bool,
         on_delta: DeltaSink | None,
+        outbound: Outbound | None,
     ) -> Reply:
         started = time.monotonic()
+        if outbound is not None and on_delta is None:
+            on_delta = outbound.append
         config = tenant.config
         key = SessionKey.of(message)
         # Resolve (or create) the session under a per-key lock so two first messages of a
@@ -437,6 +448,8 @@ class Pipeline:
             )
             if text:
                 series.messages_out.inc()
+            if outbound is not None:
+                await self._deliver(outbound, text)
             log.info(
                 "message_handled",
                 outcome=outcome,
@@ -447,6 +460,16 @@ class Pipeline:
         finally:
             structlog.contextvars.unbind_contextvars("tenant_id", "platform", "session_id")
             await session_lock.__aexit__(None, None, None)
+
+    async def _deliver(self, outbound: Outbound, text: str) -> None:
+        """Show the stored answer (still under the session's lock, so answers keep their order).
+        The exchange is stored already: a platform failure is logged, never raised."""
+        try:
+            await outbound.finish(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("reply_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _claim(self, message: NormalizedMessage) -> bool:
         """Claim a platform event for this instance; False when another one has it or had it."""
@@ -531,9 +554,17 @@ class Reservation:
         self._pipeline = pipeline
         self.held = True
 
-    async def handle(self, message: NormalizedMessage, *, dedup: bool = True) -> Reply:
+    async def handle(
+        self,
+        message: NormalizedMessage,
+        *,
+        dedup: bool = True,
+        outbound: Outbound | None = None,
+    ) -> Reply:
         """`Pipeline.handle` for the reserved message; releases the reservation."""
-        return await self._pipeline.handle(message, dedup=dedup, reservation=self)
+        return await self._pipeline.handle(
+            message, dedup=dedup, reservation=self, outbound=outbound
+        )
 
     def release(self) -> None:
         """Stop counting the message as in flight (idempotent)."""

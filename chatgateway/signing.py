@@ -1,0 +1,70 @@
+"""Signed, expiring tokens for links the gateway hands out (file links, agent callbacks).
+
+One key per purpose is derived from the gateway's secret (`server.visitor_secret`, or the one
+generated into the store and shared by every instance), so a token made for one purpose is
+never accepted for another, and every instance verifies what any instance signed.
+A token is `<field>.<field>...<expiry>.<mac>` with each field base64url-encoded: it carries its
+own claims (tenant, message, ...) and needs no lookup to verify.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Sequence
+
+
+class SignatureError(Exception):
+    """A token that is malformed, altered, made for another purpose or expired; the message is
+    safe to show to a client."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Signer:
+    """Signs and verifies tokens for one purpose (e.g. "file", "callback")."""
+
+    __slots__ = ("_key", "purpose")
+
+    def __init__(self, secret: str, purpose: str) -> None:
+        self.purpose = purpose
+        self._key = hmac.new(
+            secret.encode(), f"chatgateway {purpose} v1".encode(), hashlib.sha256
+        ).digest()
+
+    def _mac(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
+
+    def sign(self, fields: Sequence[str], *, expires_at: int) -> str:
+        """A token carrying `fields`, valid until `expires_at` (Unix seconds)."""
+        payload = ".".join([*(_b64(f.encode()) for f in fields), str(int(expires_at))])
+        return f"{payload}.{self._mac(payload)}"
+
+    def verify(self, token: str, *, now: float, count: int | None = None) -> list[str]:
+        """The fields of a good token (`count` of them, when given); SignatureError if not."""
+        payload, _, mac = token.rpartition(".")
+        if not payload or not hmac.compare_digest(self._mac(payload), mac):
+            raise SignatureError(f"invalid {self.purpose} token")
+        *encoded, expiry = payload.split(".")
+        if not expiry.isdigit() or (count is not None and len(encoded) != count):
+            raise SignatureError(f"invalid {self.purpose} token")
+        if int(expiry) <= now:
+            raise SignatureError(f"{self.purpose} token expired")
+        try:
+            return [_unb64(f).decode() for f in encoded]
+        except (ValueError, UnicodeDecodeError):
+            raise SignatureError(f"invalid {self.purpose} token") from None
+
+    @staticmethod
+    def expiry(token: str) -> int | None:
+        """The expiry a token claims (unverified), or None."""
+        payload, _, _ = token.rpartition(".")
+        expiry = payload.rpartition(".")[2]
+        return int(expiry) if expiry.isdigit() else None
