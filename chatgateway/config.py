@@ -209,6 +209,11 @@ class SessionConfig(Model):
     idle_timeout: float = Field(1800.0, gt=0, description="Seconds of silence that end a session")
     retention_days: float = Field(30.0, gt=0, description="Delete sessions idle this long")
     max_turns: int = Field(1000, ge=2, description="Turns kept per session transcript")
+    while_answering: Literal["queue", "collect"] = Field(
+        "queue",
+        description="Messages a user sends while the agent answers: one call each, in order "
+        "(queue), or together in the next call (collect)",
+    )
 
 
 class WebConfig(Model):

@@ -93,6 +93,9 @@ class AgentRequest:
     history: list[Turn]
     #: Given to the protocols that keep state per session (a2a); None for the others.
     memory: SessionMemory | None = None
+    #: Collect mode: the session's messages that arrived while the agent answered, before
+    #: `message`, sent in this one call.
+    earlier: tuple[NormalizedMessage, ...] = ()
 
 
 class AgentInvoker(Protocol):
@@ -109,7 +112,7 @@ class AgentInvoker(Protocol):
 def agent_payload(request: AgentRequest) -> dict[str, Any]:
     """Build the JSON body the agent receives (docs/agent-protocol.md)."""
     msg = request.message
-    return {
+    payload: dict[str, Any] = {
         "version": PROTOCOL_VERSION,
         "tenant": msg.tenant_id,
         "sessionId": request.session_id,
@@ -120,20 +123,28 @@ def agent_payload(request: AgentRequest) -> dict[str, Any]:
             "type": msg.conversation.kind.value,
             "threadId": msg.conversation.thread_id,
         },
-        "message": {
-            "id": msg.message_id,
-            "text": msg.text,
-            "timestamp": msg.timestamp,
-            "attachments": [
-                {"name": a.name, "contentType": a.content_type, "size": a.size, "url": a.url}
-                for a in msg.attachments
-            ],
-        },
+        "message": message_payload(msg),
         "history": [
             {"role": t.role.value, "text": t.text, "timestamp": t.timestamp}
             for t in request.history
         ],
         "metadata": msg.metadata,
+    }
+    if request.earlier:  # collect mode: the messages before `message`, oldest first
+        payload["earlier"] = [message_payload(m) for m in request.earlier]
+    return payload
+
+
+def message_payload(msg: NormalizedMessage) -> dict[str, Any]:
+    """One message as the agent receives it (`message`, and each of `earlier`)."""
+    return {
+        "id": msg.message_id,
+        "text": msg.text,
+        "timestamp": msg.timestamp,
+        "attachments": [
+            {"name": a.name, "contentType": a.content_type, "size": a.size, "url": a.url}
+            for a in msg.attachments
+        ],
     }
 
 

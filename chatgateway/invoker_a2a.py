@@ -194,9 +194,12 @@ class A2AInvoker(HttpAgentInvoker):
             # The gateway's session is the agent's conversation: it keeps its state by it.
             context_id=session,
             role=Role.ROLE_USER,
-            parts=[Part(text=request.message.text)] if request.message.text else [],
+            # Collect mode: the messages that arrived meanwhile come first, a text part each.
+            parts=[
+                Part(text=m.text) for m in (*request.earlier, request.message) if m.text
+            ],
         )
-        for attachment in request.message.attachments:
+        for attachment in (a for m in (*request.earlier, request.message) for a in m.attachments):
             if attachment.url:  # the gateway passes files on as links, never their content
                 message.parts.append(
                     Part(

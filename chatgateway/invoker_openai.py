@@ -43,6 +43,8 @@ def chat_payload(config: AgentConfig, request: AgentRequest, *, stream: bool) ->
     for turn in request.history:
         role = "assistant" if turn.role is Role.AGENT else "user"
         messages.append({"role": role, "content": turn.text})
+    # Collect mode: the messages that arrived while the agent answered, one user turn each.
+    messages.extend({"role": "user", "content": m.text} for m in request.earlier)
     messages.append({"role": "user", "content": request.message.text})
     body: dict[str, Any] = {"model": config.model, "messages": messages}
     if stream:

@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # coordination.local imports KeyedLocks from here
 
 log = structlog.get_logger("chatgateway.pipeline")
 
-Outcome = Literal["ok", "empty", "fallback", "duplicate"]
+#: "collected": the message went to the agent with an earlier one of its session (collect mode).
+Outcome = Literal["ok", "empty", "fallback", "duplicate", "collected"]
 
 #: Platforms whose connection one instance owns at a time (a Discord bot's lease, see the
 #: supervisor): their events reach only the owner, so they are not claimed; a claim would only
@@ -121,6 +122,8 @@ class Pipeline:
         #: Several instances share the store (a claim timeout is given only then).
         self._shared = claim_timeout is not None
         self._key_locks = KeyedLocks()
+        #: Collect mode: the messages of each session waiting for its lock, in arrival order.
+        self._collecting: dict[Hashable, list[NormalizedMessage]] = {}
         self._in_flight: set[tuple[str, str, str]] = set()
         self._active = 0
         self._per_tenant: dict[str, int] = {}
@@ -327,14 +330,22 @@ class Pipeline:
             and not await self._claim(message)
         ):
             return Reply(None, "", "duplicate")
-        await self._key_locks.acquire(lock_key)
+        collect = config.sessions.while_answering == "collect" and not new_session
+        if collect:  # in arrival order, which is the order the locks below are taken in
+            self._collecting.setdefault(lock_key, []).append(message)
         try:
-            session = await self._resolve(tenant, message, key, session_id, new_session)
-            # Across instances (coordination: postgres) this also waits for other instances.
-            session_lock = self._session_lock(session.id)
-            await session_lock.__aenter__()
-        finally:
-            self._key_locks.release(lock_key)
+            await self._key_locks.acquire(lock_key)
+            try:
+                session = await self._resolve(tenant, message, key, session_id, new_session)
+                # Across instances (coordination: postgres) this also waits for other instances.
+                session_lock = self._session_lock(session.id)
+                await session_lock.__aenter__()
+            finally:
+                self._key_locks.release(lock_key)
+        except BaseException:
+            if collect:
+                self._uncollect(lock_key, message)
+            raise
         try:
             structlog.contextvars.bind_contextvars(
                 tenant_id=message.tenant_id,
@@ -356,10 +367,26 @@ class Pipeline:
                     "message_duplicate", message_id=message.message_id, answered_elsewhere=True
                 )
                 return Reply(None, "", "duplicate")
+            earlier: tuple[NormalizedMessage, ...] = ()
+            own = message
+            if collect:
+                batch = self._collecting.pop(lock_key, None)
+                if batch is None or batch[0] is not message:
+                    # An earlier message of the session took this one to the agent with it.
+                    if batch is not None:
+                        self._collecting[lock_key] = batch
+                    return await self._collected(message, session, dedup, config.sessions)
+                # What arrived while the agent answered goes in this one call: the newest is
+                # the request's message, the others its `earlier` ones; the answer goes where
+                # this (the first) message's would.
+                *rest, message = batch
+                earlier = tuple(rest)
+                own = rest[0] if rest else message
             history = await self.store.history(
                 message.tenant_id, session.id, config.agent.history_turns
             )
             request = AgentRequest(
+                earlier=earlier,
                 message=message,
                 session_id=session.id,
                 history=history,
@@ -436,7 +463,8 @@ class Pipeline:
             # An agent may answer a NUL or a lone surrogate; PostgreSQL refuses the first and
             # neither store can encode the second, which would lose the whole exchange.
             text = storable(text)
-            turns = [Turn(Role.USER, message.text, message.timestamp)]
+            turns = [Turn(Role.USER, m.text, m.timestamp) for m in earlier]
+            turns.append(Turn(Role.USER, message.text, message.timestamp))
             if text:
                 turns.append(Turn(Role.AGENT, text, max(now, message.timestamp)))
             await self.store.record_exchange(
@@ -444,7 +472,7 @@ class Pipeline:
                 session.id,
                 turns,
                 max_turns=config.sessions.max_turns,
-                processed_event=(message.platform, message.message_id) if dedup else None,
+                processed_event=(own.platform, own.message_id) if dedup else None,
             )
             if text:
                 series.messages_out.inc()
@@ -460,6 +488,28 @@ class Pipeline:
         finally:
             structlog.contextvars.unbind_contextvars("tenant_id", "platform", "session_id")
             await session_lock.__aexit__(None, None, None)
+
+    def _uncollect(self, key: Hashable, message: NormalizedMessage) -> None:
+        waiting = self._collecting.get(key)
+        if waiting is not None and message in waiting:
+            waiting.remove(message)
+            if not waiting:
+                del self._collecting[key]
+
+    async def _collected(
+        self, message: NormalizedMessage, session: Session, dedup: bool, sessions: Any
+    ) -> Reply:
+        """A message answered with an earlier one (collect mode): only its event is marked."""
+        if dedup:
+            await self.store.record_exchange(
+                message.tenant_id,
+                session.id,
+                [],
+                max_turns=sessions.max_turns,
+                processed_event=(message.platform, message.message_id),
+            )
+        log.info("message_handled", outcome="collected")
+        return Reply(session, "", "collected")
 
     async def _deliver(self, outbound: Outbound, text: str) -> None:
         """Show the stored answer (still under the session's lock, so answers keep their order).
