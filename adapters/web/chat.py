@@ -638,7 +638,7 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
             "text": {"type": "string", "description": "delta: the next piece of the answer"},
             "sessionId": {"type": "string", "description": "done: the session"},
             "response": {"type": "string", "description": "done: the whole answer"},
-            "outcome": {"type": "string", "enum": ["ok", "empty", "fallback"]},
+            "outcome": {"type": "string", "enum": ["ok", "empty", "fallback", "collected"]},
             "error": _ref("ErrorDetail"),
         },
     }
