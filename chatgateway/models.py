@@ -89,10 +89,37 @@ class SessionKey:
 
 
 @dataclass(frozen=True, slots=True)
+class OutFile:
+    """A file in an agent's answer: the gateway fetches `url`, or the agent gave the bytes."""
+
+    name: str
+    content_type: str
+    url: str | None = None
+    data: bytes | None = None
+
+    def __repr__(self) -> str:  # never the bytes (logs, test failures)
+        size = "url" if self.data is None else f"{len(self.data)} bytes"
+        return f"OutFile({self.name!r}, {self.content_type!r}, {size})"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A button in an agent's answer: `label` shown, `value` sent back when chosen."""
+
+    label: str
+    value: str
+    #: "primary" or "danger" (platforms that can show it), else None.
+    style: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Turn:
     role: Role
     text: str
     timestamp: float
+    #: An agent turn's files and buttons (chatgateway.rich), kept with the transcript.
+    files: tuple[OutFile, ...] = ()
+    actions: tuple[Action, ...] = ()
 
 
 @dataclass(slots=True)
