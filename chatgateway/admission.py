@@ -347,6 +347,8 @@ class Admission:
             if wait > rate.max_wait:
                 # Retrying after this, the message would be paced again within max_wait.
                 raise self._refuse("tenant_rate", wait - rate.max_wait, tenant_id, platform)
+            if wait:
+                self.metrics.paced.labels(tenant_id, platform).inc()
         if limits.daily_quota is not None:
             refused = self._daily.take(tenant_id, limits.daily_quota, self._wall())
             if refused:

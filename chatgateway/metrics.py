@@ -82,6 +82,13 @@ class Metrics:
             ["tenant", "platform", "reason"],
             registry=r,
         )
+        self.paced = Counter(
+            "chatgateway_messages_paced",
+            "Messages over the tenant's rate that waited for their turn (limits.tenant.max_wait) "
+            "instead of being refused",
+            ["tenant", "platform"],
+            registry=r,
+        )
         self.reloads = Counter(
             "chatgateway_config_reloads",
             "Configuration reloads by result (ok, rejected)",

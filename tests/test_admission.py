@@ -257,6 +257,8 @@ async def test_tenant_rate_paces_within_max_wait_then_refuses() -> None:
     assert exc.value.reason == "tenant_rate" and exc.value.retry_after == pytest.approx(0.5)
     assert rejected(metrics, "acme", "web", "tenant_rate") == 1
     assert rejected(metrics, "acme", "slack", "tenant_rate") == 0  # paced is not refused
+    paced = {"tenant": "acme", "platform": "slack"}
+    assert metrics.registry.get_sample_value("chatgateway_messages_paced_total", paced) == 3
     clock.now += 0.5
     assert admission.check_tenant("acme", "web", config) == pytest.approx(1.5)
 
