@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ from discord.gateway import DiscordWebSocket, ReconnectWebSocket
 from discord.http import HTTPClient, Route
 
 from adapters.discord import convert
+from adapters.discord.outbound import DiscordEditor, reply_stream
 from chatgateway.adapter import AdapterState, AdapterStatus
 from chatgateway.config import DiscordBotConfig
 from chatgateway.errors import (
@@ -35,6 +36,7 @@ from chatgateway.errors import (
     UnavailableError,
 )
 from chatgateway.models import NormalizedMessage, Platform, TenantId
+from chatgateway.outbound import Address, EditedStream, Outbound
 from chatgateway.pipeline import Pipeline, Reservation
 
 log = structlog.get_logger("chatgateway.discord")
@@ -58,14 +60,10 @@ PARK_REASONS = {
 }
 #: How long `stop` lets replies that are being sent finish before cancelling them.
 STOP_GRACE = 8.0
-#: Discord's error code for a reply without the Read Message History permission.
-NO_HISTORY_PERMISSION = 160002
-#: Attempts at posting one reply part when the connection fails or Discord answers 5xx.
-SEND_ATTEMPTS = 3
-SEND_RETRY_DELAY = 1.0
 #: How often the typing indicator is renewed while the agent works (Discord shows it for 10 s).
 TYPING_EVERY = 8.0
-#: How long a reply waits for the first typing call to complete, so typing precedes it.
+#: How long the first words wait for the first typing call to complete, so typing precedes
+#: them.
 TYPING_FIRST_WAIT = 2.0
 BUSY_TEXT = "I'm handling too many messages right now. Please try again in a moment."
 RESTARTING_TEXT = "I'm restarting and couldn't take that message. Please send it again in a minute."
@@ -427,6 +425,20 @@ class DiscordAdapter:
         bound = self._log.bind(message_id=normalized.message_id, channel_id=str(message.channel.id))
         typing: asyncio.Task[None] | None = None
         first_typing = asyncio.Event()
+
+        async def stop_typing() -> None:
+            # Called just before the first words are posted: the indicator is always seen
+            # before the answer it announces, and ends when the answer begins.
+            if typing is None:
+                return
+            try:
+                async with asyncio.timeout(TYPING_FIRST_WAIT):
+                    await first_typing.wait()
+            except TimeoutError:
+                pass
+            typing.cancel()
+
+        stream, editor = self._reply_stream(message, bound, stop_typing)
         try:
             if self.settings.typing_indicator and not await self.pipeline.already_processed(
                 normalized
@@ -436,35 +448,30 @@ class DiscordAdapter:
                     name=f"discord:{self.tenant_id}:{self.settings.name}:typing",
                 )
             try:
+                # The answer is streamed into Discord as the agent writes it, and finished
+                # there once stored.
                 if reservation is not None:
-                    reply = await reservation.handle(normalized, dedup=True)
+                    await reservation.handle(normalized, dedup=True, outbound=stream)
                 else:
-                    reply = await self.pipeline.handle(normalized, dedup=True)
-                text = reply.text if reply.outcome != "duplicate" else ""
+                    await self.pipeline.handle(normalized, dedup=True, outbound=stream)
+                notice = ""
             except OverloadedError:
                 bound.warning("message_rejected", reason="overloaded")
-                text = BUSY_TEXT
+                notice = BUSY_TEXT
             except RateLimitedError as exc:
                 # One polite notice per user and notice interval, then silence: never a flood.
                 bound.info("message_rejected", reason=exc.reason, notice=exc.notice is not None)
-                text = exc.notice or ""
+                notice = exc.notice or ""
             except UnavailableError:
                 bound.warning("message_rejected", reason="shutting_down")
-                text = RESTARTING_TEXT
+                notice = RESTARTING_TEXT
             except NotFoundError as exc:
                 bound.warning("message_rejected", reason="not_found", detail=str(exc))
                 return
-            if not text:
-                return
-            if typing is not None:
-                # So the indicator is always seen before the answer it announces.
-                try:
-                    async with asyncio.timeout(TYPING_FIRST_WAIT):
-                        await first_typing.wait()
-                except TimeoutError:
-                    pass
-                typing.cancel()
-            await self._send(message, text, bound)
+            if notice:
+                await stream.post(notice)
+            if editor.posted:
+                bound.info("discord_reply_sent", parts=editor.posted, edits=editor.edits)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -491,59 +498,78 @@ class DiscordAdapter:
             first.set()
             await asyncio.sleep(TYPING_EVERY)
 
-    async def _send(self, message: discord.Message, text: str, bound: Any) -> None:
+    # Outbound ------------------------------------------------------------------------------
+
+    def _reply_stream(
+        self,
+        message: discord.Message,
+        bound: Any,
+        before_first: Callable[[], Awaitable[None]] | None = None,
+    ) -> tuple[EditedStream, DiscordEditor]:
+        """The outbound for the answer to `message`: a reply in its channel."""
         client = self._client
         assert client is not None and client.user is not None
-        parts = convert.split_message(text)
-        mentions = discord.AllowedMentions(
-            everyone=False, users=False, roles=False, replied_user=True
+        editor = DiscordEditor(
+            message.channel,
+            bot_id=client.user.id,
+            nonce_key=str(message.id),
+            reference=message.to_reference(fail_if_not_exists=False),
+            log=bound,
+            stopping=lambda: self._stopping,
+            before_first=before_first,
         )
-        reference: discord.MessageReference | None = message.to_reference(
-            fail_if_not_exists=False
+        target: dict[str, Any] = {
+            "channel_id": str(message.channel.id),
+            "message_id": str(message.id),
+        }
+        if message.guild is not None:
+            target["guild_id"] = str(message.guild.id)
+        address = Address(Platform.DISCORD, self.settings.name, target)
+        return reply_stream(editor, address, nonced=True), editor
+
+    def outbound(self, address: Address) -> Outbound | None:
+        """An Outbound for an answer that arrives later (OutboundFactory), or None when this
+        instance does not run the bot now (standby, stopping) or the address is not its own.
+
+        `address.target`: `channel_id`; `message_id`, the message answered (the first part is
+        a reply to it, and it names the parts' nonces); optionally `guild_id`, and `nonce_key`
+        to name the nonces instead of `message_id` (an answer that must not be taken for an
+        earlier post to the same message)."""
+        client = self._client
+        if (
+            address.platform != Platform.DISCORD
+            or address.adapter != self.settings.name
+            or self._stopping
+            or client is None
+            or client.user is None
+            or client.is_closed()
+        ):
+            return None
+        target = address.target
+        try:
+            channel_id = int(target["channel_id"])
+            message_id = int(target["message_id"]) if target.get("message_id") else None
+            guild_id = int(target["guild_id"]) if target.get("guild_id") else None
+        except (KeyError, TypeError, ValueError):
+            self._log.warning("discord_address_invalid", target=dict(target))
+            return None
+        nonce_key = target.get("nonce_key") or (str(message_id) if message_id else None)
+        reference = (
+            discord.MessageReference(
+                message_id=message_id,
+                channel_id=channel_id,
+                guild_id=guild_id,
+                fail_if_not_exists=False,
+            )
+            if message_id is not None
+            else None
         )
-        for index, part in enumerate(parts):
-            # The nonce is derived from the message and part, so a POST repeated after a lost
-            # response (below, or by discord.py on a 5xx) returns the first message instead of
-            # posting a second one (Discord's enforce_nonce).
-            nonce = convert.reply_nonce(client.user.id, message.id, index)
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    await message.channel.send(
-                        part,
-                        reference=reference if index == 0 else None,  # type: ignore[arg-type]
-                        nonce=nonce,
-                        allowed_mentions=mentions,
-                    )
-                    break
-                except (discord.DiscordServerError, aiohttp.ClientError, OSError,
-                        TimeoutError) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                    if attempt >= SEND_ATTEMPTS or self._stopping:
-                        bound.error("discord_reply_failed", part=index, error=error)
-                        return
-                    bound.warning("discord_reply_retry", part=index, attempt=attempt, error=error)
-                    await asyncio.sleep(SEND_RETRY_DELAY * attempt)
-                except discord.HTTPException as exc:
-                    if exc.code == NO_HISTORY_PERMISSION and index == 0 and reference is not None:
-                        # Replying needs Read Message History; answer without the reference.
-                        bound.warning(
-                            "discord_reply_reference_refused",
-                            hint="give the bot Read Message History so answers are replies",
-                        )
-                        reference = None
-                        continue
-                    if isinstance(exc, discord.Forbidden):
-                        bound.warning(
-                            "discord_reply_forbidden",
-                            error=str(exc),
-                            hint="give the bot View Channel and Send Messages (and Send Messages "
-                            "in Threads) in this channel",
-                        )
-                        return
-                    bound.error(
-                        "discord_reply_failed", part=index, status=exc.status, error=str(exc)
-                    )
-                    return
-        bound.info("discord_reply_sent", parts=len(parts))
+        editor = DiscordEditor(
+            client.get_partial_messageable(channel_id, guild_id=guild_id),
+            bot_id=client.user.id,
+            nonce_key=None if nonce_key is None else str(nonce_key),
+            reference=reference,
+            log=self._log.bind(channel_id=str(channel_id), message_id=target.get("message_id")),
+            stopping=lambda: self._stopping,
+        )
+        return reply_stream(editor, address, nonced=nonce_key is not None)

@@ -19,6 +19,7 @@ from chatgateway.models import (
     Attachment,
     Conversation,
     ConversationKind,
+    FileSource,
     NormalizedMessage,
     Platform,
     TenantId,
@@ -134,7 +135,13 @@ def to_normalized(
         message_id=str(message.id),
         timestamp=message.created_at.timestamp(),
         attachments=tuple(
-            Attachment(name=a.filename, content_type=a.content_type, size=a.size, url=a.url)
+            # The CDN URL stays with the gateway (its source); the agent gets a gateway link.
+            Attachment(
+                name=a.filename,
+                content_type=a.content_type,
+                size=a.size,
+                source=FileSource(bot_name, a.url),
+            )
             for a in message.attachments
         ),
         metadata=metadata,
@@ -160,7 +167,7 @@ def split_message(text: str, limit: int = MAX_MESSAGE_LENGTH) -> list[str]:
     fits in one message is never divided; one longer than a message is closed at the end of a
     part and reopened (with its language) at the start of the next, so every part renders.
     """
-    if len(text) <= limit:
+    if len(text) <= limit and not _ends_in_code(text):
         return [text] if text.strip() else []
     chunks: list[str] = []
     current = ""
@@ -195,6 +202,11 @@ def _toggles_fence(line: str) -> bool:
     return line.count(FENCE) % 2 == 1
 
 
+def _ends_in_code(text: str) -> bool:
+    """Whether a code block is still open at the end of `text`."""
+    return sum(_toggles_fence(line) for line in text.splitlines()) % 2 == 1
+
+
 def _atoms(text: str, limit: int) -> Iterator[str | _LongBlock]:
     """Pieces no longer than `limit` that may be packed together but never cut."""
     lines = text.splitlines(keepends=True)
@@ -210,7 +222,11 @@ def _atoms(text: str, limit: int) -> Iterator[str | _LongBlock]:
         closed = j < len(lines)
         block = lines[i : j + 1] if closed else lines[i:]
         whole = "".join(block)
-        yield whole if closed and len(whole) <= limit else _LongBlock(block, closed)
+        if not closed:
+            # The text ends inside a code block (an answer still being streamed, or an agent
+            # that forgot the closing fence): shown closed, so it renders as code meanwhile.
+            whole += ("" if whole.endswith("\n") else "\n") + FENCE
+        yield whole if len(whole) <= limit else _LongBlock(block, closed)
         i = j + 1
 
 

@@ -1,8 +1,8 @@
 """A fake Discord on 127.0.0.1:0: the REST endpoints and the gateway websocket a bot uses.
 
 Real discord.py talks to it unmodified (see /work/shared/PLATFORMS.md). It records every message
-posted (with the token that posted it, its nonce and reference) and every typing call, and lets a
-test inject MESSAGE_CREATE events, force a RESUME to replay events, send op 7 / op 9, and close the
+posted (with the token that posted it, its nonce and reference), every edit of one (with its time)
+and every typing call, and lets a test inject MESSAGE_CREATE events, force a RESUME to replay events, send op 7 / op 9, and close the
 connection with any close code (4004 invalid token, 4014 disallowed intent, 4000 resumable).
 """
 
@@ -82,7 +82,13 @@ class Posted:
 
     @property
     def content(self) -> str:
+        """The content it was posted with (see `text` for what it shows after edits)."""
         return str(self.payload.get("content") or "")
+
+    @property
+    def text(self) -> str:
+        """What the message shows now: its content after the last edit."""
+        return str(self.message.get("content") or "")
 
     @property
     def nonce(self) -> str | None:
@@ -95,6 +101,18 @@ class Posted:
         if ref is None:
             return None
         return {k: str(v) if k.endswith("_id") and v is not None else v for k, v in ref.items()}
+
+
+@dataclass
+class Edit:
+    """A PATCH /channels/{id}/messages/{mid} that changed a message's content."""
+
+    token: str
+    channel_id: str
+    message_id: str
+    content: str
+    at: float
+    order: int
 
 
 @dataclass
@@ -147,6 +165,12 @@ class FakeDiscord:
         self.sessions: dict[str, Session] = {}
         self.posted: list[Posted] = []
         self.typing: list[Typing] = []
+        self.edits: list[Edit] = []
+        #: Edits to answer with 429 (retry_after `rate_limit_retry_after`) before editing.
+        self.rate_limit_edits = 0
+        self.rate_limit_retry_after = 0.2
+        #: Edits answered with 429 so far.
+        self.rate_limited_edits = 0
         self.gateway_ops: list[GatewayOp] = []
         self.rest_calls: list[tuple[str, str, str | None]] = []
         self.connections: list[Connection] = []
@@ -172,6 +196,9 @@ class FakeDiscord:
         app.router.add_get("/api/v10/users/@me", self._me)
         app.router.add_get("/api/v10/oauth2/applications/@me", self._application)
         app.router.add_post("/api/v10/channels/{channel_id}/messages", self._post_message)
+        app.router.add_patch(
+            "/api/v10/channels/{channel_id}/messages/{message_id}", self._edit_message
+        )
         app.router.add_post("/api/v10/channels/{channel_id}/typing", self._typing)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/resume", self._gateway)
@@ -486,6 +513,55 @@ class FakeDiscord:
             await self._notify()
             return _json({"message": "Internal Server Error", "code": 0}, 500)
         return _json(message)
+
+    def message_of(self, message_id: str) -> Posted | None:
+        """The posted message with this id."""
+        for post in self.posted:
+            if post.message["id"] == message_id:
+                return post
+        return None
+
+    def edits_of(self, message_id: str) -> list[Edit]:
+        return [e for e in self.edits if e.message_id == message_id]
+
+    def calls(self, token: str | None = None) -> int:
+        """Message posts and edits made by a bot (the REST calls an answer costs)."""
+        return len(self.posts(token)) + len([e for e in self.edits
+                                             if token is None or e.token == token])
+
+    async def _edit_message(self, request: web.Request) -> web.Response:
+        bot = self._bot_of(request)
+        if bot is None:
+            return self._unauthorized()
+        if self.rate_limit_edits > 0:
+            # Discord's 429: discord.py waits retry_after and repeats the request (it treats
+            # a 429 without a Via header as a Cloudflare ban).
+            self.rate_limit_edits -= 1
+            self.rate_limited_edits += 1
+            await self._notify()
+            response = _json({"message": "You are being rate limited.",
+                              "retry_after": self.rate_limit_retry_after, "global": False}, 429)
+            response.headers["Via"] = "1.1 google"
+            return response
+        channel_id, message_id = request.match_info["channel_id"], request.match_info["message_id"]
+        post = self.message_of(message_id)
+        if post is None or post.channel_id != channel_id:
+            return _json({"message": "Unknown Message", "code": 10008}, 404)
+        if post.token != bot.token:
+            return _json({"message": "Cannot edit a message authored by another user",
+                          "code": 50005}, 403)
+        payload = await request.json()
+        content = payload.get("content")
+        if content is not None:
+            if not content or len(content) > 2000:
+                return _json({"message": "Invalid Form Body", "code": 50035}, 400)
+            # Updated in place: a later POST with this message's nonce returns it as it is now.
+            post.message["content"] = content
+            post.message["edited_timestamp"] = datetime.now(UTC).isoformat()
+            self.edits.append(Edit(bot.token, channel_id, message_id, content, time.monotonic(),
+                                   next(self._order)))
+        await self._notify()
+        return _json(post.message)
 
     async def _not_found(self, request: web.Request) -> web.Response:
         self.rest_calls.append((request.method, request.path, None))
