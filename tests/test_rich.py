@@ -13,10 +13,13 @@ from chatgateway.models import (
     OutFile,
     Platform,
     Role,
+    SessionKey,
     TenantId,
     Turn,
     User,
 )
+from chatgateway.store.base import SessionStore
+from tests.test_store import postgres_schema, reopen, store  # noqa: F401 - the backends' fixture
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
 
@@ -138,3 +141,30 @@ def test_typed_choice() -> None:
             "typed": "1",
         },
     }
+
+
+async def test_an_answers_files_and_buttons_survive_a_reopen(store: SessionStore) -> None:  # noqa: F811
+    """Both backends keep an agent turn's files and buttons with the transcript (the stored
+    text carries them after a separator); history, export and a reopened store read them."""
+    k = SessionKey(TenantId("tenant-a"), Platform.WEB, "u1", "", "u1")
+    session = await store.create_session(k, kind=ConversationKind.WEB, user_name=None, now=1.0)
+    answer = Turn(
+        Role.AGENT,
+        "Here",
+        2.0,
+        (
+            OutFile("c.png", "image/png", data=b"\x89PNG\x00\x01"),
+            OutFile("r.pdf", "application/pdf", url="https://x/r"),
+        ),
+        (Action("Approve", "approve", "primary"), Action("Reject", "reject")),
+    )
+    turns = [Turn(Role.USER, "go", 1.5), answer]
+    await store.record_exchange(k.tenant_id, session.id, turns, max_turns=50)
+    assert (await store.history(k.tenant_id, session.id, 10)) == turns
+    fresh = await reopen(store)
+    try:
+        assert (await fresh.history(k.tenant_id, session.id, 10)) == turns
+        exported = await fresh.export_user(k.tenant_id, "u1")
+        assert exported[0].turns == turns
+    finally:
+        await fresh.close()

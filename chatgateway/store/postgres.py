@@ -30,13 +30,13 @@ from chatgateway.errors import NotFoundError
 from chatgateway.models import (
     ConversationKind,
     Platform,
-    Role,
     Session,
     SessionId,
     SessionKey,
     TenantId,
     Turn,
 )
+from chatgateway.rich import stored_text, stored_turn
 from chatgateway.store.base import (
     ADD_USAGE,
     ApiKeyRecord,
@@ -283,7 +283,8 @@ class PostgresStore:
                     + ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(turns))
                 )
                 for i, t in enumerate(turns):
-                    params += (tenant_id, session_id, first + i, t.role.value, t.text, t.timestamp)
+                    row = (tenant_id, session_id, first + i, t.role.value, stored_text(t))
+                    params += (*row, t.timestamp)
             if processed_event is not None:
                 statements.append(
                     "INSERT INTO processed_events VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
@@ -306,7 +307,7 @@ class PostgresStore:
             "ORDER BY seq DESC LIMIT %s",
             (session_id, tenant_id, limit),
         )
-        return [Turn(Role(r[0]), r[1], r[2]) for r in reversed(rows)]
+        return [stored_turn(r[0], r[1], r[2]) for r in reversed(rows)]
 
     async def list_sessions(
         self,

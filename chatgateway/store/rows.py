@@ -15,6 +15,7 @@ from chatgateway.models import (
     TenantId,
     Turn,
 )
+from chatgateway.rich import stored_turn
 from chatgateway.store.base import ApiKeyRecord, SessionTranscript
 
 SESSION_COLUMNS = (
@@ -106,5 +107,5 @@ def group_turns(sessions: list[Session], rows: list[tuple[Any, ...]]) -> list[Se
     turns: dict[str, list[Turn]] = {s.id: [] for s in sessions}
     for session_id, role, text, ts in rows:
         if session_id in turns:
-            turns[session_id].append(Turn(Role(role), text, ts))
+            turns[session_id].append(stored_turn(role, text, ts))
     return [SessionTranscript(s, turns[s.id]) for s in sessions]

@@ -33,13 +33,13 @@ from chatgateway.errors import NotFoundError
 from chatgateway.models import (
     ConversationKind,
     Platform,
-    Role,
     Session,
     SessionId,
     SessionKey,
     TenantId,
     Turn,
 )
+from chatgateway.rich import stored_text, stored_turn
 from chatgateway.store.base import (
     ADD_USAGE,
     ApiKeyRecord,
@@ -446,7 +446,7 @@ class SqliteStore:
             "ORDER BY seq DESC LIMIT ?",
             (session_id, tenant_id, limit),
         )
-        return [Turn(Role(r[0]), r[1], r[2]) for r in reversed(rows)]
+        return [stored_turn(r[0], r[1], r[2]) for r in reversed(rows)]
 
     # Sessions ------------------------------------------------------------------------------
 
@@ -534,7 +534,7 @@ class SqliteStore:
         count = hot.reserved + len(turns)
         exchange = _Exchange(
             turn_rows=[
-                (tenant_id, session_id, first + i, t.role.value, t.text, t.timestamp)
+                (tenant_id, session_id, first + i, t.role.value, stored_text(t), t.timestamp)
                 for i, t in enumerate(turns)
             ],
             session_row=(last_active, count, session_id, tenant_id),
