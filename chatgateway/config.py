@@ -351,6 +351,55 @@ class BreakerConfig(Model):
     cooldown: float = Field(30.0, gt=0, le=86400, description="Seconds open before a probe")
 
 
+#: A media type or a family of them, as `files.allowed_types` lists them: image/png, image/*.
+MEDIA_TYPE_PATTERN = r"^(\*/\*|[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*))$"
+
+
+class FilesConfig(Model):
+    """Files users send to the agent (chatgateway/files.py, docs/configuration.md#files)."""
+
+    link_ttl: float = Field(
+        3600.0, gt=0, le=7 * 86400, description="Seconds a file link handed to the agent works"
+    )
+    max_bytes: int = Field(
+        25 * 1024 * 1024,
+        ge=1,
+        le=2**40,
+        description="Largest file passed on to the agent (and accepted as a web upload)",
+    )
+    allowed_types: list[Annotated[str, Field(pattern=MEDIA_TYPE_PATTERN)]] = Field(
+        default_factory=lambda: ["image/*", "text/*", "application/pdf"],
+        description="Media types a web chat upload may have (type/* for a family, */* any)",
+    )
+    inline_images_max_bytes: int = Field(
+        0,
+        ge=0,
+        le=10 * 1024 * 1024,
+        description="Images up to this size also reach the agent as base64 data (0: off)",
+    )
+    too_large_notice: str = Field(
+        "I couldn't pass on {name} ({size}): files larger than {limit} are not accepted.",
+        min_length=1,
+        max_length=2000,
+        description="What the user is told about a file over max_bytes; {name}, {size}, {limit}",
+    )
+
+    @field_validator("too_large_notice")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        try:
+            value.format(name="a.pdf", size="30 MB", limit="25 MB")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{name}}, {{size}} and {{limit}} may be used ({exc})") from None
+        return value
+
+    def allows(self, content_type: str) -> bool:
+        """Whether a web upload of this media type is accepted."""
+        kind = content_type.partition(";")[0].strip().lower()
+        family = kind.partition("/")[0] + "/*"
+        return any(t in ("*/*", kind, family) for t in self.allowed_types)
+
+
 class TenantConfig(Model):
     id: Annotated[str, Field(pattern=TENANT_ID_PATTERN)]
     name: str = ""
@@ -361,6 +410,7 @@ class TenantConfig(Model):
     discord: DiscordConfig = DiscordConfig()
     limits: LimitsConfig = LimitsConfig()
     breaker: BreakerConfig = BreakerConfig()
+    files: FilesConfig = FilesConfig()
 
 
 class ListenConfig(Model):

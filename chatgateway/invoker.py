@@ -31,7 +31,7 @@ from tenacity import (
 from chatgateway import codec, tracing
 from chatgateway.config import AgentConfig
 from chatgateway.errors import AgentError
-from chatgateway.models import NormalizedMessage, SessionId, TenantId, Turn
+from chatgateway.models import Attachment, NormalizedMessage, SessionId, TenantId, Turn
 
 if TYPE_CHECKING:
     from chatgateway.store.base import SessionStore
@@ -141,11 +141,22 @@ def message_payload(msg: NormalizedMessage) -> dict[str, Any]:
         "id": msg.message_id,
         "text": msg.text,
         "timestamp": msg.timestamp,
-        "attachments": [
-            {"name": a.name, "contentType": a.content_type, "size": a.size, "url": a.url}
-            for a in msg.attachments
-        ],
+        # `url` is the gateway's link (chatgateway/files.py), never the platform's `source`.
+        "attachments": [attachment_payload(a) for a in msg.attachments],
     }
+
+
+def attachment_payload(attachment: Attachment) -> dict[str, Any]:
+    """One attachment as the agent receives it; `data` only when the tenant inlines images."""
+    item: dict[str, Any] = {
+        "name": attachment.name,
+        "contentType": attachment.content_type,
+        "size": attachment.size,
+        "url": attachment.url,
+    }
+    if attachment.data is not None:
+        item["data"] = attachment.data
+    return item
 
 
 def idempotency_key(message: NormalizedMessage) -> str:

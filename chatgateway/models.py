@@ -43,13 +43,26 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class FileSource:
+    """Where a file is on its platform, for the gateway only (never sent to an agent): the
+    adapter that received it (Slack app, Discord bot, "web") and its reference there (Slack's
+    url_private, a Discord attachment URL, a web upload's id)."""
+
+    adapter: str
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
 class Attachment:
-    """Metadata of a file attached to a message; the gateway never downloads content."""
+    """A file attached to a message. `url` is what the agent may fetch (a gateway link, see
+    chatgateway/files.py); `data` the base64 bytes of a small image when the tenant inlines."""
 
     name: str
     content_type: str | None = None
     size: int | None = None
     url: str | None = None
+    source: FileSource | None = None
+    data: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

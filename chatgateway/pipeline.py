@@ -12,6 +12,7 @@ import structlog
 
 from chatgateway.admission import Admission
 from chatgateway.errors import AgentError, NotFoundError, OverloadedError, UnavailableError
+from chatgateway.files import FileService, notice_first, prepare_files
 from chatgateway.invoker import AgentRequest, DeltaSink, StoredSessionMemory, Usage
 from chatgateway.metrics import Metrics
 from chatgateway.models import (
@@ -139,6 +140,8 @@ class Pipeline:
         self.accepting = True
         #: Spans of every message (`tracing.enabled`); None costs nothing per message.
         self.tracer: MessageTracer | None = None
+        #: File links and fetching (adapters/web/files.py sets it); None: files get no link.
+        self.files: FileService | None = None
 
     def _breaker_states(self) -> list[tuple[str, str]]:
         """(tenant, breaker state) of every tenant with a breaker, for the metric."""
@@ -318,6 +321,11 @@ class Pipeline:
         if outbound is not None and on_delta is None:
             on_delta = outbound.append
         config = tenant.config
+        notice = ""
+        if message.attachments:  # the size cap, and links for the agent (chatgateway/files.py)
+            message, notice = await prepare_files(message, config, self.files)
+            if notice and on_delta is not None:
+                on_delta = notice_first(on_delta, notice)
         key = SessionKey.of(message)
         # Resolve (or create) the session under a per-key lock so two first messages of a
         # conversation make one session; then hold the session's lock for the agent call so
@@ -413,6 +421,9 @@ class Pipeline:
                 self.metrics.rejected.labels(
                     message.tenant_id, message.platform.value, cause
                 ).inc()
+            elif notice and not message.text and not message.attachments:
+                # Every file was over the cap and there is nothing else: only the notice.
+                cause, text, outcome = "file_too_large", "", "fallback"
             elif tripped and not self.admission.breaker_allow(message.tenant_id, breaker):
                 # The breaker is open: the fallback at once, without calling the agent.
                 cause, text, outcome = "breaker_open", config.agent.fallback_text, "fallback"
@@ -463,6 +474,8 @@ class Pipeline:
             # An agent may answer a NUL or a lone surrogate; PostgreSQL refuses the first and
             # neither store can encode the second, which would lose the whole exchange.
             text = storable(text)
+            if notice:  # the files over the cap, before the answer (as streamed)
+                text = f"{notice}\n\n{text}" if text else notice
             turns = [Turn(Role.USER, m.text, m.timestamp) for m in earlier]
             turns.append(Turn(Role.USER, message.text, message.timestamp))
             if text:

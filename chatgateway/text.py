@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Any
 
-from chatgateway.models import Attachment, NormalizedMessage
+from chatgateway.models import NormalizedMessage
 
 REPLACEMENT = "\ufffd"
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -55,10 +55,10 @@ def storable_message(message: NormalizedMessage) -> NormalizedMessage:
         text=storable(message.text),
         message_id=storable(message.message_id),
         attachments=tuple(
-            Attachment(
+            dataclasses.replace(  # keeps the platform's `source` (chatgateway/files.py)
+                a,
                 name=storable(a.name),
                 content_type=storable_optional(a.content_type),
-                size=a.size,
                 url=storable_optional(a.url),
             )
             for a in message.attachments

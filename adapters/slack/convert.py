@@ -14,6 +14,7 @@ from chatgateway.models import (
     Attachment,
     Conversation,
     ConversationKind,
+    FileSource,
     NormalizedMessage,
     Platform,
     TenantId,
@@ -124,7 +125,7 @@ def event_to_inbound(
         target = ReplyTarget(channel=channel, thread_ts=root, message_ts=ts)
     raw_text = event.get("text")
     text = slack_to_text(raw_text if isinstance(raw_text, str) else "", identity.user_id)
-    attachments = _files(event.get("files"))
+    attachments = _files(event.get("files"), app_name)
     if not text and not attachments:
         return Ignored("empty message")
     message = NormalizedMessage(
@@ -266,7 +267,9 @@ def user_display_name(user: dict[str, Any]) -> str | None:
     return None
 
 
-def _files(files: Any) -> tuple[Attachment, ...]:
+def _files(files: Any, app_name: str) -> tuple[Attachment, ...]:
+    """The event's files; `url_private` is kept as the gateway's source only (it needs the
+    app's bot token): the agent gets a gateway link instead (chatgateway/files.py)."""
     if not isinstance(files, list):
         return ()
     out = []
@@ -279,7 +282,7 @@ def _files(files: Any) -> tuple[Attachment, ...]:
                 name=str(item.get("name") or item.get("title") or "file"),
                 content_type=mimetype if isinstance(mimetype, str) else None,
                 size=size if isinstance(size, int) else None,
-                url=url if isinstance(url, str) else None,
+                source=FileSource(app_name, url) if isinstance(url, str) else None,
             )
         )
     return tuple(out)
