@@ -22,10 +22,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny numbers: checks it all runs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--only", default="web,instructions,slack,discord,scale,fairness",
-                        help="comma-separated parts: web, instructions, slack, discord, scale, "
-                        "fairness; and cluster, takeover (need the local PostgreSQL, so not by "
-                        "default)")
+    parser.add_argument("--only",
+                        default="web,instructions,slack,discord,streaming,scale,fairness",
+                        help="comma-separated parts: web, instructions, slack, discord, "
+                        "streaming, scale, fairness; and cluster, takeover (need the local "
+                        "PostgreSQL, so not by default)")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator: wrk (C, needs `apt-get install wrk`) or an aiohttp "
                         "client in its own process; auto picks wrk when installed")
@@ -62,6 +63,13 @@ def main() -> None:
             rows = discord.run_sync(workdir / "discord", 200, 200 if args.smoke else 4000)
             print(table(rows, ["path", "answered", "throughput", "latency p50", "latency p99",
                                "dropped"]))
+        if "streaming" in parts:
+            from bench import streaming
+
+            print()
+            rows = streaming.run(workdir / "streaming", 3 if args.smoke else 20,
+                                 3.0 if args.smoke else streaming.DURATION)
+            print(table(rows, streaming.HEADER))
         if "scale" in parts:
             from bench import scale
 
