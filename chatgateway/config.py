@@ -248,6 +248,10 @@ class SlackAppConfig(Model):
     )
     working_indicator: Literal["reaction", "none"] = "reaction"
     working_reaction: str = Field("hourglass_flowing_sand", pattern=r"^[a-z0-9_+'-]{1,100}$")
+    assistant_status: str = Field(
+        "is thinking…", min_length=1, max_length=100,
+        description="Status shown in an assistant thread until the answer starts",
+    )
     ping_interval: float = Field(
         5.0, ge=0.5, le=60, description="Seconds between Socket Mode pings; a socket silent "
         "for 3 intervals (or broken for 2) is replaced"

@@ -52,6 +52,9 @@ class ReplyTarget:
     response_url: str | None = None
     #: Who asked (for an ephemeral answer when the response_url cannot be used).
     user_id: str | None = None
+    #: A message in an assistant thread (an AI app's DM thread): its working indicator is
+    #: the thread's status (assistant.threads.setStatus), not a reaction.
+    assistant: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +118,12 @@ def event_to_inbound(
             # Channel messages arrive as app_mention when they mention the bot.
             return Ignored("channel message without mention")
         conversation = Conversation(id=channel, kind=ConversationKind.DM)
-        target = ReplyTarget(channel=channel, thread_ts=thread_ts, message_ts=ts)
+        # Slack's AI apps converse in DM threads (bolt's own test for an assistant thread
+        # message); some events also carry the thread's `assistant_thread` object.
+        assistant = thread_ts is not None or isinstance(event.get("assistant_thread"), dict)
+        target = ReplyTarget(
+            channel=channel, thread_ts=thread_ts, message_ts=ts, assistant=assistant
+        )
     else:
         if is_dm:
             # The same DM also arrives as a `message` event; answer that one only.
