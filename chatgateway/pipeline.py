@@ -274,7 +274,8 @@ class Pipeline:
                 )
             event = (message.tenant_id, message.platform.value, message.message_id)
             if dedup:
-                if event in self._in_flight or await self.store.is_processed(
+                in_flight = event in self._in_flight
+                if in_flight or await self.store.is_processed(
                     message.tenant_id, message.platform, message.message_id
                 ):
                     series.deduplicated.inc()
@@ -284,6 +285,8 @@ class Pipeline:
                         platform=message.platform.value,
                         message_id=message.message_id,
                     )
+                    if not in_flight and outbound is not None and outbound.idempotent:
+                        await self._post_again(message, outbound)
                     return Reply(None, "", "duplicate")
                 self._in_flight.add(event)
             self._active += 1
@@ -374,6 +377,8 @@ class Pipeline:
                 log.info(
                     "message_duplicate", message_id=message.message_id, answered_elsewhere=True
                 )
+                if outbound is not None and outbound.idempotent:
+                    await self._post_again(message, outbound)
                 return Reply(None, "", "duplicate")
             earlier: tuple[NormalizedMessage, ...] = ()
             own = message
@@ -486,6 +491,8 @@ class Pipeline:
                 turns,
                 max_turns=config.sessions.max_turns,
                 processed_event=(own.platform, own.message_id) if dedup else None,
+                # Kept for a replay after a crash before the post (see _post_again).
+                keep_answer=dedup and outbound is not None and outbound.idempotent,
             )
             if text:
                 series.messages_out.inc()
@@ -529,6 +536,23 @@ class Pipeline:
         The exchange is stored already: a platform failure is logged, never raised."""
         try:
             await outbound.finish(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("reply_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _post_again(self, message: NormalizedMessage, outbound: Outbound) -> None:
+        """A replayed platform message was answered before: its answer is stored, but the
+        instance that stored it may have died before posting it (or while posting). Where a
+        second post shows the answer once (`outbound.idempotent`: Discord's nonces), post the
+        stored answer again, so it is shown exactly once either way. Failures are logged."""
+        try:
+            text = await self.store.processed_answer(
+                message.tenant_id, message.platform, message.message_id
+            )
+            if text:
+                await outbound.post(text)
+                log.info("message_answer_posted_again", message_id=message.message_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

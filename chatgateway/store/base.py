@@ -88,8 +88,12 @@ class SessionStore(Protocol):
         *,
         max_turns: int,
         processed_event: tuple[Platform, str] | None = None,
+        keep_answer: bool = False,
     ) -> None:
-        """Append turns, bump the session, mark the event processed; durable on return."""
+        """Append turns, bump the session, mark the event processed; durable on return.
+
+        `keep_answer`: the processed event also points at the exchange's answer (its last agent
+        turn), for `processed_answer`."""
 
     async def history(self, tenant_id: TenantId, session_id: SessionId, limit: int) -> list[Turn]:
         """The last `limit` turns, oldest first."""
@@ -120,6 +124,12 @@ class SessionStore(Protocol):
     async def is_processed(
         self, tenant_id: TenantId, platform: Platform, event_id: str
     ) -> bool: ...
+
+    async def processed_answer(
+        self, tenant_id: TenantId, platform: Platform, event_id: str
+    ) -> str | None:
+        """The answer kept with a processed event (`keep_answer`), while its session still has
+        that turn; None if none was kept, the event is unknown or the turn is gone."""
 
     async def claim_event(
         self,

@@ -50,7 +50,9 @@ from chatgateway.store.migrations.postgres import KEY_ID_SETTING, SCOPE_SETTING,
 from chatgateway.store.rows import (
     CLAIM_EVENT,
     DEDUP_RETENTION,
+    PROCESSED_ANSWER,
     SESSION_COLUMNS,
+    answer_seq,
     group_turns,
     key_from_row,
     list_sessions_query,
@@ -257,6 +259,7 @@ class PostgresStore:
         *,
         max_turns: int,
         processed_event: tuple[Platform, str] | None = None,
+        keep_answer: bool = False,
     ) -> None:
         last_active = max(t.timestamp for t in turns) if turns else time.time()
         async with self._connection() as conn, conn.transaction():
@@ -287,9 +290,13 @@ class PostgresStore:
                     params += (*row, t.timestamp)
             if processed_event is not None:
                 statements.append(
-                    "INSERT INTO processed_events VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                    "INSERT INTO processed_events (tenant_id, platform, event_id, processed_at, "
+                    "session_id, answer_seq) VALUES (%s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING"
                 )
-                params += (tenant_id, processed_event[0].value, processed_event[1], time.time())
+                answer = answer_seq(turns, first) if keep_answer else None
+                params += (tenant_id, processed_event[0].value, processed_event[1], time.time(),
+                           session_id if answer is not None else None, answer)  # fmt: skip
             if count > max_turns:
                 statements.append(
                     "DELETE FROM turns WHERE session_id = %s AND tenant_id = %s AND seq <= %s"
@@ -377,6 +384,14 @@ class PostgresStore:
             (tenant_id, platform.value, event_id),
         )
         return bool(rows)
+
+    async def processed_answer(
+        self, tenant_id: TenantId, platform: Platform, event_id: str
+    ) -> str | None:
+        rows = await self._read(
+            tenant_id, PROCESSED_ANSWER.format(p="%s"), (tenant_id, platform.value, event_id)
+        )
+        return str(rows[0][0]) if rows else None
 
     async def claim_event(
         self,

@@ -90,6 +90,22 @@ CLAIM_EVENT = (
 )
 
 
+#: The answer a processed event points at (`keep_answer`): a turn of the same tenant's session.
+PROCESSED_ANSWER = (
+    "SELECT t.text FROM processed_events e JOIN turns t ON t.session_id = e.session_id "
+    "AND t.seq = e.answer_seq AND t.tenant_id = e.tenant_id "
+    "WHERE e.tenant_id = {p} AND e.platform = {p} AND e.event_id = {p}"
+)
+
+
+def answer_seq(turns: list[Turn], first: int) -> int | None:
+    """The number of the answer among `turns` numbered from `first`: the last agent turn."""
+    for index in range(len(turns) - 1, -1, -1):
+        if turns[index].role == Role.AGENT:
+            return first + index
+    return None
+
+
 def user_sessions_query(
     mark: str, tenant_id: TenantId, user_id: str, platform: Platform | None
 ) -> tuple[str, tuple[Any, ...]]:

@@ -52,7 +52,9 @@ from chatgateway.store.migrations import sqlite as migrations
 from chatgateway.store.rows import (
     CLAIM_EVENT,
     DEDUP_RETENTION,
+    PROCESSED_ANSWER,
     SESSION_COLUMNS,
+    answer_seq,
     group_turns,
     key_from_row,
     list_sessions_query,
@@ -99,6 +101,10 @@ _UPDATE_SESSION = (
     "UPDATE sessions SET last_active = ?, message_count = ? WHERE id = ? AND tenant_id = ?"
 )
 _TRIM_TURNS = "DELETE FROM turns WHERE session_id = ? AND tenant_id = ? AND seq <= ?"
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO processed_events "
+    "(tenant_id, platform, event_id, processed_at, session_id, answer_seq) VALUES (?,?,?,?,?,?)"
+)
 
 
 def _write_exchanges(c: sqlite3.Connection, exchanges: list[_Exchange]) -> None:
@@ -107,7 +113,7 @@ def _write_exchanges(c: sqlite3.Connection, exchanges: list[_Exchange]) -> None:
     c.executemany(_UPDATE_SESSION, [ex.session_row for ex in exchanges])
     events = [ex.event_row for ex in exchanges if ex.event_row is not None]
     if events:
-        c.executemany("INSERT OR IGNORE INTO processed_events VALUES (?,?,?,?)", events)
+        c.executemany(_INSERT_EVENT, events)
     for ex in exchanges:
         if ex.trim is not None:
             c.execute(_TRIM_TURNS, ex.trim)
@@ -522,6 +528,7 @@ class SqliteStore:
         *,
         max_turns: int,
         processed_event: tuple[Platform, str] | None = None,
+        keep_answer: bool = False,
     ) -> None:
         hot = self._load(tenant_id, session_id)
         if hot is None:
@@ -532,6 +539,7 @@ class SqliteStore:
         # the last max_turns, one small primary-key range delete per exchange past that.
         first = hot.reserved + 1
         count = hot.reserved + len(turns)
+        answer = answer_seq(turns, first) if keep_answer else None
         exchange = _Exchange(
             turn_rows=[
                 (tenant_id, session_id, first + i, t.role.value, stored_text(t), t.timestamp)
@@ -539,7 +547,14 @@ class SqliteStore:
             ],
             session_row=(last_active, count, session_id, tenant_id),
             event_row=(
-                (tenant_id, processed_event[0].value, processed_event[1], time.time())
+                (
+                    tenant_id,
+                    processed_event[0].value,
+                    processed_event[1],
+                    time.time(),
+                    session_id if answer is not None else None,
+                    answer,
+                )
                 if processed_event is not None
                 else None
             ),
@@ -652,6 +667,12 @@ class SqliteStore:
             (tenant_id, platform.value, event_id),
         )
         return bool(rows)
+
+    async def processed_answer(
+        self, tenant_id: TenantId, platform: Platform, event_id: str
+    ) -> str | None:
+        rows = self._read(PROCESSED_ANSWER.format(p="?"), (tenant_id, platform.value, event_id))
+        return str(rows[0][0]) if rows else None
 
     async def claim_event(
         self,

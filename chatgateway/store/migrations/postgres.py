@@ -165,6 +165,15 @@ CREATE TABLE IF NOT EXISTS agent_state (
 );
 """ + tenant_rls("agent_state")
 
+# Version 7: a processed platform event points at its answer (the session and the number of the
+# agent's turn), so a replay of a message answered but perhaps never posted (the instance died in
+# between) can post that answer again where posting twice shows it once (Discord's nonces). The
+# table's row-level security (version 2) covers the new columns.
+PROCESSED_ANSWERS = """
+ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS session_id TEXT;
+ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS answer_seq BIGINT;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", INITIAL),
     Migration(2, "row-level security by tenant", ROW_LEVEL_SECURITY),
@@ -172,6 +181,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "leases of several instances", LEASES),
     Migration(5, "agent usage by tenant and day", AGENT_USAGE),
     Migration(6, "agent state per session", AGENT_STATE),
+    Migration(7, "answers of processed events", PROCESSED_ANSWERS),
 )
 
 _Conn = AsyncConnection[tuple[Any, ...]]

@@ -107,11 +107,20 @@ CREATE TABLE IF NOT EXISTS agent_state (
 ) WITHOUT ROWID;
 """
 
+# Version 5: a processed platform event points at its answer (the session and the number of the
+# agent's turn), so a replay of a message answered but perhaps never posted (the instance died in
+# between) can post that answer again where posting twice shows it once (Discord's nonces).
+PROCESSED_ANSWERS = """
+ALTER TABLE processed_events ADD COLUMN session_id TEXT;
+ALTER TABLE processed_events ADD COLUMN answer_seq INTEGER;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", INITIAL),
     Migration(2, "event claims of several instances", EVENT_CLAIMS),
     Migration(3, "agent usage by tenant and day", AGENT_USAGE),
     Migration(4, "agent state per session", AGENT_STATE),
+    Migration(5, "answers of processed events", PROCESSED_ANSWERS),
 )
 
 _VERSION_TABLE_SQL = (
