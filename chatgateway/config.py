@@ -157,6 +157,13 @@ class AgentConfig(Model):
     fallback_text: str = "Sorry, I can't answer right now. Please try again in a moment."
     max_concurrency: int = Field(32, ge=1, le=10_000)
     max_queue: int = Field(256, ge=0, le=100_000)
+    callback_timeout: float = Field(
+        900.0,
+        gt=0,
+        le=86_400,
+        description="Seconds an agent that answered 202 Accepted has to send its answer to the "
+        "callback URL; after that the user gets fallback_text",
+    )
     # OpenAI-compatible Chat Completions (protocol: openai); `url` is the base URL.
     model: str | None = Field(None, min_length=1, max_length=200)
     system_prompt: str | None = Field(None, max_length=100_000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from adapters.web import WebContext
+    from chatgateway.callbacks import Callbacks
     from chatgateway.tracing import MessageTracer
 
 log = structlog.get_logger("chatgateway.daemon")
@@ -221,6 +223,8 @@ class Daemon:
         self._healthy_at: float | None = None
         #: Spans of every message when `tracing.enabled` (chatgateway.tracing).
         self.tracer: MessageTracer | None = None
+        #: Answers agents send later (agent callbacks).
+        self.callbacks: Callbacks | None = None
         self.metrics.watch_gateway(self._gateway_sample)
 
     # Start ---------------------------------------------------------------------------------
@@ -269,6 +273,7 @@ class Daemon:
             # A change another instance made between our load and attach sent its notice to
             # nobody here: look again now that notices arrive.
             await self.tenants.sync_runtime()
+        await self._start_callbacks(config, clustered)
         await self._start_web(config)
         await self._settle_adapters()
         self._spawn(self._prune_loop(), "maintenance:prune")
@@ -289,6 +294,44 @@ class Daemon:
             and self.notifier.watchdog_interval * 2,
         )
         self.notifier.ready(self.status_line())
+
+    async def _start_callbacks(self, config: GatewayConfig, clustered: bool) -> None:
+        """Answers agents send later: tickets in every request, the sweep, delivery through
+        the adapters (chatgateway/callbacks.py)."""
+        from adapters.web.chat import SECRET_SETTING
+        from chatgateway.callbacks import Callbacks
+
+        assert self.store is not None and self.tenants is not None and self.pipeline is not None
+        assert self.supervisor is not None and self.coordinator is not None
+        # The gateway secret, as the web app resolves it for visitor tokens: the configured one,
+        # else the one generated into the store and shared by every instance.
+        if config.server.visitor_secret is not None:
+            secret = config.server.visitor_secret.get_secret_value()
+        else:
+            secret = await self.store.gateway_setting(SECRET_SETTING, secrets.token_urlsafe(32))
+        self.callbacks = Callbacks(
+            self.store,
+            self.tenants,
+            secret,
+            base_url=self._public_base,
+            instance_id=self.coordinator.instance_id,
+            shared=clustered,
+        )
+        self.callbacks.outbounds = self.supervisor.outbound
+        await self.callbacks.load()
+        self.pipeline.callbacks = self.callbacks
+        self._spawn(self.callbacks.run(), "maintenance:callbacks")
+
+    def _public_base(self) -> str:
+        """The gateway's URL as agents reach it: server.public_url, else the listen address."""
+        assert self.config is not None
+        if self.config.server.public_url is not None:
+            return str(self.config.server.public_url).rstrip("/")
+        host = self._listen.host if self._listen is not None else self.config.listen.host
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     async def _tenant_secrets(self, old: Any, new: Any) -> None:
         if new is not None:
@@ -657,6 +700,7 @@ class Daemon:
         steps = [
             ("adapters", self.supervisor.stop_all() if self.supervisor else None),
             ("web", self.runner.cleanup() if self.runner else None),
+            ("callbacks", self.callbacks.close() if self.callbacks else None),
             ("agents", self.tenants.close() if self.tenants else None),
             ("coordination", self.coordinator.close() if self.coordinator else None),
             ("limits", self.pipeline.admission.close() if self.pipeline else None),

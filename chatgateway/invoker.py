@@ -63,6 +63,24 @@ class AgentAnswer:
     usage: Usage | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """The agent answered 202 Accepted: the answer comes later, to the request's callback."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackTicket:
+    """Where and with what an agent sends an answer later (the request's `callback` field)."""
+
+    callback_id: str
+    url: str
+    token: str
+    expires_at: int
+
+    def as_payload(self) -> dict[str, Any]:
+        return {"url": self.url, "token": self.token, "expiresAt": self.expires_at}
+
+
 class SessionMemory(Protocol):
     """What a protocol keeps for one session between its messages (e.g. an open A2A task)."""
 
@@ -96,15 +114,18 @@ class AgentRequest:
     #: Collect mode: the session's messages that arrived while the agent answered, before
     #: `message`, sent in this one call.
     earlier: tuple[NormalizedMessage, ...] = ()
+    #: The callback the agent may answer to later (protocol chatgateway with callbacks on).
+    callback: CallbackTicket | None = None
 
 
 class AgentInvoker(Protocol):
     """One tenant's agent. `invoke` returns the answer text ("" means send nothing), or an
-    AgentAnswer when the protocol reports token usage."""
+    AgentAnswer when the protocol reports token usage, or Deferred when the agent will answer
+    later to the request's callback."""
 
     async def invoke(
         self, request: AgentRequest, on_delta: DeltaSink | None = None
-    ) -> str | AgentAnswer: ...
+    ) -> str | AgentAnswer | Deferred: ...
 
     async def close(self) -> None: ...
 
@@ -132,6 +153,8 @@ def agent_payload(request: AgentRequest) -> dict[str, Any]:
     }
     if request.earlier:  # collect mode: the messages before `message`, oldest first
         payload["earlier"] = [message_payload(m) for m in request.earlier]
+    if request.callback is not None:
+        payload["callback"] = request.callback.as_payload()
     return payload
 
 
@@ -245,7 +268,7 @@ class HttpAgentInvoker:
 
     async def invoke(
         self, request: AgentRequest, on_delta: DeltaSink | None = None
-    ) -> str | AgentAnswer:
+    ) -> str | AgentAnswer | Deferred:
         self._active += 1
         self._idle.clear()
         try:
@@ -264,7 +287,7 @@ class HttpAgentInvoker:
 
     async def _call_with_retries(
         self, request: AgentRequest, on_delta: DeltaSink | None, deadline: float
-    ) -> str | AgentAnswer:
+    ) -> str | AgentAnswer | Deferred:
         """One call with its retries; `deadline` is the event loop's time it must end by."""
         body = codec.dumps(agent_payload(request))
         headers = dict(self._headers)
@@ -272,10 +295,12 @@ class HttpAgentInvoker:
         headers["Accept"] = f"application/json, {NDJSON}" if on_delta else "application/json"
         try:
             # The common case, one successful attempt, skips the retry machinery entirely.
-            return await self._call_once(body, headers, on_delta)
+            answer = await self._call_once(body, headers, on_delta)
         except _Retryable as exc:
-            failure = exc
-        return await self._retry(lambda: self._call_once(body, headers, on_delta), failure)
+            answer = await self._retry(lambda: self._call_once(body, headers, on_delta), exc)
+        if isinstance(answer, Deferred) and request.callback is None:
+            raise AgentError("bad_response", "agent answered 202 but was offered no callback")
+        return answer
 
     async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call`, again on _Retryable with jittered backoff (or its Retry-After)."""
@@ -323,7 +348,7 @@ class HttpAgentInvoker:
 
     async def _call_once(
         self, body: bytes, headers: dict[str, str], on_delta: DeltaSink | None
-    ) -> str:
+    ) -> str | Deferred:
         if self._secret is not None:
             timestamp = str(int(time.time()))
             headers[TIMESTAMP_HEADER] = timestamp
@@ -342,6 +367,8 @@ class HttpAgentInvoker:
                     raise _Retryable("http_5xx", f"agent answered HTTP {resp.status}")
                 if resp.status >= 400:
                     raise AgentError("http_4xx", f"agent answered HTTP {resp.status}")
+                if resp.status == 202:  # "I will answer later", to the request's callback
+                    return Deferred()
                 if resp.content_type == NDJSON:
                     return await _read_stream(resp, sink if on_delta else None)
                 try:

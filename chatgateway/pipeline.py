@@ -13,7 +13,14 @@ import structlog
 from chatgateway.admission import Admission
 from chatgateway.errors import AgentError, NotFoundError, OverloadedError, UnavailableError
 from chatgateway.files import FileService, notice_first, prepare_files
-from chatgateway.invoker import AgentRequest, DeltaSink, StoredSessionMemory, Usage
+from chatgateway.invoker import (
+    AgentRequest,
+    CallbackTicket,
+    Deferred,
+    DeltaSink,
+    StoredSessionMemory,
+    Usage,
+)
 from chatgateway.metrics import Metrics
 from chatgateway.models import (
     NormalizedMessage,
@@ -31,13 +38,15 @@ from chatgateway.text import storable
 from chatgateway.usage import UsageRecorder
 
 if TYPE_CHECKING:  # coordination.local imports KeyedLocks from here
+    from chatgateway.callbacks import Callbacks
     from chatgateway.coordination.base import Coordinator
     from chatgateway.tracing import MessageTracer
 
 log = structlog.get_logger("chatgateway.pipeline")
 
 #: "collected": the message went to the agent with an earlier one of its session (collect mode).
-Outcome = Literal["ok", "empty", "fallback", "duplicate", "collected"]
+#: "deferred": the agent answered 202 and sends the answer later (chatgateway/callbacks.py).
+Outcome = Literal["ok", "empty", "fallback", "duplicate", "collected", "deferred"]
 
 #: Platforms whose connection one instance owns at a time (a Discord bot's lease, see the
 #: supervisor): their events reach only the owner, so they are not claimed; a claim would only
@@ -140,6 +149,8 @@ class Pipeline:
         self.accepting = True
         #: Spans of every message (`tracing.enabled`); None costs nothing per message.
         self.tracer: MessageTracer | None = None
+        #: Answers agents send later (202 + callback); None: no callback is offered.
+        self.callbacks: Callbacks | None = None
         #: File links and fetching (adapters/web/files.py sets it); None: files get no link.
         self.files: FileService | None = None
 
@@ -380,6 +391,12 @@ class Pipeline:
                 if outbound is not None and outbound.idempotent:
                     await self._post_again(message, outbound)
                 return Reply(None, "", "duplicate")
+            callbacks = self.callbacks
+            if callbacks is not None and callbacks.awaited(
+                message.tenant_id, session.id, config.agent
+            ):
+                # The agent owes this session an answer (it answered 202): that one first.
+                await callbacks.wait(message.tenant_id, session.id)
             earlier: tuple[NormalizedMessage, ...] = ()
             own = message
             if collect:
@@ -407,8 +424,12 @@ class Pipeline:
                 memory=StoredSessionMemory(self.store, message.tenant_id, session.id)
                 if config.agent.protocol == "a2a"
                 else None,
+                callback=callbacks.ticket(message.tenant_id, config.agent)
+                if callbacks is not None
+                else None,
             )
             cause: str | None = None
+            deferred: CallbackTicket | None = None
             agent_started = time.monotonic()
             # The tenant's current client and breaker: a reload may have replaced them while
             # we queued.
@@ -446,9 +467,11 @@ class Pipeline:
                         )
                     if isinstance(answer, str):
                         text = answer
+                    elif isinstance(answer, Deferred):  # 202: the answer comes to the callback
+                        text, deferred = "", request.callback
                     else:  # an AgentAnswer: the protocol reported the tokens it used
                         text, usage = answer.text, answer.usage
-                    outcome = "ok" if text else "empty"
+                    outcome = "ok" if text else "deferred" if deferred else "empty"
                     if tripped:
                         self.admission.breaker_record(message.tenant_id, breaker, True)
                 except asyncio.CancelledError:
@@ -496,7 +519,9 @@ class Pipeline:
             )
             if text:
                 series.messages_out.inc()
-            if outbound is not None:
+            if deferred is not None and callbacks is not None:
+                await callbacks.defer(message, session.id, deferred, outbound)
+            elif outbound is not None:
                 await self._deliver(outbound, text)
             log.info(
                 "message_handled",

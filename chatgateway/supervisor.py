@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import structlog
 
@@ -19,6 +19,7 @@ from chatgateway.coordination import Coordinator, Lease
 from chatgateway.errors import AdapterAuthError
 from chatgateway.metrics import AdapterSample, Metrics
 from chatgateway.models import Platform, TenantId
+from chatgateway.outbound import Address, Outbound
 
 # Platforms whose connection one instance owns at a time. Slack is not one: Slack spreads an
 # app's events over every open Socket Mode connection, so every instance connects (docs/slack.md).
@@ -179,6 +180,25 @@ class Supervisor:
 
     def adapters(self) -> list[Adapter]:
         return [s.adapter for s in self._running.values() if s.adapter is not None]
+
+    def outbound(
+        self, tenant_id: TenantId, address: Address
+    ) -> Outbound | Literal["elsewhere", "nowhere"]:
+        """Where an answer that arrives later (an agent's callback) is shown from here: the
+        running adapter's outbound; "elsewhere" when another instance owns the connection or
+        it is (re)connecting; "nowhere" when no adapter can show it."""
+        supervised = self._running.get((tenant_id, address.platform, address.adapter))
+        if supervised is None:
+            return "nowhere"
+        adapter = supervised.adapter
+        state = supervised.status.state
+        if state == AdapterState.PARKED:
+            return "nowhere"
+        if adapter is None or state != AdapterState.CONNECTED:
+            return "elsewhere"
+        factory = getattr(adapter, "outbound", None)
+        found = factory(address) if callable(factory) else None
+        return found if found is not None else "nowhere"
 
     def counts(self) -> dict[AdapterState, int]:
         """How many adapters are in each state."""

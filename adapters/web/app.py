@@ -456,6 +456,8 @@ async def chat(request: web.Request) -> web.Response:
         admitted=True,
     )
     assert reply.session is not None
+    if reply.outcome == "deferred":  # the agent answers later (docs/api.md)
+        return json_response({"sessionId": reply.session.id, "response": "", "deferred": True})
     return json_response({"sessionId": reply.session.id, "response": reply.text})
 
 
@@ -744,4 +746,7 @@ def create_app(context: WebContext) -> web.Application:
     from adapters.web.chat import install
 
     install(app)  # the browser chat: pages, widget, visitor tokens, CORS, streaming
+    from adapters.web.callbacks import install as install_callbacks
+
+    install_callbacks(app)  # agents' later answers (202 + callback)
     return app

@@ -282,6 +282,9 @@ def openapi_document() -> dict[str, Any]:
     from adapters.web.lifecycle import openapi_paths as lifecycle_paths
 
     lifecycle = lifecycle_paths(components)  # purge, a user's export and erasure
+    from adapters.web.callbacks import openapi_paths as callback_paths
+
+    callbacks = callback_paths(components)  # agents' later answers
     return {
         "openapi": "3.1.0",
         "info": {"title": "chatgateway", "version": __version__},
@@ -303,6 +306,7 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             **webchat,
             **lifecycle,
+            **callbacks,
             **_ops_paths(admin),
             "/api/chat": {
                 "post": {

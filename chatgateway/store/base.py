@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +53,57 @@ class ApiKeyRecord:
     key_hash: str
     label: str
     created_at: float
+
+
+#: The states of an agent callback (chatgateway/callbacks.py). Open: the session's answer is
+#: still to be shown, so its next message waits.
+CALLBACK_OPEN = ("pending", "received", "delivering")
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackRecord:
+    """An answer an agent promised to send later (it answered 202 Accepted).
+
+    `state`: pending (waiting for the agent), received (the final text is here, to be shown),
+    delivering (an instance claimed the delivery at `claimed_at`), delivered. `text`: the
+    progress so far while pending, then the final answer (the fallback text when `expired`).
+    `session_id` is "" for a final that arrived before its message's row was written.
+    """
+
+    tenant_id: TenantId
+    callback_id: str
+    session_id: SessionId
+    address: dict[str, Any] | None
+    created_at: float
+    expires_at: float
+    state: str
+    text: str | None
+    expired: bool
+    owner: str | None
+    claimed_at: float | None
+
+
+#: The columns `callback_from_row` reads, in order.
+CALLBACK_COLUMNS = (
+    "tenant_id, id, session_id, address, created_at, expires_at, state, text, expired, owner, "
+    "claimed_at"
+)
+
+
+def callback_from_row(row: tuple[Any, ...]) -> CallbackRecord:
+    return CallbackRecord(
+        TenantId(row[0]),
+        str(row[1]),
+        SessionId(row[2]),
+        json.loads(row[3]) if row[3] else None,
+        float(row[4]),
+        float(row[5]),
+        str(row[6]),
+        row[7],
+        bool(row[8]),
+        row[9],
+        row[10],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,3 +247,64 @@ class SessionStore(Protocol):
         self, tenant_id: TenantId, session_id: SessionId, value: str | None, *, now: float
     ) -> None:
         """Keep `value` for the session (None forgets it); durable on return."""
+
+    # Agent callbacks: answers an agent sends later (chatgateway/callbacks.py).
+    async def add_callback(
+        self,
+        tenant_id: TenantId,
+        callback_id: str,
+        session_id: SessionId,
+        address: dict[str, Any] | None,
+        *,
+        expires_at: float,
+        now: float,
+    ) -> CallbackRecord:
+        """Record a pending callback of `session_id`; durable on return. If its final answer
+        arrived first (an early row), the row is completed and returned as it is (received)."""
+
+    async def receive_callback(
+        self,
+        tenant_id: TenantId,
+        callback_id: str,
+        text: str,
+        *,
+        now: float,
+        final: bool = True,
+        expired: bool = False,
+        early_expires_at: float | None = None,
+    ) -> str:
+        """Take an agent's answer, atomically. `final`: the first final wins ("accepted"); a
+        later one is "already" ("expired" if the fallback was given). Not final: appended to
+        the progress ("accepted"), or "already"/"expired" once final. `expired`: the fallback
+        `text` as the final, only once the row is past its expiry. An unknown id is "unknown",
+        unless `early_expires_at` is given: then a final is kept as an early row (accepted)."""
+
+    async def claim_callback(
+        self, tenant_id: TenantId, callback_id: str, owner: str, *, now: float, stale_before: float
+    ) -> CallbackRecord | None:
+        """Claim a received answer's delivery for `owner` (or one whose claim is older than
+        `stale_before`); None when there is nothing to deliver or another owner has it."""
+
+    async def settle_callback(
+        self, tenant_id: TenantId, callback_id: str, owner: str, *, delivered: bool, now: float
+    ) -> None:
+        """End `owner`'s claim: delivered, or handed back (received) for another instance."""
+
+    async def get_callback(self, tenant_id: TenantId, callback_id: str) -> CallbackRecord | None:
+        ...
+
+    async def latest_callback(
+        self, tenant_id: TenantId, session_id: SessionId
+    ) -> CallbackRecord | None:
+        """The session's most recent callback."""
+
+    async def open_callbacks(self, tenant_id: TenantId) -> list[CallbackRecord]:
+        """The tenant's callbacks whose answer is not shown yet (states CALLBACK_OPEN)."""
+
+    async def due_callbacks(
+        self, tenant_id: TenantId, *, now: float, stale_before: float, limit: int = 100
+    ) -> list[CallbackRecord]:
+        """Callbacks needing the sweep: pending past expiry, received, or a stale claim."""
+
+    async def prune_callbacks(self, tenant_id: TenantId, *, before: float) -> int:
+        """Delete delivered callbacks last changed before `before`, and early rows expired."""

@@ -39,10 +39,13 @@ from chatgateway.models import (
 from chatgateway.rich import stored_text, stored_turn
 from chatgateway.store.base import (
     ADD_USAGE,
+    CALLBACK_COLUMNS,
     ApiKeyRecord,
+    CallbackRecord,
     SessionTranscript,
     TenantRecord,
     UsageRecord,
+    callback_from_row,
 )
 from chatgateway.store.migrations import MigrateMode, SchemaError, SchemaStatus, refusal
 from chatgateway.store.migrations import postgres as migrations
@@ -584,4 +587,147 @@ class PostgresStore:
             "INSERT INTO agent_state VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id, session_id) "
             "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
             (tenant_id, session_id, value, now),
+        )
+
+    # Agent callbacks -----------------------------------------------------------------------
+
+    async def add_callback(
+        self,
+        tenant_id: TenantId,
+        callback_id: str,
+        session_id: SessionId,
+        address: dict[str, Any] | None,
+        *,
+        expires_at: float,
+        now: float,
+    ) -> CallbackRecord:
+        # An early row (the final arrived first) gets its session and address here.
+        encoded = json.dumps(address) if address else None
+        rows = await self._read(
+            tenant_id,
+            "INSERT INTO agent_callbacks (tenant_id, id, session_id, address, created_at, "
+            "expires_at, state, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s) "
+            "ON CONFLICT (tenant_id, id) DO UPDATE SET session_id = excluded.session_id, "
+            "address = excluded.address, created_at = excluded.created_at, "
+            f"updated_at = excluded.updated_at RETURNING {CALLBACK_COLUMNS}",
+            (tenant_id, callback_id, session_id, encoded, now, expires_at, now),
+        )
+        return callback_from_row(rows[0])
+
+    async def receive_callback(
+        self,
+        tenant_id: TenantId,
+        callback_id: str,
+        text: str,
+        *,
+        now: float,
+        final: bool = True,
+        expired: bool = False,
+        early_expires_at: float | None = None,
+    ) -> str:
+        key = (tenant_id, callback_id)
+        if not final:
+            sql = (
+                "UPDATE agent_callbacks SET text = coalesce(text, '') || %s, updated_at = %s "
+                "WHERE tenant_id = %s AND id = %s AND state = 'pending'"
+            )
+            params: tuple[Any, ...] = (text, now, *key)
+        else:
+            sql = (
+                "UPDATE agent_callbacks SET state = 'received', text = %s, expired = %s, "
+                "updated_at = %s WHERE tenant_id = %s AND id = %s AND state = 'pending'"
+                + (" AND expires_at <= %s" if expired else "")
+            )
+            params = (text, expired, now, *key, *((now,) if expired else ()))
+        async with self._transaction(tenant_id) as conn:
+            cur = await conn.execute(sql, params)
+            if cur.rowcount:
+                return "accepted"
+            cur = await conn.execute(
+                "SELECT expired FROM agent_callbacks WHERE tenant_id = %s AND id = %s", key
+            )
+            found = await cur.fetchone()
+            if found is not None:
+                return "expired" if found[0] else "already"
+            if final and not expired and early_expires_at is not None:
+                cur = await conn.execute(
+                    "INSERT INTO agent_callbacks (tenant_id, id, session_id, created_at, "
+                    "expires_at, state, text, updated_at) "
+                    "VALUES (%s, %s, '', %s, %s, 'received', %s, %s) ON CONFLICT DO NOTHING",
+                    (*key, now, early_expires_at, text, now),
+                )
+                # A concurrent final that inserted first won.
+                return "accepted" if cur.rowcount else "already"
+            return "unknown"
+
+    async def claim_callback(
+        self, tenant_id: TenantId, callback_id: str, owner: str, *, now: float, stale_before: float
+    ) -> CallbackRecord | None:
+        rows = await self._read(
+            tenant_id,
+            "UPDATE agent_callbacks SET state = 'delivering', owner = %s, claimed_at = %s, "
+            "updated_at = %s WHERE tenant_id = %s AND id = %s AND session_id != '' AND "
+            "(state = 'received' OR (state = 'delivering' AND claimed_at < %s)) "
+            f"RETURNING {CALLBACK_COLUMNS}",
+            (owner, now, now, tenant_id, callback_id, stale_before),
+        )
+        return callback_from_row(rows[0]) if rows else None
+
+    async def settle_callback(
+        self, tenant_id: TenantId, callback_id: str, owner: str, *, delivered: bool, now: float
+    ) -> None:
+        await self._write(
+            tenant_id,
+            "UPDATE agent_callbacks SET state = %s, owner = NULL, updated_at = %s "
+            "WHERE tenant_id = %s AND id = %s AND state = 'delivering' AND owner = %s",
+            ("delivered" if delivered else "received", now, tenant_id, callback_id, owner),
+        )
+
+    async def get_callback(self, tenant_id: TenantId, callback_id: str) -> CallbackRecord | None:
+        rows = await self._read(
+            tenant_id,
+            f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = %s AND id = %s",
+            (tenant_id, callback_id),
+        )
+        return callback_from_row(rows[0]) if rows else None
+
+    async def latest_callback(
+        self, tenant_id: TenantId, session_id: SessionId
+    ) -> CallbackRecord | None:
+        rows = await self._read(
+            tenant_id,
+            f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = %s "
+            "AND session_id = %s ORDER BY created_at DESC LIMIT 1",
+            (tenant_id, session_id),
+        )
+        return callback_from_row(rows[0]) if rows else None
+
+    async def open_callbacks(self, tenant_id: TenantId) -> list[CallbackRecord]:
+        rows = await self._read(
+            tenant_id,
+            f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = %s "
+            "AND state IN ('pending', 'received', 'delivering') AND session_id != ''",
+            (tenant_id,),
+        )
+        return [callback_from_row(r) for r in rows]
+
+    async def due_callbacks(
+        self, tenant_id: TenantId, *, now: float, stale_before: float, limit: int = 100
+    ) -> list[CallbackRecord]:
+        rows = await self._read(
+            tenant_id,
+            f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = %s "
+            "AND session_id != '' AND ((state = 'pending' AND expires_at <= %s) "
+            "OR state = 'received' OR (state = 'delivering' AND claimed_at < %s)) "
+            "ORDER BY created_at LIMIT %s",
+            (tenant_id, now, stale_before, limit),
+        )
+        return [callback_from_row(r) for r in rows]
+
+    async def prune_callbacks(self, tenant_id: TenantId, *, before: float) -> int:
+        return await self._write(
+            tenant_id,
+            "DELETE FROM agent_callbacks WHERE tenant_id = %s AND "
+            "((state = 'delivered' AND updated_at < %s) OR (session_id = '' AND expires_at < %s))",
+            (tenant_id, before, before),
         )

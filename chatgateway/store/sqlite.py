@@ -42,10 +42,13 @@ from chatgateway.models import (
 from chatgateway.rich import stored_text, stored_turn
 from chatgateway.store.base import (
     ADD_USAGE,
+    CALLBACK_COLUMNS,
     ApiKeyRecord,
+    CallbackRecord,
     SessionTranscript,
     TenantRecord,
     UsageRecord,
+    callback_from_row,
 )
 from chatgateway.store.migrations import MigrateMode, SchemaStatus, refusal
 from chatgateway.store.migrations import sqlite as migrations
@@ -856,6 +859,167 @@ class SqliteStore:
                 "INSERT INTO agent_state VALUES (?, ?, ?, ?) ON CONFLICT (tenant_id, session_id) "
                 "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 row,
+            )
+        )
+
+    # Agent callbacks -----------------------------------------------------------------------
+
+    async def add_callback(
+        self,
+        tenant_id: TenantId,
+        callback_id: str,
+        session_id: SessionId,
+        address: dict[str, Any] | None,
+        *,
+        expires_at: float,
+        now: float,
+    ) -> CallbackRecord:
+        row = (tenant_id, callback_id, session_id, json.dumps(address) if address else None,
+               now, expires_at, "pending", now)  # fmt: skip
+
+        def op(c: sqlite3.Connection) -> tuple[Any, ...]:
+            # An early row (the final arrived first) gets its session and address here.
+            c.execute(
+                "INSERT INTO agent_callbacks (tenant_id, id, session_id, address, created_at, "
+                "expires_at, state, updated_at) VALUES (?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (tenant_id, id) DO UPDATE SET session_id = excluded.session_id, "
+                "address = excluded.address, created_at = excluded.created_at, "
+                "updated_at = excluded.updated_at",
+                row,
+            )
+            found = c.execute(
+                f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = ? AND id = ?",
+                (tenant_id, callback_id),
+            ).fetchone()
+            return tuple(found)
+
+        return callback_from_row(await self._write(op))
+
+    async def receive_callback(
+        self,
+        tenant_id: TenantId,
+        callback_id: str,
+        text: str,
+        *,
+        now: float,
+        final: bool = True,
+        expired: bool = False,
+        early_expires_at: float | None = None,
+    ) -> str:
+        key = (tenant_id, callback_id)
+
+        def op(c: sqlite3.Connection) -> str:
+            if not final:
+                sql = (
+                    "UPDATE agent_callbacks SET text = coalesce(text, '') || ?, updated_at = ? "
+                    "WHERE tenant_id = ? AND id = ? AND state = 'pending'"
+                )
+                params: tuple[Any, ...] = (text, now, *key)
+            else:
+                sql = (
+                    "UPDATE agent_callbacks SET state = 'received', text = ?, expired = ?, "
+                    "updated_at = ? WHERE tenant_id = ? AND id = ? AND state = 'pending'"
+                    + (" AND expires_at <= ?" if expired else "")
+                )
+                params = (text, int(expired), now, *key, *((now,) if expired else ()))
+            if c.execute(sql, params).rowcount:
+                return "accepted"
+            found = c.execute(
+                "SELECT expired FROM agent_callbacks WHERE tenant_id = ? AND id = ?", key
+            ).fetchone()
+            if found is not None:
+                return "expired" if found[0] else "already"
+            if final and not expired and early_expires_at is not None:
+                c.execute(
+                    "INSERT INTO agent_callbacks (tenant_id, id, session_id, created_at, "
+                    "expires_at, state, text, updated_at) VALUES (?,?,'',?,?,'received',?,?)",
+                    (*key, now, early_expires_at, text, now),
+                )
+                return "accepted"
+            return "unknown"
+
+        return await self._write(op)
+
+    async def claim_callback(
+        self, tenant_id: TenantId, callback_id: str, owner: str, *, now: float, stale_before: float
+    ) -> CallbackRecord | None:
+        def op(c: sqlite3.Connection) -> tuple[Any, ...] | None:
+            claimed = c.execute(
+                "UPDATE agent_callbacks SET state = 'delivering', owner = ?, claimed_at = ?, "
+                "updated_at = ? WHERE tenant_id = ? AND id = ? AND session_id != '' AND "
+                "(state = 'received' OR (state = 'delivering' AND claimed_at < ?))",
+                (owner, now, now, tenant_id, callback_id, stale_before),
+            ).rowcount
+            if not claimed:
+                return None
+            found = c.execute(
+                f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = ? AND id = ?",
+                (tenant_id, callback_id),
+            ).fetchone()
+            return tuple(found)
+
+        row = await self._write(op)
+        return callback_from_row(row) if row is not None else None
+
+    async def settle_callback(
+        self, tenant_id: TenantId, callback_id: str, owner: str, *, delivered: bool, now: float
+    ) -> None:
+        params = ("delivered" if delivered else "received", now, tenant_id, callback_id, owner)
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE agent_callbacks SET state = ?, owner = NULL, updated_at = ? "
+                "WHERE tenant_id = ? AND id = ? AND state = 'delivering' AND owner = ?",
+                params,
+            )
+        )
+
+    async def get_callback(self, tenant_id: TenantId, callback_id: str) -> CallbackRecord | None:
+        rows = self._read(
+            f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = ? AND id = ?",
+            (tenant_id, callback_id),
+        )
+        return callback_from_row(rows[0]) if rows else None
+
+    async def latest_callback(
+        self, tenant_id: TenantId, session_id: SessionId
+    ) -> CallbackRecord | None:
+        rows = self._read(
+            f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = ? "
+            "AND session_id = ? ORDER BY created_at DESC LIMIT 1",
+            (tenant_id, session_id),
+        )
+        return callback_from_row(rows[0]) if rows else None
+
+    async def open_callbacks(self, tenant_id: TenantId) -> list[CallbackRecord]:
+        rows = self._read(
+            f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = ? "
+            "AND state IN ('pending', 'received', 'delivering') AND session_id != ''",
+            (tenant_id,),
+        )
+        return [callback_from_row(r) for r in rows]
+
+    async def due_callbacks(
+        self, tenant_id: TenantId, *, now: float, stale_before: float, limit: int = 100
+    ) -> list[CallbackRecord]:
+        rows = self._read(
+            f"SELECT {CALLBACK_COLUMNS} FROM agent_callbacks WHERE tenant_id = ? "
+            "AND session_id != '' AND ((state = 'pending' AND expires_at <= ?) "
+            "OR state = 'received' OR (state = 'delivering' AND claimed_at < ?)) "
+            "ORDER BY created_at LIMIT ?",
+            (tenant_id, now, stale_before, limit),
+        )
+        return [callback_from_row(r) for r in rows]
+
+    async def prune_callbacks(self, tenant_id: TenantId, *, before: float) -> int:
+        params = (tenant_id, before, before)
+        return int(
+            await self._write(
+                lambda c: c.execute(
+                    "DELETE FROM agent_callbacks WHERE tenant_id = ? AND "
+                    "((state = 'delivered' AND updated_at < ?) "
+                    "OR (session_id = '' AND expires_at < ?))",
+                    params,
+                ).rowcount
             )
         )
 

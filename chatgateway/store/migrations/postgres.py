@@ -174,6 +174,30 @@ ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS session_id TEXT;
 ALTER TABLE processed_events ADD COLUMN IF NOT EXISTS answer_seq BIGINT;
 """
 
+# Version 8: answers an agent sends later (it answered 202 Accepted): one row per promised answer,
+# so a pending answer survives a restart and any instance can take it (chatgateway/callbacks.py).
+AGENT_CALLBACKS = """
+CREATE TABLE IF NOT EXISTS agent_callbacks (
+    tenant_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    address TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    state TEXT NOT NULL,
+    text TEXT,
+    expired BOOLEAN NOT NULL DEFAULT FALSE,
+    owner TEXT,
+    claimed_at DOUBLE PRECISION,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+);
+CREATE INDEX IF NOT EXISTS agent_callbacks_by_session
+    ON agent_callbacks (tenant_id, session_id, created_at);
+CREATE INDEX IF NOT EXISTS agent_callbacks_by_state
+    ON agent_callbacks (tenant_id, state, expires_at);
+""" + tenant_rls("agent_callbacks")
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", INITIAL),
     Migration(2, "row-level security by tenant", ROW_LEVEL_SECURITY),
@@ -182,6 +206,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "agent usage by tenant and day", AGENT_USAGE),
     Migration(6, "agent state per session", AGENT_STATE),
     Migration(7, "answers of processed events", PROCESSED_ANSWERS),
+    Migration(8, "agent callbacks", AGENT_CALLBACKS),
 )
 
 _Conn = AsyncConnection[tuple[Any, ...]]

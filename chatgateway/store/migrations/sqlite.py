@@ -115,12 +115,37 @@ ALTER TABLE processed_events ADD COLUMN session_id TEXT;
 ALTER TABLE processed_events ADD COLUMN answer_seq INTEGER;
 """
 
+# Version 6: answers an agent sends later (it answered 202 Accepted): one row per promised answer,
+# so a pending answer survives a restart and any instance can take it (chatgateway/callbacks.py).
+AGENT_CALLBACKS = """
+CREATE TABLE IF NOT EXISTS agent_callbacks (
+    tenant_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    address TEXT,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    text TEXT,
+    expired INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    claimed_at REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS agent_callbacks_by_session
+    ON agent_callbacks (tenant_id, session_id, created_at);
+CREATE INDEX IF NOT EXISTS agent_callbacks_by_state
+    ON agent_callbacks (tenant_id, state, expires_at);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", INITIAL),
     Migration(2, "event claims of several instances", EVENT_CLAIMS),
     Migration(3, "agent usage by tenant and day", AGENT_USAGE),
     Migration(4, "agent state per session", AGENT_STATE),
     Migration(5, "answers of processed events", PROCESSED_ANSWERS),
+    Migration(6, "agent callbacks", AGENT_CALLBACKS),
 )
 
 _VERSION_TABLE_SQL = (
