@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from chatgateway.callbacks import SWEEP_INTERVAL
 from chatgateway.testing.agent import AgentCall, FakeAgent
 from tests.conftest import tenant, url
+from tests.test_store import postgres_schema
 
 KEY_A = "key-a-0123456789abcdef0123456789"
 KEY_B = "key-b-0123456789abcdef0123456789"
@@ -73,7 +76,9 @@ async def post_callback(http: aiohttp.ClientSession, target: str, token: str | N
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
     async with asyncio.timeout(within):
-        while not await predicate():
+        while True:
+            if await predicate():
+                return
             await asyncio.sleep(0.05)
 
 
@@ -254,3 +259,65 @@ async def test_the_chat_stream_says_deferred(make_agent, make_gateway, http):
         events = [json.loads(line) for line in (await resp.text()).splitlines() if line]
     assert events[-1]["type"] == "done" and events[-1]["outcome"] == "deferred"
     assert events[-1]["response"] == ""
+
+
+# Several instances on PostgreSQL (row-level security on agent_callbacks, claims across them).
+
+
+@pytest.fixture
+async def pg_dsn() -> AsyncIterator[str]:
+    async with postgres_schema() as value:
+        yield value
+
+
+@pytest.mark.postgres
+async def test_two_instances_on_postgres_deliver_once_and_keep_the_order(
+    make_agent, make_gateway, http, pg_dsn
+):
+    async def first_later(call: AgentCall) -> web.StreamResponse:
+        if call.body["message"]["text"] in ("first", "never answered"):
+            return await accept_later(call)
+        return web.json_response({"response": "second answer"})
+
+    agent = await make_agent(behaviour=first_later)
+    settings = config(agent.url)
+    settings["tenants"].append(tenant("slowco", agent.url, keys=["key-s-0123456789abcdef0123"],
+                                      agent={"fallback_text": FALLBACK, "callback_timeout": 1}))
+    settings["storage"] = {"backend": "postgres", "dsn": {"value": pg_dsn}}
+    settings["cluster"] = {"coordination": "postgres"}
+    one = await make_gateway(settings)
+    two = await make_gateway(settings)
+    _, body = await chat(http, one, "first")
+    session_id = body["sessionId"]
+    callback = agent.calls[0].body["callback"]
+    assert callback["url"].startswith(url(one, "/api/callbacks/"))
+    # The session's next message arrives at the other instance: it waits for the answer.
+    second = asyncio.create_task(chat(http, two, "second", sessionId=session_id))
+    await asyncio.sleep(1.5)
+    assert len(agent.calls) == 1 and not second.done()
+
+    # The answer arrives at the other instance too, twice at once: delivered once.
+    results = await asyncio.gather(*(
+        post_callback(http, on(gw, callback["url"]), callback["token"], {"text": "first answer"})
+        for gw in (two, one)))
+    assert sorted(str(r[1]["delivered"]) for r in results) == ["True", "already"]
+    status, answer = await asyncio.wait_for(second, 10)
+    assert (status, answer["response"]) == (200, "second answer")
+    assert await transcript(http, one, session_id) == [
+        ("user", "first"), ("agent", "first answer"), ("user", "second"),
+        ("agent", "second answer")]
+    # Another tenant's token never reaches acme's callback, here either.
+    _, slow = await chat(http, two, "never answered", key="key-s-0123456789abcdef0123")
+    slow_cb = agent.calls[-1].body["callback"]
+    status, _ = await post_callback(http, callback["url"], slow_cb["token"], {"text": "x"})
+    assert status == 401
+    # Its expiry gives the fallback once, whichever instance's sweep gets there first.
+
+    async def expired() -> bool:
+        turns = await transcript(http, one, slow["sessionId"], key="key-s-0123456789abcdef0123")
+        return ("agent", FALLBACK) in turns
+
+    await wait_until(expired, within=10)
+    await asyncio.sleep(SWEEP_INTERVAL * 2)
+    assert await transcript(http, two, slow["sessionId"], key="key-s-0123456789abcdef0123") == [
+        ("user", "never answered"), ("agent", FALLBACK)]
