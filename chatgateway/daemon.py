@@ -384,6 +384,7 @@ class Daemon:
         await self.runner.setup()
         self._site, self.port = await self._bind(config.listen)
         self._listen = config.listen
+        context.listen = (config.listen.host, self.port)  # file links without public_url
 
     async def _bind(self, listen: ListenConfig) -> tuple[web.TCPSite, int]:
         assert self.runner is not None
@@ -650,6 +651,7 @@ class Daemon:
             await old_site.stop()
         if self.web_context is not None:
             self.web_context.loopback = is_loopback(listen.host)
+            self.web_context.listen = (listen.host, port)
         log.info("listen_changed", host=listen.host, port=port)
         return True
 

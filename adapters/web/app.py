@@ -38,8 +38,10 @@ from chatgateway.errors import (
     UnavailableError,
 )
 from chatgateway.models import (
+    Attachment,
     Conversation,
     ConversationKind,
+    FileSource,
     NormalizedMessage,
     Platform,
     Session,
@@ -73,6 +75,8 @@ class WebContext:
     loopback: bool
     #: Extra routes (health, metrics, status, chat page) added by other parts of the daemon.
     extra_routes: list[web.RouteDef] = field(default_factory=list)
+    #: The bound (host, port): file links use it when `server.public_url` is unset.
+    listen: tuple[str, int] | None = None
 
 
 CONTEXT = web.AppKey("context", WebContext)
@@ -382,6 +386,8 @@ def web_message(principal: Principal, body: schemas.ChatRequest) -> NormalizedMe
         text=body.message,
         message_id=os.urandom(16).hex(),
         timestamp=time.time(),
+        # Uploads (POST /api/files) by id; the pipeline checks they are this user's.
+        attachments=tuple(Attachment("", source=FileSource("web", f)) for f in body.files),
         metadata=body.metadata,
     )
 
@@ -746,6 +752,9 @@ def create_app(context: WebContext) -> web.Application:
     from adapters.web.chat import install
 
     install(app)  # the browser chat: pages, widget, visitor tokens, CORS, streaming
+    from adapters.web.files import install as install_files
+
+    install_files(app)  # file links for agents, web uploads
     from adapters.web.callbacks import install as install_callbacks
 
     install_callbacks(app)  # agents' later answers (202 + callback)

@@ -25,7 +25,9 @@ from adapters.web.app import (
     require_admin,
     session_summary,
 )
+from adapters.web.files import FILES
 from chatgateway.errors import ConflictError
+from chatgateway.files import UploadStore
 from chatgateway.models import Platform, TenantId
 from chatgateway.store.base import SessionTranscript
 
@@ -95,6 +97,10 @@ async def _erase(
 ) -> web.Response:
     store = request.app[CONTEXT].store
     deleted = await store.erase_user(TenantId(tenant_id), user_id, platform=platform)
+    uploads = _uploads(request)
+    if uploads is not None and platform in (None, Platform.WEB):
+        if count := uploads.delete_user(tenant_id, user_id):  # web chat files
+            deleted["uploads"] = count
     if not deleted.get("sessions"):
         raise ApiError(404, "not_found", f"no sessions of user {user_id!r}")
     # The user id itself is personal data: the log line says how much, not whose.
@@ -107,6 +113,12 @@ async def _erase(
             "deleted": {camel(k): v for k, v in deleted.items()},
         }
     )
+
+
+def _uploads(request: web.Request) -> UploadStore | None:
+    """Where web chat uploads are kept (tenant data, deleted with the rest)."""
+    service = request.app.get(FILES)
+    return service.uploads if service is not None else None
 
 
 async def _own_user(request: web.Request) -> tuple[str, str, Platform | None]:
@@ -162,6 +174,9 @@ async def admin_purge_tenant(request: web.Request) -> web.Response:
         deleted = await tenants.purge(tenant_id)
     except ConflictError as exc:
         raise ApiError(409, "conflict", str(exc)) from None
+    uploads = _uploads(request)
+    if uploads is not None and (count := uploads.delete_tenant(tenant_id)):
+        deleted["uploads"] = count  # web chat files
     return json_response(
         {
             "tenantId": tenant_id,

@@ -282,6 +282,9 @@ def openapi_document() -> dict[str, Any]:
     from adapters.web.lifecycle import openapi_paths as lifecycle_paths
 
     lifecycle = lifecycle_paths(components)  # purge, a user's export and erasure
+    from adapters.web.files import openapi_paths as files_paths
+
+    files = files_paths(components)  # file links and web uploads
     from adapters.web.callbacks import openapi_paths as callback_paths
 
     callbacks = callback_paths(components)  # agents' later answers
@@ -306,6 +309,7 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             **webchat,
             **lifecycle,
+            **files,
             **callbacks,
             **_ops_paths(admin),
             "/api/chat": {

@@ -21,6 +21,11 @@ class ChatRequest(Body):
     userName: str | None = Field(None, max_length=256)
     newSession: bool = Field(False, description="Start a new session even if one is active")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Passed to the agent")
+    files: list[str] = Field(
+        default_factory=list,
+        max_length=10,
+        description="fileIds of uploads (POST /api/files) to attach to the message",
+    )
 
 
 class ChatResponse(BaseModel):

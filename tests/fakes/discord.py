@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.files import FakeFileHost
+
 DISCORD_EPOCH_MS = 1_420_070_400_000
 INTENT_GUILDS = 1 << 0
 INTENT_GUILD_MESSAGES = 1 << 9
@@ -188,6 +190,8 @@ class FakeDiscord:
         self._runner: web.AppRunner | None = None
         self._changed: asyncio.Condition | None = None
         self.port = 0
+        #: Attachments served CDN-like at /attachments/... (no token: the URL is the key).
+        self.file_host = FakeFileHost("/attachments")
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -202,6 +206,7 @@ class FakeDiscord:
         app.router.add_post("/api/v10/channels/{channel_id}/typing", self._typing)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/resume", self._gateway)
+        app.router.add_get("/attachments/{channel_id}/{file_id}/{name}", self._attachment)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -210,6 +215,18 @@ class FakeDiscord:
         self.port = self._runner.addresses[0][1]
         self._changed = asyncio.Condition()
         return self
+
+    def attachment(self, name: str, *, data: bytes | None = None, size: int | None = None,
+                   content_type: str = "application/octet-stream",
+                   channel_id: str = "2001") -> dict[str, Any]:
+        """An attachment object for `message_create(extra={"attachments": [...]})`."""
+        file = self.file_host.add(name, data=data, size=size, mimetype=content_type)
+        url = f"http://127.0.0.1:{self.port}/attachments/{channel_id}/{file.id}/{name}"
+        return {"id": snowflake(), "filename": name, "size": file.size, "url": url,
+                "proxy_url": url, "content_type": content_type}
+
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
+        return await self.file_host.handle(request)
 
     async def stop(self) -> None:
         for conn in list(self.connections):

@@ -24,6 +24,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.files import FakeFileHost
+
 
 @dataclass
 class FakeApp:
@@ -141,6 +143,9 @@ class FakeSlack:
         self.revoked: set[str] = set()
         self.users: dict[str, dict[str, Any]] = {}
         self.base_url = ""
+        #: Files behind url_private, served only to the bot token of the app they were shared
+        #: with (tests/fakes/files.py).
+        self.file_host = FakeFileHost("/files-pri")
         self._runner: web.AppRunner | None = None
         self._tickets: dict[str, FakeApp] = {}
         self._socket_ids = itertools.count(1)
@@ -157,6 +162,7 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link/", self._socket)
         app.router.add_post("/response/{token}", self._response_url)
+        app.router.add_get("/files-pri/{file_id}/{name}", self.file_host.handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -196,6 +202,18 @@ class FakeSlack:
         )
         self.apps.append(app)
         return app
+
+    def add_file(self, app: FakeApp, name: str, *, data: bytes | None = None,
+                 size: int | None = None, mimetype: str = "application/octet-stream",
+                 ) -> dict[str, Any]:
+        """A file shared with `app` (only its bot token downloads it): an entry for an event's
+        `files` (e.g. `dm(..., files=[...], subtype="file_share")`)."""
+        file = self.file_host.add(name, data=data, size=size, mimetype=mimetype,
+                                  token=app.bot_token)
+        return {"id": file.id, "name": name, "title": name, "mimetype": mimetype,
+                "filetype": name.rpartition(".")[2], "size": file.size,
+                "url_private": self.base_url + self.file_host.path(file),
+                "url_private_download": self.base_url + self.file_host.path(file)}
 
     # Waiting -------------------------------------------------------------------------------
 
