@@ -2,7 +2,10 @@
 
 It speaks what slack-bolt / slack_sdk use (see ../shared/PLATFORMS.md): `apps.connections.open`
 hands out a ws:// URL, the socket carries envelopes and acks, and the Web API records every
-message, reaction and response_url post with the token that made it. Like Slack it redelivers
+message, reaction and response_url post with the token that made it. Streamed messages
+(chat.startStream / appendStream / stopStream) are kept with the time and text of every change,
+chat.update edits posted and streamed messages, assistant.threads.setStatus calls are recorded,
+and an app can be made to refuse the streaming methods (`FakeApp.refuse_streaming`). Like Slack it redelivers
 an envelope that is not acked in time, and echoes a bot's own DM replies back as events.
 
 Faults a test can inject: a 429 with Retry-After on a method, `invalid_auth` for any unknown
@@ -40,6 +43,9 @@ class FakeApp:
     app_token: str
     sockets: list[FakeSocket] = field(default_factory=list)
     connections_opened: int = 0
+    #: When set, chat.startStream/appendStream/stopStream answer this error (e.g.
+    #: "unknown_method" on a Slack without streaming, "missing_scope").
+    refuse_streaming: str | None = None
 
     def config(self, fake: FakeSlack, **extra: Any) -> dict[str, Any]:
         """The `slack.apps[i]` entry of a gateway config for this app."""
@@ -101,6 +107,35 @@ class Posted:
     at: float
     response_type: str | None = None
     user: str | None = None
+    #: chat.update calls on this message: (time, new text).
+    edits: list[tuple[float, str]] = field(default_factory=list)
+
+
+@dataclass
+class Streamed:
+    """A message the bot streamed (chat.startStream ... stopStream), then perhaps chat.update'd:
+    its text now, and every call that changed it as (method, time, text after)."""
+
+    token: str
+    channel: str
+    thread_ts: str | None
+    ts: str
+    recipient_user_id: str | None
+    recipient_team_id: str | None
+    text: str
+    streaming: bool = True
+    changes: list[tuple[str, float, str]] = field(default_factory=list)
+
+
+@dataclass
+class Status:
+    """An assistant.threads.setStatus call ("" clears the status)."""
+
+    token: str
+    channel_id: str
+    thread_ts: str
+    status: str
+    at: float
 
 
 @dataclass
@@ -138,6 +173,8 @@ class FakeSlack:
         self._unacked: dict[str, list[Delivery]] = {}
         self.posted: list[Posted] = []
         self.reactions: list[Reaction] = []
+        self.streams: list[Streamed] = []
+        self.statuses: list[Status] = []
         self.calls: list[ApiCall] = []
         self.rate_limits: dict[str, list[float]] = {}
         self.revoked: set[str] = set()
@@ -505,6 +542,17 @@ class FakeSlack:
             return {"ok": True, "channel": channel, "ts": ts,
                     "message": {"type": "message", "text": text, "user": app.bot_user_id,
                                 "bot_id": app.bot_id, "ts": ts}}
+        if method.startswith("chat.") and method.endswith("Stream"):
+            return self._stream_method(method, app, token, params, now)
+        if method == "chat.update":
+            return self._update(params, now)
+        if method == "assistant.threads.setStatus":
+            channel_id, thread_ts, status = (params.get(k) for k in
+                                             ("channel_id", "thread_ts", "status"))
+            if not channel_id or not thread_ts or status is None:
+                return {"ok": False, "error": "invalid_arguments"}
+            self.statuses.append(Status(token, str(channel_id), str(thread_ts), str(status), now))
+            return {"ok": True}
         if method in ("reactions.add", "reactions.remove"):
             self.reactions.append(Reaction(
                 method.split(".")[1], token, str(params.get("channel")),
@@ -520,6 +568,79 @@ class FakeSlack:
             }
             return {"ok": True, "user": user}
         return {"ok": False, "error": "unknown_method"}
+
+    def stream(self, ts: str) -> Streamed | None:
+        return next((m for m in self.streams if m.ts == ts), None)
+
+    def streams_in(self, channel: str | None = None) -> list[Streamed]:
+        return [m for m in self.streams if channel is None or m.channel == channel]
+
+    def calls_of(self, method: str) -> list[ApiCall]:
+        return [c for c in self.calls if c.method == method]
+
+    def _stream_method(self, method: str, app: FakeApp, token: str, params: dict[str, Any],
+                       now: float) -> dict[str, Any]:
+        """chat.startStream / appendStream / stopStream, checked like Slack checks them."""
+        if method not in ("chat.startStream", "chat.appendStream", "chat.stopStream"):
+            return {"ok": False, "error": "unknown_method"}
+        if app.refuse_streaming:
+            return {"ok": False, "error": app.refuse_streaming}
+        channel = params.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        text = params.get("markdown_text")
+        chunks = params.get("chunks")
+        if text is None and isinstance(chunks, list):
+            text = "".join(str(c.get("text", "")) for c in chunks
+                           if isinstance(c, dict) and c.get("type") == "markdown_text")
+        if method == "chat.startStream":
+            thread_ts = params.get("thread_ts")
+            if not thread_ts:
+                return {"ok": False, "error": "invalid_thread_ts"}
+            if not str(channel).startswith("D"):
+                # Outside a DM Slack must know whom the stream is for.
+                if not params.get("recipient_user_id"):
+                    return {"ok": False, "error": "missing_recipient_user_id"}
+                if not params.get("recipient_team_id"):
+                    return {"ok": False, "error": "missing_recipient_team_id"}
+            ts = self.new_ts()
+            message = Streamed(token, str(channel), str(thread_ts), ts,
+                               params.get("recipient_user_id"), params.get("recipient_team_id"),
+                               str(text or ""))
+            message.changes.append((method, now, message.text))
+            self.streams.append(message)
+            return {"ok": True, "channel": channel, "ts": ts}
+        found = self.stream(str(params.get("ts")))
+        if found is None or found.channel != channel:
+            return {"ok": False, "error": "message_not_found"}
+        if not found.streaming:
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        if method == "chat.appendStream" and not text:
+            return {"ok": False, "error": "no_text"}
+        found.text += str(text or "")
+        if method == "chat.stopStream":
+            found.streaming = False
+        found.changes.append((method, now, found.text))
+        return {"ok": True, "channel": channel, "ts": found.ts}
+
+    def _update(self, params: dict[str, Any], now: float) -> dict[str, Any]:
+        channel, ts = params.get("channel"), params.get("ts")
+        text = params.get("markdown_text") or params.get("text")
+        if not text:
+            return {"ok": False, "error": "no_text"}
+        for posted in self.posted:
+            if posted.ts == ts and posted.channel == channel:
+                posted.text = str(text)
+                posted.edits.append((now, posted.text))
+                return {"ok": True, "channel": channel, "ts": ts, "text": text}
+        streamed = self.stream(str(ts))
+        if streamed is not None and streamed.channel == channel:
+            if streamed.streaming:
+                return {"ok": False, "error": "cant_update_message"}
+            streamed.text = str(text)
+            streamed.changes.append(("chat.update", now, streamed.text))
+            return {"ok": True, "channel": channel, "ts": ts, "text": text}
+        return {"ok": False, "error": "message_not_found"}
 
     async def _echo(self, app: FakeApp, params: dict[str, Any], result: dict[str, Any]) -> None:
         """Slack sends a bot its own DM replies back as message.im events."""
