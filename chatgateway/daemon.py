@@ -691,6 +691,10 @@ class Daemon:
         self.notifier.stopping(self.status_line())
         log.info("gateway_stopping", in_flight=in_flight, drain_seconds=deadline)
         drained = True
+        if self.supervisor is not None:
+            # Several instances: leased connections (Discord bots) move to another instance
+            # now, while the drain finishes their answers in flight here.
+            await self.supervisor.hand_over()
         if self.pipeline is not None:
             self.pipeline.accepting = False
             drained = await self._drain(self.pipeline, deadline)

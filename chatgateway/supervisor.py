@@ -48,6 +48,8 @@ STUCK_AFTER = 30.0
 LEASE_TTL = 10.0
 #: How often an instance in standby tries to take a bot's lease.
 STANDBY_RETRY = 2.0
+#: How often a hand-over (drain start) looks whether the adapter has left its connection.
+HAND_OVER_POLL = 0.02
 
 AdapterKey = tuple[TenantId, Platform, str]
 AdapterFactory = Callable[[TenantId, Platform, Any], Adapter]
@@ -123,6 +125,8 @@ class _Supervised:
         self.reconnect_base = reconnect_base
         self.not_alive_since: float | None = None
         self.lease: Lease | None = None
+        #: The adapter's stop() begun by a hand-over at the start of a drain.
+        self.leaving: asyncio.Future[None] | None = None
 
     @property
     def status(self) -> AdapterStatus:
@@ -161,6 +165,8 @@ class Supervisor:
         self._running: dict[AdapterKey, _Supervised] = {}
         self._restarts: dict[AdapterKey, tuple[asyncio.Task[None], float]] = {}
         self._leaked: dict[asyncio.Task[None], str] = {}
+        #: Lease releases waiting for an adapter task that ignored cancellation to end.
+        self._releases: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         metrics.watch_adapters(self.samples)
 
@@ -262,7 +268,9 @@ class Supervisor:
         adapter = supervised.adapter
         if adapter is not None:
             try:
-                await asyncio.wait_for(adapter.stop(), timeout=self.stop_timeout)
+                # A hand-over (drain) began stopping it already: wait for that stop.
+                stopping = supervised.leaving or adapter.stop()
+                await asyncio.wait_for(stopping, timeout=self.stop_timeout)
             except Exception as exc:
                 log.warning(
                     "adapter_stop_failed",
@@ -287,9 +295,73 @@ class Supervisor:
                 self._leaked[task] = _label(supervised.key)
         lease, supervised.lease = supervised.lease, None
         if lease is not None:
-            # After the adapter disconnected, so the next owner never overlaps with it.
-            await lease.release()
+            if task is not None and not task.done():
+                # It may still be connected: the lease goes when the task ends (or expires
+                # once the watchdog restarted the process), never while it may overlap.
+                self._release_after(task, lease)
+            else:
+                # After the adapter disconnected, so the next owner never overlaps with it.
+                await lease.release()
         supervised.status.state = AdapterState.STOPPED
+
+    def _release_after(self, task: asyncio.Task[None], lease: Lease) -> None:
+        def release(_: asyncio.Task[None]) -> None:
+            releasing = asyncio.ensure_future(lease.release())
+            self._releases.add(releasing)
+            releasing.add_done_callback(self._releases.discard)
+
+        task.add_done_callback(release)
+
+    async def hand_over(self) -> None:
+        """At the start of a drain (SIGTERM): hand every leased connection to another instance
+        now rather than after the drain. Each such adapter stops taking messages and leaves the
+        platform (a Discord bot's gateway session stays resumable) while its answers in flight
+        go on; its lease is released as soon as it has left, with the resume point the adapter
+        saved, so a standby instance takes the bot over (Discord replays there what is still
+        unanswered here; the shared store's processed events and session locks keep it from
+        being answered twice). Adapters in standby stop waiting: a draining instance takes
+        nothing over. Without a coordinator (one instance) this does nothing; `stop_all`
+        stops everything after the drain, as before."""
+        if self._coordinator is None:
+            return
+        leased = [s for s in self._running.values() if s.key[1] in LEASED_PLATFORMS]
+        for supervised in leased:
+            supervised.stopping = True
+            supervised.stop_event.set()
+        await asyncio.gather(*(self._hand_over_one(s) for s in leased))
+
+    async def _hand_over_one(self, supervised: _Supervised) -> None:
+        lease, adapter = supervised.lease, supervised.adapter
+        if lease is None or lease.lost.is_set():
+            return  # in standby, or the lease is gone already
+        tenant_id, platform, name = supervised.key
+        started = time.monotonic()
+        left = True
+        if adapter is not None:
+            was_connected = adapter.status.state == AdapterState.CONNECTED
+            leaving = supervised.leaving = asyncio.ensure_future(adapter.stop())
+            # The adapter has left once it no longer reports a connection (its stop() may go on
+            # for the answers in flight), or once stop() returned.
+            deadline = started + self.stop_timeout
+            while not leaving.done() and time.monotonic() < deadline:
+                if was_connected and adapter.status.state != AdapterState.CONNECTED:
+                    break
+                await asyncio.sleep(HAND_OVER_POLL)
+            left = leaving.done() or (
+                was_connected and adapter.status.state != AdapterState.CONNECTED
+            )
+        if not left or supervised.lease is not lease:
+            return  # still connected: the lease goes with the adapter's stop (_stop)
+        supervised.lease = None
+        await lease.release()
+        log.info(
+            "adapter_handed_over",
+            tenant_id=tenant_id,
+            platform=platform.value,
+            adapter=name,
+            lease=lease.name,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     async def stop_all(self) -> None:
         for task, _ in list(self._restarts.values()):
@@ -434,7 +506,7 @@ class Supervisor:
             try:
                 if lease is None:
                     await adapter.run()
-                elif not await self._run_leased(adapter, lease):
+                elif not await self._run_leased(supervised, adapter, lease):
                     await self._give_up(supervised, adapter, bound)
                     return
                 if supervised.stopping:
@@ -473,17 +545,28 @@ class Supervisor:
                     waits.append(lease.lost.wait())
                 await _first_of(waits, delay)
 
-    async def _run_leased(self, adapter: Adapter, lease: Lease) -> bool:
+    async def _run_leased(self, supervised: _Supervised, adapter: Adapter, lease: Lease) -> bool:
         """Run the adapter while the lease holds: True if run() returned, False if lease lost."""
         run = asyncio.ensure_future(adapter.run())
-        lost = asyncio.ensure_future(lease.lost.wait())
         try:
-            await asyncio.wait({run, lost}, return_when=asyncio.FIRST_COMPLETED)
+            lost = asyncio.ensure_future(lease.lost.wait())
+            try:
+                await asyncio.wait({run, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+            if not run.done() and supervised.stopping:
+                # Released by the hand-over at the start of a drain, which is stopping the
+                # adapter: run() returns once it has.
+                await asyncio.wait({run})
         except asyncio.CancelledError:
             run.cancel()
+            # As if run() were awaited directly (single-instance mode): this task ends only
+            # when run() has, so a run() that ignores cancellation keeps it pending and _stop
+            # reports the adapter stuck (log, health check) instead of it going unnoticed.
+            await asyncio.wait({run})
+            if not run.cancelled():
+                run.exception()
             raise
-        finally:
-            lost.cancel()
         if run.done():
             run.result()
             return True
@@ -496,7 +579,15 @@ class Supervisor:
         if not done:
             run.cancel()
             done, _ = await asyncio.wait({run}, timeout=self.stop_timeout)
-        if done and not run.cancelled():
+        if not done:
+            # It ignores cancellation: reported as _stop reports it (the health check withholds
+            # the watchdog's pings, so systemd restarts the process).
+            tenant_id, platform, name = supervised.key
+            log.error(
+                "adapter_task_stuck", tenant_id=tenant_id, platform=platform.value, adapter=name
+            )
+            self._leaked[run] = _label(supervised.key)
+        elif not run.cancelled():
             run.exception()  # its failure is moot: the adapter is stopped either way
         return False
 
