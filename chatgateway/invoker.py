@@ -28,12 +28,13 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from chatgateway import codec, tracing
+from chatgateway import codec, rich, tracing
 from chatgateway.config import AgentConfig
 from chatgateway.errors import AgentError
 from chatgateway.models import Attachment, NormalizedMessage, SessionId, TenantId, Turn
 
 if TYPE_CHECKING:
+    from chatgateway.models import Action, OutFile
     from chatgateway.store.base import SessionStore
 
 PROTOCOL_VERSION = 1
@@ -61,6 +62,9 @@ class AgentAnswer:
 
     text: str
     usage: Usage | None = None
+    #: Files and buttons the answer carries (`attachments`, `actions`; chatgateway.rich).
+    files: tuple[OutFile, ...] = ()
+    actions: tuple[Action, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +352,7 @@ class HttpAgentInvoker:
 
     async def _call_once(
         self, body: bytes, headers: dict[str, str], on_delta: DeltaSink | None
-    ) -> str | Deferred:
+    ) -> str | AgentAnswer | Deferred:
         if self._secret is not None:
             timestamp = str(int(time.time()))
             headers[TIMESTAMP_HEADER] = timestamp
@@ -395,12 +399,20 @@ class HttpAgentInvoker:
             raise AgentError("bad_response", "agent answer's 'response' is not a string")
         if on_delta is not None and text:
             await on_delta(text)
+        files, actions = rich.parse_parts(data)
+        if files or actions:
+            return AgentAnswer(text, None, files, actions)
         return text
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, on_delta: DeltaSink | None) -> str:
-    """Read an NDJSON answer: lines of {"delta": "..."}; an optional {"error": "..."} ends it."""
+async def _read_stream(
+    resp: aiohttp.ClientResponse, on_delta: DeltaSink | None
+) -> str | AgentAnswer:
+    """Read an NDJSON answer: lines of {"delta": "..."}; an optional {"error": "..."} ends it;
+    a line with `attachments` or `actions` (usually the last) gives the answer's files and
+    buttons."""
     parts: list[str] = []
+    extra: dict[str, Any] = {}
     async for raw in resp.content:
         line = raw.strip()
         if not line:
@@ -418,6 +430,13 @@ async def _read_stream(resp: aiohttp.ClientResponse, on_delta: DeltaSink | None)
             parts.append(delta)
             if on_delta is not None:
                 await on_delta(delta)
+        for key in ("attachments", "actions"):
+            if key in item:
+                extra[key] = item[key]
+    if extra:
+        files, actions = rich.parse_parts(extra)
+        if files or actions:
+            return AgentAnswer("".join(parts), None, files, actions)
     return "".join(parts)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -23,7 +24,9 @@ from chatgateway.invoker import (
 )
 from chatgateway.metrics import Metrics
 from chatgateway.models import (
+    Action,
     NormalizedMessage,
+    OutFile,
     Platform,
     Role,
     Session,
@@ -32,6 +35,7 @@ from chatgateway.models import (
     Turn,
 )
 from chatgateway.outbound import Outbound
+from chatgateway.rich import FileLink, RichOutbound, chosen, fallback_text, typed_choice
 from chatgateway.store.base import SessionStore
 from chatgateway.tenants import TenantRegistry, TenantRuntime
 from chatgateway.text import storable
@@ -62,6 +66,12 @@ class Reply:
     text: str
     outcome: Outcome
     cause: str | None = None
+    #: The answer's files and buttons (chatgateway.rich); adapters that cannot show them got
+    #: them as text in `outbound.finish`.
+    files: tuple[OutFile, ...] = ()
+    actions: tuple[Action, ...] = ()
+    #: The stored agent turn's timestamp (the web API's file links name the turn by it).
+    answered_at: float = 0.0
 
 
 class KeyedLocks:
@@ -149,6 +159,9 @@ class Pipeline:
         self.accepting = True
         #: Spans of every message (`tracing.enabled`); None costs nothing per message.
         self.tracer: MessageTracer | None = None
+        #: Links to the files of stored answers (the web app sets it), for platforms that
+        #: show an answer's files as links; None: files given as bytes are listed by name.
+        self.file_link: FileLink | None = None
         #: Answers agents send later (202 + callback); None: no callback is offered.
         self.callbacks: Callbacks | None = None
         #: File links and fetching (adapters/web/files.py sets it); None: files get no link.
@@ -415,6 +428,10 @@ class Pipeline:
             history = await self.store.history(
                 message.tenant_id, session.id, config.agent.history_turns
             )
+            # "1" or "Approve" right after an answer with buttons: the agent gets the value.
+            picked = None if "action" in message.metadata else typed_choice(message.text, history)
+            if picked is not None:
+                message = chosen(message, *picked)
             request = AgentRequest(
                 earlier=earlier,
                 message=message,
@@ -429,6 +446,8 @@ class Pipeline:
                 else None,
             )
             cause: str | None = None
+            files: tuple[OutFile, ...] = ()
+            actions: tuple[Action, ...] = ()
             deferred: CallbackTicket | None = None
             agent_started = time.monotonic()
             # The tenant's current client and breaker: a reload may have replaced them while
@@ -471,7 +490,10 @@ class Pipeline:
                         text, deferred = "", request.callback
                     else:  # an AgentAnswer: the protocol reported the tokens it used
                         text, usage = answer.text, answer.usage
+                        files, actions = answer.files, answer.actions
                     outcome = "ok" if text else "deferred" if deferred else "empty"
+                    if outcome == "empty" and (files or actions):  # only files or buttons
+                        outcome = "ok"
                     if tripped:
                         self.admission.breaker_record(message.tenant_id, breaker, True)
                 except asyncio.CancelledError:
@@ -506,8 +528,9 @@ class Pipeline:
                 text = f"{notice}\n\n{text}" if text else notice
             turns = [Turn(Role.USER, m.text, m.timestamp) for m in earlier]
             turns.append(Turn(Role.USER, message.text, message.timestamp))
-            if text:
-                turns.append(Turn(Role.AGENT, text, max(now, message.timestamp)))
+            answer_at = max(now, message.timestamp)
+            if text or files or actions:
+                turns.append(Turn(Role.AGENT, text, answer_at, files, actions))
             await self.store.record_exchange(
                 message.tenant_id,
                 session.id,
@@ -522,14 +545,17 @@ class Pipeline:
             if deferred is not None and callbacks is not None:
                 await callbacks.defer(message, session.id, deferred, outbound)
             elif outbound is not None:
-                await self._deliver(outbound, text)
+                link = None
+                if files and self.file_link is not None:
+                    link = partial(self.file_link, message.tenant_id, session.id, answer_at)
+                await self._deliver(outbound, text, files, actions, link)
             log.info(
                 "message_handled",
                 outcome=outcome,
                 cause=cause,
                 latency_ms=round((time.monotonic() - started) * 1000, 1),
             )
-            return Reply(session, text, outcome, cause)
+            return Reply(session, text, outcome, cause, files, actions, answer_at)
         finally:
             structlog.contextvars.unbind_contextvars("tenant_id", "platform", "session_id")
             await session_lock.__aexit__(None, None, None)
@@ -556,11 +582,22 @@ class Pipeline:
         log.info("message_handled", outcome="collected")
         return Reply(session, "", "collected")
 
-    async def _deliver(self, outbound: Outbound, text: str) -> None:
+    async def _deliver(
+        self,
+        outbound: Outbound,
+        text: str,
+        files: tuple[OutFile, ...] = (),
+        actions: tuple[Action, ...] = (),
+        link: Callable[[int, OutFile], str | None] | None = None,
+    ) -> None:
         """Show the stored answer (still under the session's lock, so answers keep their order).
-        The exchange is stored already: a platform failure is logged, never raised."""
+        The exchange is stored already: a platform failure is logged, never raised. Files and
+        buttons an outbound cannot show go as text (links, numbered choices)."""
         try:
-            await outbound.finish(text)
+            if (files or actions) and isinstance(outbound, RichOutbound):
+                await outbound.finish_rich(text, files, actions)
+            else:
+                await outbound.finish(fallback_text(text, files, actions, link=link))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -48,6 +48,11 @@ MARK = "\x1e"
 _STORED_VERSION = 1
 
 
+#: A link to a file of a stored answer, given (tenant, session, the answer's timestamp, the
+#: file's index, the file); None when there is none to give.
+FileLink = Callable[[str, str, float, int, OutFile], str | None]
+
+
 class PartError(ValueError):
     """Why one attachment or action of an answer was dropped."""
 

@@ -464,7 +464,13 @@ async def chat(request: web.Request) -> web.Response:
     assert reply.session is not None
     if reply.outcome == "deferred":  # the agent answers later (docs/api.md)
         return json_response({"sessionId": reply.session.id, "response": "", "deferred": True})
-    return json_response({"sessionId": reply.session.id, "response": reply.text})
+    answer: dict[str, Any] = {"sessionId": reply.session.id, "response": reply.text}
+    if reply.files or reply.actions:  # the answer's files and buttons (docs/api.md)
+        from adapters.web.answers import parts_json
+
+        parts = (reply.answered_at, reply.files, reply.actions)
+        answer.update(parts_json(request, principal.tenant.id, reply.session.id, *parts))
+    return json_response(answer)
 
 
 #: The largest offset accepted; SQLite would raise OverflowError past 64 bits (a 500).
@@ -520,6 +526,13 @@ async def get_session(request: web.Request) -> web.Response:
     detail["transcript"] = [
         {"role": t.role.value, "text": t.text, "timestamp": t.timestamp} for t in turns
     ]
+    if any(t.files or t.actions for t in turns):  # answers' files and buttons, as answered
+        from adapters.web.answers import parts_json
+
+        for item, t in zip(detail["transcript"], turns, strict=True):
+            if t.files or t.actions:
+                parts = (t.timestamp, t.files, t.actions)
+                item.update(parts_json(request, principal.tenant.id, session.id, *parts))
     return json_response(detail)
 
 

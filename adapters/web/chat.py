@@ -27,7 +27,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 from yarl import URL
 
-from adapters.web import schemas
+from adapters.web import answers, schemas
 from adapters.web.app import (
     CONTEXT,
     TOKEN_RESOLVERS,
@@ -488,6 +488,9 @@ async def chat_stream(request: web.Request) -> web.StreamResponse:
         "response": reply.text,
         "outcome": reply.outcome,
     }
+    if reply.files or reply.actions:  # the answer's files and buttons (docs/api.md)
+        parts = (reply.answered_at, reply.files, reply.actions)
+        done.update(answers.parts_json(request, principal.tenant.id, reply.session.id, *parts))
     if connected and await _write(response, done):
         await response.write_eof()
     return response
@@ -709,3 +712,4 @@ def install(app: web.Application) -> None:
     app.on_startup.append(_load_secret)
     app.on_cleanup.append(_finish_streams)
     app.add_routes(routes)
+    answers.install(app)  # the files of agents' answers, by signed link
