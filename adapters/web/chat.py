@@ -304,10 +304,16 @@ class VisitorTokenRequest(schemas.Body):
     )
 
 
+class FileRules(BaseModel):
+    maxBytes: int = Field(description="The largest file the chat accepts (files.max_bytes)")
+    allowedTypes: list[str] = Field(description="Media types accepted (files.allowed_types)")
+
+
 class ChatSettings(BaseModel):
     title: str
     welcome: str | None
     accentColor: str | None
+    files: FileRules = Field(description="What the file picker accepts (POST /api/files)")
 
 
 class VisitorTokenResponse(BaseModel):
@@ -324,6 +330,11 @@ def chat_settings(tenant: TenantRuntime) -> dict[str, Any]:
         "title": web_config.title or tenant.config.name or tenant.id,
         "welcome": web_config.welcome,
         "accentColor": web_config.accent_color,
+        # The page checks a picked file before uploading it; POST /api/files decides.
+        "files": {
+            "maxBytes": tenant.config.files.max_bytes,
+            "allowedTypes": list(tenant.config.files.allowed_types),
+        },
     }
 
 

@@ -30,6 +30,7 @@
     chat: ["M21 11.5c0 4.4-4 8-9 8a10 10 0 0 1-3.6-.7L3.5 20.5l1.4-4A7.5 7.5 0 0 1 3 11.5c0-4.4 4-8 9-8s9 3.6 9 8z"],
     close: ["M6 6l12 12", "M18 6 6 18"],
     plus: ["M12 5v14", "M5 12h14"],
+    clip: ["M20.5 11.5 12.4 19.6a5 5 0 0 1-7.1-7.1l8.2-8.2a3.3 3.3 0 0 1 4.7 4.7l-8.2 8.2a1.7 1.7 0 0 1-2.4-2.4l7.5-7.5"],
     alert: ["M12 8v5", "M12 16.5v.01", "M10.3 3.9 2.4 18a2 2 0 0 0 1.7 3h15.8a2 2 0 0 0 1.7-3L13.7 3.9a2 2 0 0 0-3.4 0z"],
   };
 
@@ -172,6 +173,23 @@
     return new ChatError(message, resp.status, code);
   }
 
+  /** A byte count for people: 25 MB, 300 KB, 12 bytes. */
+  function formatSize(bytes) {
+    for (const [unit, scale] of [["GB", 2 ** 30], ["MB", 2 ** 20], ["KB", 2 ** 10]]) {
+      if (bytes >= scale) {
+        const value = bytes / scale;
+        return (value >= 10 || value === Math.floor(value) ? value.toFixed(0) : value.toFixed(1)) + " " + unit;
+      }
+    }
+    return bytes + " bytes";
+  }
+
+  /** Whether a media type is in the tenant's files.allowed_types (type/* for a family). */
+  function typeAllowed(type, allowed) {
+    const family = type.split("/")[0] + "/*";
+    return allowed.some((t) => t === "*/*" || t === type || t === family);
+  }
+
   function networkError() {
     return new ChatError("Can't reach the chat service. Check your connection and try again.");
   }
@@ -273,10 +291,35 @@
       return (await resp.json()).transcript || [];
     }
 
+    /** Upload a file for the next message; resolves with {fileId, name, contentType, size}. */
+    async upload(file) {
+      for (let attempt = 0; ; attempt++) {
+        const headers = { [TENANT_HEADER]: this.tenant, "Content-Type": file.type || "application/octet-stream" };
+        if (this.state.token) headers.Authorization = "Bearer " + this.state.token;
+        const resp = await this.fetch("api/files?name=" + encodeURIComponent(file.name), {
+          method: "POST",
+          headers,
+          body: file,
+        });
+        if (attempt === 0 && resp.status === 401) {
+          await this.connect();
+          continue;
+        }
+        if (!resp.ok) throw await errorFrom(resp);
+        return resp.json();
+      }
+    }
+
+    /** `send` with uploaded files' ids attached to the message. */
+    async sendWith(files, text, onDelta) {
+      return this.send(text, onDelta, files);
+    }
+
     /** Send a message; `onDelta` gets each piece of the answer; resolves with the done event. */
-    async send(text, onDelta) {
+    async send(text, onDelta, files) {
       for (let attempt = 0; ; attempt++) {
         const body = { message: text, userId: this.state.userId };
+        if (files && files.length) body.files = files;
         // No known session means the visitor asked for a fresh one (or never had one).
         if (this.state.sessionId) body.sessionId = this.state.sessionId;
         else body.newSession = true;
@@ -445,6 +488,28 @@
         { type: "submit", class: "cg-send", "aria-label": "Send message", disabled: true },
         icon("send"),
       );
+      // Files: picked, checked against the tenant's limits, uploaded at once, sent with the
+      // next message (docs/web-chat.md).
+      this.pending = null;
+      this.fileInput = el("input", {
+        type: "file",
+        class: "cg-file-input",
+        tabindex: "-1",
+        "aria-hidden": "true",
+        onchange: () => this.pickFile(),
+      });
+      this.attachButton = el(
+        "button",
+        {
+          type: "button",
+          class: "cg-attach",
+          "aria-label": "Attach a file",
+          disabled: true,
+          onclick: () => this.fileInput.click(),
+        },
+        icon("clip"),
+      );
+      this.attachments = el("div", { class: "cg-attachments", hidden: true });
       this.input.addEventListener("input", () => {
         this.autosize();
         this.updateSend();
@@ -465,7 +530,8 @@
           },
         },
         el("label", { for: id + "-input", class: "cg-sr" }, "Message to " + this.title),
-        el("div", { class: "cg-field" }, this.input, this.sendButton),
+        this.attachments,
+        el("div", { class: "cg-field" }, this.fileInput, this.attachButton, this.input, this.sendButton),
         el("p", { class: "cg-hint", id: id + "-hint" }, "Enter to send \u00b7 Shift+Enter for a new line"),
       );
 
@@ -515,6 +581,7 @@
         this.welcome.hidden = !chat.welcome;
       }
       if (chat.accentColor) applyAccent(this.root, chat.accentColor);
+      if (chat.files) this.fileRules = chat.files;
       this.updateEmpty();
     }
 
@@ -565,7 +632,10 @@
     }
 
     updateSend() {
-      this.sendButton.disabled = !this.ready || this.busy || !this.input.value.trim();
+      const uploading = Boolean(this.pending && !this.pending.id);
+      const empty = !this.input.value.trim() && !this.pending;
+      this.sendButton.disabled = !this.ready || this.busy || uploading || empty;
+      if (this.attachButton) this.attachButton.disabled = !this.ready || this.busy || uploading;
     }
 
     updateEmpty() {
@@ -619,18 +689,23 @@
     }
 
     async submit() {
-      const text = this.input.value.trim();
-      if (!text || this.busy || !this.ready) return;
+      const file = this.pending && this.pending.id ? this.pending : null;
+      const text = this.input.value.trim() || (file ? file.name : "");
+      if (!text || this.busy || !this.ready || (this.pending && !file)) return;
       this.hideNotice();
       this.input.value = "";
       this.autosize();
       this.setBusy(true);
       const sent = this.addMessage("user", text);
+      if (file) {
+        sent.querySelector(".cg-bubble").append(el("span", { class: "cg-file-note" }, icon("clip"), file.name));
+        this.clearFile();
+      }
       const reply = this.addTyping();
       this.scrollToEnd(true);
       let soFar = "";
       try {
-        const done = await this.client.send(text, (delta) => {
+        const done = await this.client.sendWith(file ? [file.id] : [], text, (delta) => {
           soFar += delta;
           this.showText(reply, soFar, true);
         });
@@ -653,6 +728,66 @@
         this.setBusy(false);
         this.updateEmpty();
       }
+    }
+
+    /** Check the picked file against the tenant's limits and upload it; a refusal shows why. */
+    async pickFile() {
+      const file = this.fileInput.files && this.fileInput.files[0];
+      this.fileInput.value = "";
+      if (!file || this.busy) return;
+      this.hideNotice();
+      const rules = this.fileRules || {};
+      const type = (file.type || "application/octet-stream").toLowerCase();
+      if (rules.maxBytes && file.size > rules.maxBytes) {
+        this.showNotice(
+          file.name + " is too large (" + formatSize(file.size) + "): files up to " +
+            formatSize(rules.maxBytes) + " can be sent here.",
+        );
+        return;
+      }
+      if (rules.allowedTypes && !typeAllowed(type, rules.allowedTypes)) {
+        this.showNotice(file.name + " can't be sent here: files of type " + type + " are not accepted.");
+        return;
+      }
+      const pending = { name: file.name, id: null };
+      this.pending = pending;
+      this.showFile(pending, "Uploading\u2026");
+      try {
+        const uploaded = await this.client.upload(file);
+        if (this.pending !== pending) return;
+        pending.id = uploaded.fileId;
+        this.showFile(pending, formatSize(uploaded.size));
+      } catch (err) {
+        if (this.pending === pending) this.clearFile();
+        this.showNotice(err.message);
+      }
+    }
+
+    showFile(pending, detail) {
+      this.attachments.textContent = "";
+      this.attachments.append(
+        el(
+          "span",
+          { class: "cg-file" },
+          icon("clip"),
+          el("span", { class: "cg-file-name" }, pending.name),
+          el("span", { class: "cg-file-detail" }, detail),
+          el(
+            "button",
+            { type: "button", class: "cg-file-remove", "aria-label": "Remove " + pending.name, onclick: () => this.clearFile() },
+            icon("close"),
+          ),
+        ),
+      );
+      this.attachments.hidden = false;
+      this.updateSend();
+    }
+
+    clearFile() {
+      this.pending = null;
+      this.attachments.textContent = "";
+      this.attachments.hidden = true;
+      this.updateSend();
     }
 
     setBusy(busy) {
