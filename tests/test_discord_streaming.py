@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,6 +48,8 @@ class StreamingAgent:
             self.release.set()
         self.written = asyncio.Event()
         self.finished = False
+        #: When the first delta was written (time.monotonic()).
+        self.first_delta_at: float | None = None
         self.calls: list[dict[str, Any]] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -76,6 +79,7 @@ class StreamingAgent:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         await asyncio.sleep(self.before)
+        self.first_delta_at = time.monotonic()
         for delta in self.deltas:
             await resp.write(json.dumps({"delta": delta}).encode() + b"\n")
             await asyncio.sleep(self.pause)
@@ -207,9 +211,13 @@ async def test_a_2000_character_answer_streamed_over_10_seconds_costs_few_calls(
     await fake.message_create(bot, "tell me", channel_id=CHANNEL)
     await shows(fake, bot, split_message(answer), within=30)
     calls = fake.calls(bot.token)
+    assert streamer.first_delta_at is not None
+    first_words = fake.posts(bot.token)[0].at - streamer.first_delta_at
     print(f"\ndiscord calls for 2,000 characters over 10 s: {calls} "
-          f"({len(fake.posts(bot.token))} posts, {len(fake.edits)} edits)")
+          f"({len(fake.posts(bot.token))} posts, {len(fake.edits)} edits); "
+          f"first words visible {first_words * 1000:.0f} ms after the first delta")
     assert calls <= 15
+    assert first_words < 1.0  # posted at once, not after the first edit interval
     assert len(streamer.calls) == 1
 
 

@@ -81,6 +81,8 @@ class Posted:
     payload: dict[str, Any]
     message: dict[str, Any]
     order: int
+    #: When it was created (time.monotonic()).
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def content(self) -> str:
