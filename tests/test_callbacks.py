@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from chatgateway.testing.agent import AgentCall, FakeAgent
 from tests.conftest import tenant, url
 from tests.test_store import postgres_schema
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "slow_agent.py"
 KEY_A = "key-a-0123456789abcdef0123456789"
 KEY_B = "key-b-0123456789abcdef0123456789"
 FALLBACK = "The agent took too long."
@@ -111,7 +113,7 @@ async def test_a_callback_after_a_delay_reaches_the_web_session(make_agent, make
         ("user", "write me a report"), ("agent", "Here is the **report**.")]
     assert await pending(http, gw, session_id) == {
         "pending": False, "text": "Here is the **report**.", "expired": False,
-        "expiresAt": callback["expiresAt"]}
+        "expiresAt": callback["expiresAt"], "callbackId": callback["url"].rsplit("/", 1)[1]}
 
 
 async def test_a_retried_callback_is_delivered_once(make_agent, make_gateway, http):
@@ -321,3 +323,32 @@ async def test_two_instances_on_postgres_deliver_once_and_keep_the_order(
     await asyncio.sleep(SWEEP_INTERVAL * 2)
     assert await transcript(http, two, slow["sessionId"], key="key-s-0123456789abcdef0123") == [
         ("user", "never answered"), ("agent", FALLBACK)]
+
+
+async def test_the_example_slow_agent_answers_through_its_callback(make_gateway, http):
+    """examples/slow_agent.py, as documented in docs/agent-protocol.md, works as it says."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slow_agent", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    runner = web.AppRunner(example.make_app(1.0), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        agent_url = f"http://127.0.0.1:{runner.addresses[0][1]}/agent"
+        gw = await make_gateway(config(agent_url))
+        status, body = await chat(http, gw, "the meaning of life")
+        assert status == 200 and body["deferred"] is True
+
+        async def answered() -> bool:
+            turns = await transcript(http, gw, body["sessionId"])
+            return len(turns) == 2
+
+        await wait_until(answered, within=10)
+        assert (await transcript(http, gw, body["sessionId"]))[1] == (
+            "agent", "After 1 seconds of thought about **the meaning of life**: done.")
+    finally:
+        await runner.cleanup()

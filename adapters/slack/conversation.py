@@ -8,7 +8,7 @@ show an answer are outbound.py's.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -17,6 +17,7 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.blocks import NotYours, chosen_message, click_to_inbound, parse_click
 from adapters.slack.connection import RESERVATION, SlackConnection, _describe
 from adapters.slack.convert import (
     Ignored,
@@ -26,7 +27,9 @@ from adapters.slack.convert import (
     event_to_inbound,
     user_display_name,
 )
+from adapters.slack.files import SlackFileUploader
 from adapters.slack.outbound import SlackOutbound, SlashOutbound
+from adapters.slack.rich import RichSlackOutbound
 from chatgateway.config import SlackAppConfig
 from chatgateway.errors import (
     NotFoundError,
@@ -34,6 +37,7 @@ from chatgateway.errors import (
     RateLimitedError,
     UnavailableError,
 )
+from chatgateway.fetch import agent_host
 from chatgateway.models import NormalizedMessage, Platform, SessionKey, User
 from chatgateway.outbound import Address, Outbound
 from chatgateway.pipeline import Pipeline, Reservation
@@ -143,6 +147,70 @@ class SlackConversations(SlackConnection):
             )
         self._start(result, context)
 
+    async def _on_action(
+        self, ack: AsyncAck, body: dict[str, Any], context: dict[str, Any]
+    ) -> None:
+        """A click on one of the gateway's buttons (blocks.py): acked at once; the value goes
+        to the agent as a message of the session the buttons were shown in, and the buttons
+        are replaced by the choice. Another person's click gets an ephemeral note only."""
+        await ack()
+        click = parse_click(body)
+        if isinstance(click, Ignored):
+            self._log.debug("slack_action_ignored", reason=click.reason)
+            return
+        result = click_to_inbound(self.tenant_id, click, app_name=self.settings.name)
+        if isinstance(result, NotYours):
+            self._log.info("slack_action_refused", reason="not the asker")
+            self._side_task(self._post_note(click.channel, click.user, click.thread_ts,
+                                            result.notice))
+            return
+        message_id = result.message.message_id
+        replace_buttons = message_id not in self._in_flight
+        self._log.info("slack_button_clicked", index=click.index, message_id=message_id)
+        self._start(result, context)
+        if replace_buttons:
+            self._side_task(self._replace_buttons(result.message, *chosen_message(click)))
+
+    def _side_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name=f"slack-click:{self.tenant_id}:{self.settings.name}")
+        self._tasks[task] = "reply"
+        task.add_done_callback(self._task_done)
+
+    async def _replace_buttons(
+        self, message: NormalizedMessage, text: str, blocks: list[dict[str, Any]]
+    ) -> None:
+        if await self._seen(message):
+            return  # chosen before (a redelivery, or a click on stale buttons)
+        slack = message.metadata["slack"]
+        try:
+            await self.web.chat_update(
+                channel=slack["channel"], ts=slack["ts"], text=text, blocks=blocks
+            )
+        except Exception as exc:
+            self._check_refusal(exc)
+            self._log.warning("slack_update_failed", channel=slack["channel"],
+                              error=_describe(exc))
+
+    async def _post_note(self, channel: str, user: str, thread_ts: str | None, text: str) -> None:
+        try:
+            await self.web.chat_postEphemeral(
+                channel=channel, user=user, text=text, thread_ts=thread_ts
+            )
+        except Exception as exc:
+            self._check_refusal(exc)
+            self._log.warning("slack_reply_failed", channel=channel, error=_describe(exc))
+
+    def _rich(self) -> dict[str, Any]:
+        """What an answer's files need: an uploader on this app's client, the agent's host
+        (files it serves from a private address are fetched)."""
+        tenant = self._pipeline.tenants.get(self.tenant_id)
+        host = agent_host(tenant.config.agent.url) if tenant is not None else None
+        assert self._session is not None
+        return {
+            "uploader": SlackFileUploader(self.web, self._session),
+            "trusted_hosts": (host,) if host else (),
+        }
+
     # Processing ----------------------------------------------------------------------------
 
     def _start(self, inbound: Inbound, context: dict[str, Any]) -> None:
@@ -187,6 +255,7 @@ class SlackConversations(SlackConnection):
                 status = False
                 await self._set_status(target, "")
 
+        outbound: Outbound | None = None
         try:
             # Messages of one session reach the pipeline in arrival order.
             async with self._order.hold(SessionKey.of(message)):
@@ -208,6 +277,8 @@ class SlackConversations(SlackConnection):
                 if notice:
                     await outbound.post(notice)
         finally:
+            if isinstance(outbound, SlackOutbound):
+                outbound.abandon()  # cancelled before its first words: no stream starts late
             self._in_flight.discard(message.message_id)
             reservation.release()
             if status:
@@ -253,7 +324,9 @@ class SlackConversations(SlackConnection):
                     self, address, response_url=None, session=self._session,
                     response_type=self.settings.slash_response_type,
                 )
-            return SlackOutbound(self, address, native=self.stream_refusal is None)
+            return RichSlackOutbound(
+                self, address, native=self.stream_refusal is None, **self._rich()
+            )
         except ValueError:
             return None
 
@@ -269,9 +342,9 @@ class SlackConversations(SlackConnection):
                 self, address, response_url=inbound.target.response_url,
                 session=self._session, response_type=self.settings.slash_response_type,
             )
-        return SlackOutbound(
+        return RichSlackOutbound(
             self, address, native=self.stream_refusal is None,
-            before_first=before_first, on_visible=on_visible,
+            before_first=before_first, on_visible=on_visible, **self._rich(),
         )
 
     def _reacting(self, target: ReplyTarget) -> bool:

@@ -52,8 +52,9 @@ STREAM_REFUSALS = frozenset(
     }
 )
 #: How long a first delta waits for a second one before its stream starts. An agent that does
-#: not stream hands its whole answer over as one delta: it is then posted in one piece.
-FIRST_WORDS_HOLD = 0.3
+#: not stream hands its whole answer over as one delta just before it is stored: it is then
+#: posted in one piece, as always. A streaming agent's second delta ends the wait at once.
+FIRST_WORDS_HOLD = 0.15
 #: Shown in a message that a shorter final answer no longer needs.
 _BLANK = "…"
 
@@ -346,6 +347,11 @@ class SlackOutbound(EditedStream):
         await super().finish(text)
         if self._stream is not None:
             await self._stream.close()
+
+    def abandon(self) -> None:
+        """The answer will never finish (its message was cancelled): start nothing more."""
+        if self._held is not None:
+            self._take_held()
 
     def _take_held(self) -> str:
         held, self._held = self._held or "", None

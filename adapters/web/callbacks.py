@@ -168,11 +168,14 @@ async def session_callback(request: web.Request) -> web.Response:
     session = await visible_session(request, principal)
     record = await request.app[CONTEXT].store.latest_callback(principal.tenant.id, session.id)
     if record is None:
-        return json_response({"pending": False, "text": None, "expired": False})
+        return json_response(
+            {"pending": False, "text": None, "expired": False, "callbackId": None}
+        )
     pending = record.state in ("pending", "received", "delivering")
     return json_response(
         {
             "pending": pending,
+            "callbackId": record.callback_id,
             # While pending: the progress so far (final text not shown until delivered).
             "text": (record.text or "") if record.state == "pending" or not pending else "",
             "expired": record.expired,
@@ -192,8 +195,9 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
     finished = _json(_ref("ErrorResponse"), "A progress update after the final answer")
     status = {
         "type": "object",
-        "required": ["pending", "text", "expired"],
+        "required": ["pending", "text", "expired", "callbackId"],
         "properties": {
+            "callbackId": {"type": ["string", "null"], "description": "Which answer this is"},
             "pending": {"type": "boolean", "description": "The answer is still to come"},
             "text": {
                 "type": ["string", "null"],

@@ -9,6 +9,8 @@
   const script = document.currentScript;
   const TENANT_HEADER = "X-Chatgateway-Tenant";
   const NDJSON = "application/x-ndjson";
+  /** How often the page asks whether an answer the agent sends later has arrived. */
+  const PENDING_POLL_MS = 1500;
   let counter = 0;
 
   // DOM helpers ---------------------------------------------------------------------------
@@ -315,6 +317,15 @@
       return this.send(text, onDelta, files);
     }
 
+    /** The session's answer an agent sends later (a callback): {pending, text, expired}. */
+    async pendingAnswer() {
+      if (!this.state.sessionId) return { pending: false, text: null };
+      const path = "api/sessions/" + encodeURIComponent(this.state.sessionId) + "/callback";
+      const resp = await this.fetch(path, { headers: this.headers(true) });
+      if (!resp.ok) throw await errorFrom(resp);
+      return resp.json();
+    }
+
     /** Send a message; `onDelta` gets each piece of the answer; resolves with the done event. */
     async send(text, onDelta, files) {
       for (let attempt = 0; ; attempt++) {
@@ -595,6 +606,10 @@
         this.messages.textContent = "";
         for (const turn of turns) this.addMessage(turn.role === "user" ? "user" : "agent", turn.text);
         this.scrollToEnd(true);
+        // An answer the agent sends later is still to come: wait for it here too.
+        if (turns.length && (await this.client.pendingAnswer()).pending) {
+          this.awaitAnswer(this.addTyping());
+        }
         this.ready = true;
         this.input.disabled = false;
         this.newButton.disabled = false;
@@ -709,7 +724,9 @@
           soFar += delta;
           this.showText(reply, soFar, true);
         });
-        if (done.response) {
+        if (done.outcome === "deferred") {
+          this.awaitAnswer(reply); // the agent answers later, to its callback
+        } else if (done.response) {
           this.showText(reply, done.response, false);
           if (done.outcome === "fallback") reply.classList.add("cg-fallback");
         } else {
@@ -788,6 +805,42 @@
       this.attachments.textContent = "";
       this.attachments.hidden = true;
       this.updateSend();
+    }
+
+    /** Show an answer the agent sends later (a callback): poll until it is there. */
+    async awaitAnswer(reply) {
+      reply.classList.add("cg-pending");
+      const session = this.client.sessionId;
+      let seen = null;
+      for (;;) {
+        await new Promise((resolve) => setTimeout(resolve, PENDING_POLL_MS));
+        if (!reply.isConnected || this.client.sessionId !== session) return;
+        let state;
+        try {
+          state = await this.client.pendingAnswer();
+        } catch (_) {
+          continue; // offline for a moment: ask again
+        }
+        if (seen === null) seen = state.callbackId;
+        if (state.callbackId !== seen) {
+          // A later answer is already pending: show the conversation as stored.
+          if (!this.busy) this.start(true);
+          return;
+        }
+        if (state.pending) {
+          if (state.text) this.showText(reply, state.text, true);
+          continue;
+        }
+        reply.classList.remove("cg-pending");
+        if (state.text) {
+          this.showText(reply, state.text, false);
+          if (state.expired) reply.classList.add("cg-fallback");
+        } else {
+          reply.remove();
+        }
+        this.updateEmpty();
+        return;
+      }
     }
 
     setBusy(busy) {
