@@ -23,9 +23,11 @@ import structlog
 import yarl
 from discord.gateway import DiscordWebSocket, ReconnectWebSocket
 from discord.http import HTTPClient, Route
+from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
-from adapters.discord import convert
-from adapters.discord.outbound import DiscordEditor, reply_stream
+from adapters.discord import components, convert
+from adapters.discord.outbound import DiscordEditor
+from adapters.discord.rich import DEFAULT_FILE_BYTES, DiscordReplyStream, reply_stream
 from chatgateway.adapter import AdapterState, AdapterStatus
 from chatgateway.config import DiscordBotConfig
 from chatgateway.errors import (
@@ -35,7 +37,8 @@ from chatgateway.errors import (
     RateLimitedError,
     UnavailableError,
 )
-from chatgateway.models import NormalizedMessage, Platform, TenantId
+from chatgateway.fetch import agent_host
+from chatgateway.models import NormalizedMessage, Platform, SessionKey, TenantId
 from chatgateway.outbound import Address, EditedStream, Outbound
 from chatgateway.pipeline import Pipeline, Reservation
 
@@ -66,6 +69,10 @@ TYPING_EVERY = 8.0
 #: them.
 TYPING_FIRST_WAIT = 2.0
 BUSY_TEXT = "I'm handling too many messages right now. Please try again in a moment."
+#: How long acknowledging a click may take (Discord wants the answer within 3 s).
+ACK_TIMEOUT = 2.5
+#: Turns of a session searched for the answer whose button was clicked (long values).
+CLICK_HISTORY_TURNS = 50
 RESTARTING_TEXT = "I'm restarting and couldn't take that message. Please send it again in a minute."
 
 #: When each bot (by token hash) last sent IDENTIFY, across adapter restarts in this process.
@@ -108,6 +115,23 @@ class _BotHTTPClient(HTTPClient):
             raise ConnectionError("the adapter is stopping: no new gateway connection")
         self.last_socket = await super().ws_connect(str(target), compress=compress)
         return self.last_socket
+
+
+class _BotWebhookAdapter(AsyncWebhookAdapter):
+    """discord.py's webhook adapter, pointed at one bot's REST base: interaction responses
+    (a click's acknowledgement, the edit of its message) go through it, not through the bot's
+    HTTP client, so `_BotHTTPClient` never sees their discord.com URLs."""
+
+    def __init__(self, api_base_url: str) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.api_base_url = api_base_url.rstrip("/")
+
+    async def request(self, route: Route, *args: Any, **kwargs: Any) -> Any:
+        base = Route.BASE
+        if route.url.startswith(base) and not getattr(route, "_rebased", False):
+            route.url = self.api_base_url + route.url[len(base) :]
+            route._rebased = True  # type: ignore[attr-defined]
+        return await super().request(route, *args, **kwargs)
 
 
 @dataclass(slots=True)
@@ -163,6 +187,8 @@ class _BotClient(discord.Client):
             adapter.status.event_seen()
         elif event == "message":
             adapter.message_received(args[0])
+        elif event == "interaction":
+            adapter.interaction_received(args[0])
         elif event == "connect":
             adapter.gateway_state("ready")
         elif event == "resumed":
@@ -213,6 +239,7 @@ class DiscordAdapter:
         self._resume_point: _ResumePoint | None = None
         self._save: Callable[[dict[str, Any], bool], None] | None = None
         self._warned_no_content = False
+        self._webhook = _BotWebhookAdapter(settings.api_base_url)
         self._log = log.bind(tenant_id=tenant_id, platform="discord", adapter=settings.name)
 
     # Lifecycle -----------------------------------------------------------------------------
@@ -416,13 +443,173 @@ class DiscordAdapter:
             "Developer Portal, or mention the bot",
         )
 
+    # Clicks --------------------------------------------------------------------------------
+
+    def interaction_received(self, interaction: discord.Interaction[Any]) -> None:
+        """Called by the client for every INTERACTION_CREATE; must not block. A click on one
+        of the gateway's buttons is acknowledged at once, then goes through the pipeline as a
+        message of the session whose answer carried the buttons (adapters/discord/components)."""
+        client = self._client
+        if self._stopping or client is None or client.user is None:
+            return
+        click = components.click_of(interaction)
+        if click is None:
+            return  # not a click on our buttons (no slash commands are registered)
+        key = interaction.id
+        if key in self._handling:
+            self._log.info("message_duplicate", message_id=click.interaction_id)
+            return
+        self._handling.add(key)
+        if self._save is not None and isinstance(client.ws, DiscordWebSocket):
+            self._seqs[key] = client.ws.sequence or 0
+            self._checkpoint()
+        reservation = self.pipeline.reserve()
+        task = asyncio.create_task(
+            self._answer_click(interaction, click, reservation),
+            name=f"discord:{self.tenant_id}:{self.settings.name}:click:{key}",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if reservation is not None:
+            task.add_done_callback(lambda _: reservation.release())
+
+    async def _answer_click(
+        self,
+        interaction: discord.Interaction[Any],
+        click: components.Click,
+        reservation: Reservation | None,
+    ) -> None:
+        bound = self._log.bind(interaction_id=click.interaction_id, channel_id=click.channel_id)
+        handed = False
+        try:
+            # discord.py sends interaction responses through its webhook adapter, which knows
+            # only discord.com: this bot's own one, for this task only (a context variable).
+            async_context.set(self._webhook)
+            acknowledged = await self._acknowledge(interaction, bound)
+            if not click.allowed():
+                # Someone else's answer: only the user it was for chooses.
+                bound.info("discord_click_refused", reason="not_the_answers_user")
+                return
+            chosen = await self._chosen(click)
+            if chosen is None:
+                bound.warning("discord_click_expired", reason="the answer is no longer stored")
+                return
+            value, label = chosen
+            if acknowledged and click.rows:
+                await self._show_choice(interaction, click, bound)
+            normalized = components.to_normalized(
+                click, value, self.tenant_id, bot_name=self.settings.name, label=label
+            )
+            target: dict[str, Any] = {
+                "channel_id": click.channel_id,
+                # The answer replies to the message with the buttons; its nonces are the
+                # click's own.
+                "message_id": click.message_id,
+                "nonce_key": click.interaction_id,
+                "user_id": click.user_id,
+            }
+            if click.guild_id is not None:
+                target["guild_id"] = click.guild_id
+            made = self._address_stream(Address(Platform.DISCORD, self.settings.name, target))
+            if made is None:
+                return
+            client = self._client
+            assert client is not None
+            channel = client.get_partial_messageable(
+                int(click.channel_id),
+                guild_id=int(click.guild_id) if click.guild_id is not None else None,
+            )
+            address = made[0].address
+
+            def make_stream(
+                log: Any, before_first: Callable[[], Awaitable[None]]
+            ) -> tuple[EditedStream, DiscordEditor]:
+                stream = self._address_stream(address, before_first)
+                assert stream is not None
+                return stream
+
+            handed = True
+            await self._deliver(interaction.id, channel, normalized, reservation, make_stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            bound.error("discord_click_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if not handed:
+                if reservation is not None:
+                    reservation.release()
+                self._handling.discard(interaction.id)
+                if self._seqs.pop(interaction.id, None) is not None:
+                    self._checkpoint()
+
+    async def _acknowledge(self, interaction: discord.Interaction[Any], bound: Any) -> bool:
+        """Answer the click at once with a deferred update (type 6): Discord wants an answer
+        within 3 s, and this one changes nothing the user sees."""
+        try:
+            async with asyncio.timeout(ACK_TIMEOUT):
+                await interaction.response.defer()
+            return True
+        except (discord.DiscordException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            # A replayed click (already acknowledged) or an expired one: it still goes on,
+            # and the pipeline's dedup drops a replay.
+            bound.warning("discord_click_ack_failed", error=f"{type(exc).__name__}: {exc}")
+            return False
+
+    async def _chosen(self, click: components.Click) -> tuple[str, str | None] | None:
+        """The value (and label) of the button clicked: carried by its custom_id, or for a long
+        value looked up in the session's stored answer by its digest."""
+        if click.ref.value is not None:
+            return click.ref.value, click.label
+        key = SessionKey.of(
+            components.to_normalized(click, "", self.tenant_id, bot_name=self.settings.name)
+        )
+        store = self.pipeline.store
+        session = await store.find_active_session(key, idle_since=0.0)
+        if session is None:
+            return None
+        history = await store.history(self.tenant_id, session.id, CLICK_HISTORY_TURNS)
+        action = components.value_of(click.ref, history)
+        return (action.value, action.label) if action is not None else None
+
+    async def _show_choice(
+        self, interaction: discord.Interaction[Any], click: components.Click, bound: Any
+    ) -> None:
+        """Disable the message's buttons, marking the one chosen (with the click's token)."""
+        rows = components.chosen_rows(click.rows, click.custom_id)
+        try:
+            await interaction.edit_original_response(view=components.view(rows))
+        except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
+            bound.warning("discord_click_show_failed", error=f"{type(exc).__name__}: {exc}")
+
     async def _answer(
         self,
         message: discord.Message,
         normalized: NormalizedMessage,
         reservation: Reservation | None,
     ) -> None:
-        bound = self._log.bind(message_id=normalized.message_id, channel_id=str(message.channel.id))
+        await self._deliver(
+            message.id,
+            message.channel,
+            normalized,
+            reservation,
+            lambda bound, before_first: self._reply_stream(message, bound, before_first),
+        )
+
+    async def _deliver(
+        self,
+        key: int,
+        channel: discord.abc.Messageable,
+        normalized: NormalizedMessage,
+        reservation: Reservation | None,
+        make_stream: Callable[
+            [Any, Callable[[], Awaitable[None]]], tuple[EditedStream, DiscordEditor]
+        ],
+    ) -> None:
+        """Take a message (or a click) through the pipeline, its answer into `channel`.
+        `key` is its id in `_handling`/`_seqs` (the message's, the interaction's)."""
+        bound = self._log.bind(
+            message_id=normalized.message_id, channel_id=str(getattr(channel, "id", ""))
+        )
         typing: asyncio.Task[None] | None = None
         first_typing = asyncio.Event()
 
@@ -438,13 +625,13 @@ class DiscordAdapter:
                 pass
             typing.cancel()
 
-        stream, editor = self._reply_stream(message, bound, stop_typing)
+        stream, editor = make_stream(bound, stop_typing)
         try:
             if self.settings.typing_indicator and not await self.pipeline.already_processed(
                 normalized
             ):
                 typing = asyncio.create_task(
-                    self._keep_typing(message, first_typing),
+                    self._keep_typing(channel, first_typing),
                     name=f"discord:{self.tenant_id}:{self.settings.name}:typing",
                 )
             try:
@@ -481,12 +668,11 @@ class DiscordAdapter:
                 reservation.release()
             if typing is not None:
                 typing.cancel()
-            self._handling.discard(message.id)
-            if self._seqs.pop(message.id, None) is not None:
+            self._handling.discard(key)
+            if self._seqs.pop(key, None) is not None:
                 self._checkpoint()
 
-    async def _keep_typing(self, message: discord.Message, first: asyncio.Event) -> None:
-        channel = message.channel
+    async def _keep_typing(self, channel: discord.abc.Messageable, first: asyncio.Event) -> None:
         while True:
             try:
                 await channel.typing()
@@ -521,11 +707,37 @@ class DiscordAdapter:
         target: dict[str, Any] = {
             "channel_id": str(message.channel.id),
             "message_id": str(message.id),
+            # Whose answer it is: only their clicks on its buttons count.
+            "user_id": str(message.author.id),
         }
         if message.guild is not None:
             target["guild_id"] = str(message.guild.id)
         address = Address(Platform.DISCORD, self.settings.name, target)
-        return reply_stream(editor, address, nonced=True), editor
+        return self._rich_stream(editor, address, nonced=True), editor
+
+    def _rich_stream(
+        self, editor: DiscordEditor, address: Address, *, nonced: bool
+    ) -> DiscordReplyStream:
+        """The Outbound for `editor`'s answer, showing files and buttons (adapters/discord/
+        rich.py): buttons for `address.target["user_id"]`, files up to the server's limit."""
+        client = self._client
+        guild_id = address.target.get("guild_id")
+        guild = client.get_guild(int(guild_id)) if client is not None and guild_id else None
+        owner = address.target.get("user_id")
+        return reply_stream(
+            editor,
+            address,
+            nonced=nonced,
+            owner=str(owner) if owner else None,
+            trusted_hosts=self._trusted_hosts,
+            file_limit=guild.filesize_limit if guild is not None else DEFAULT_FILE_BYTES,
+        )
+
+    def _trusted_hosts(self) -> list[str]:
+        """Hosts whose files may be fetched though private: the tenant's agent's."""
+        tenant = self.pipeline.tenants.get(self.tenant_id)
+        host = agent_host(tenant.config.agent.url) if tenant is not None else None
+        return [host] if host else []
 
     def outbound(self, address: Address) -> Outbound | None:
         """An Outbound for an answer that arrives later (OutboundFactory), or None when this
@@ -534,7 +746,16 @@ class DiscordAdapter:
         `address.target`: `channel_id`; `message_id`, the message answered (the first part is
         a reply to it, and it names the parts' nonces); optionally `guild_id`, and `nonce_key`
         to name the nonces instead of `message_id` (an answer that must not be taken for an
-        earlier post to the same message)."""
+        earlier post to the same message), and `user_id`, the user it answers (whose clicks on
+        its buttons count)."""
+        made = self._address_stream(address)
+        return made[0] if made is not None else None
+
+    def _address_stream(
+        self,
+        address: Address,
+        before_first: Callable[[], Awaitable[None]] | None = None,
+    ) -> tuple[DiscordReplyStream, DiscordEditor] | None:
         client = self._client
         if (
             address.platform != Platform.DISCORD
@@ -571,5 +792,6 @@ class DiscordAdapter:
             reference=reference,
             log=self._log.bind(channel_id=str(channel_id), message_id=target.get("message_id")),
             stopping=lambda: self._stopping,
+            before_first=before_first,
         )
-        return reply_stream(editor, address, nonced=nonce_key is not None)
+        return self._rich_stream(editor, address, nonced=nonce_key is not None), editor

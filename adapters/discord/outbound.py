@@ -61,7 +61,11 @@ class DiscordEditor:
     def render(self, text: str) -> list[str]:
         return convert.split_message(text)
 
-    async def send(self, text: str, index: int) -> Hashable | None:
+    async def send(
+        self, text: str, index: int, *, extra: Callable[[], dict[str, Any]] | None = None
+    ) -> Hashable | None:
+        """Post part `index`; `extra()` gives more of `channel.send`'s arguments (files, a
+        view), made anew for each attempt."""
         if self._forbidden:
             return None
         if self._before_first is not None:
@@ -79,6 +83,7 @@ class DiscordEditor:
                     reference=self._reference if index == 0 else None,  # type: ignore[arg-type]
                     allowed_mentions=MENTIONS,
                     **nonced,
+                    **(extra() if extra is not None else {}),
                 )
                 break
             except _TRANSIENT as exc:
@@ -112,18 +117,24 @@ class DiscordEditor:
         self.posted += 1
         if message.content != text:
             # The nonce found this part posted before, showing what had been written then.
-            if not await self.edit(message, text):
+            if not await self.edit(message, text, extra=extra):
                 return None  # posted again (found again by its nonce) on the next try
         return message
 
-    async def edit(self, handle: Hashable, text: str) -> bool:
+    async def edit(
+        self, handle: Hashable, text: str, *, extra: Callable[[], dict[str, Any]] | None = None
+    ) -> bool:
         if not isinstance(handle, discord.Message):
             return False
         attempt = 0
         while True:
             attempt += 1
             try:
-                await handle.edit(content=text, allowed_mentions=MENTIONS)
+                await handle.edit(
+                    content=text,
+                    allowed_mentions=MENTIONS,
+                    **(extra() if extra is not None else {}),
+                )
                 self.edits += 1
                 return True
             except _TRANSIENT as exc:
