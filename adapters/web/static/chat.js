@@ -34,6 +34,7 @@
     plus: ["M12 5v14", "M5 12h14"],
     clip: ["M20.5 11.5 12.4 19.6a5 5 0 0 1-7.1-7.1l8.2-8.2a3.3 3.3 0 0 1 4.7 4.7l-8.2 8.2a1.7 1.7 0 0 1-2.4-2.4l7.5-7.5"],
     alert: ["M12 8v5", "M12 16.5v.01", "M10.3 3.9 2.4 18a2 2 0 0 0 1.7 3h15.8a2 2 0 0 0 1.7-3L13.7 3.9a2 2 0 0 0-3.4 0z"],
+    file: ["M14 3H7a2 2 0 0 0-2 2v14a2 2 0 0 0 2 2h10a2 2 0 0 0 2-2V8z", "M14 3v5h5", "M9 13h6", "M9 17h4"],
   };
 
   function icon(name) {
@@ -327,9 +328,10 @@
     }
 
     /** Send a message; `onDelta` gets each piece of the answer; resolves with the done event. */
-    async send(text, onDelta, files) {
+    async send(text, onDelta, files, metadata) {
       for (let attempt = 0; ; attempt++) {
         const body = { message: text, userId: this.state.userId };
+        if (metadata) body.metadata = metadata; // e.g. {action}: a button was clicked
         if (files && files.length) body.files = files;
         // No known session means the visitor asked for a fresh one (or never had one).
         if (this.state.sessionId) body.sessionId = this.state.sessionId;
@@ -604,7 +606,7 @@
         if (!connected) this.configure(await this.client.connect());
         const turns = await this.client.transcript();
         this.messages.textContent = "";
-        for (const turn of turns) this.addMessage(turn.role === "user" ? "user" : "agent", turn.text);
+        turns.forEach((turn, i) => this.addTurn(turn, turns[i - 1], turns[i + 1]));
         this.scrollToEnd(true);
         // An answer the agent sends later is still to come: wait for it here too.
         if (turns.length && (await this.client.pendingAnswer()).pending) {
@@ -678,10 +680,132 @@
       );
       if (role === "user") bubble.textContent = text;
       else renderRich(bubble, text);
+      // Buttons are for the message right after them: anything the visitor sends closes them.
+      if (role === "user") {
+        for (const button of this.messages.querySelectorAll(".cg-choice:not([disabled])")) button.disabled = true;
+      }
       this.messages.append(message);
       this.updateEmpty();
       this.scrollToEnd();
       return message;
+    }
+
+    /** A stored turn: a choice shows its button's label; an answer its files and buttons. */
+    addTurn(turn, previous, next) {
+      if (turn.role === "user") {
+        const choice = previous && (previous.actions || []).find((a) => a.value === turn.text);
+        this.addMessage("user", choice ? choice.label : turn.text);
+        return;
+      }
+      const message = this.addMessage("agent", turn.text);
+      this.addExtras(message, turn, next);
+    }
+
+    /**
+     * Show an answer's files (images inline, other files as download links, both through the
+     * gateway's signed links) and buttons under its bubble. `next`: the visitor's turn after
+     * it, when there is one (the buttons are then closed, the chosen one marked).
+     */
+    addExtras(message, answer, next) {
+      const files = answer.attachments || [];
+      const actions = answer.actions || [];
+      if (!files.length && !actions.length) return;
+      const extras = el("div", { class: "cg-extras" });
+      if (files.length) {
+        const list = el("div", { class: "cg-files" });
+        for (const file of files) {
+          if (/^image\/(png|jpeg|gif|webp|avif)$/.test(file.contentType || "")) {
+            list.append(
+              el(
+                "a",
+                { class: "cg-image", href: file.url, target: "_blank", rel: "noopener noreferrer" },
+                el("img", { src: file.url, alt: file.name, loading: "lazy" }),
+              ),
+            );
+          } else {
+            list.append(
+              el(
+                "a",
+                { class: "cg-file", href: file.url, download: file.name, rel: "noopener noreferrer" },
+                icon("file"),
+                el("span", { class: "cg-file-name" }, file.name),
+                el("span", { class: "cg-sr" }, " (download)"),
+              ),
+            );
+          }
+        }
+        extras.append(list);
+      }
+      if (actions.length) {
+        const group = el("div", { class: "cg-choices", role: "group", "aria-label": "Choices" });
+        const buttons = actions.map((action) => {
+          const button = el(
+            "button",
+            {
+              type: "button",
+              class: "cg-choice" + (action.style ? " cg-choice-" + action.style : ""),
+              "aria-pressed": "false",
+              disabled: Boolean(next),
+            },
+            action.label,
+          );
+          if (next && next.role === "user" && next.text === action.value) {
+            button.classList.add("cg-chosen");
+            button.setAttribute("aria-pressed", "true");
+          }
+          button.addEventListener("click", () => this.choose(action, buttons, button));
+          return button;
+        });
+        group.append(...buttons);
+        extras.append(group);
+      }
+      message.append(extras);
+      this.scrollToEnd();
+    }
+
+    /** A button clicked: its value goes to the agent as the visitor's next message. */
+    async choose(action, buttons, button) {
+      if (this.busy || !this.ready || button.disabled) return;
+      this.hideNotice();
+      this.setBusy(true);
+      const sent = this.addMessage("user", action.label); // closes the buttons
+      button.classList.add("cg-chosen");
+      button.setAttribute("aria-pressed", "true");
+      const reply = this.addTyping();
+      this.scrollToEnd(true);
+      let soFar = "";
+      const metadata = { action: { value: action.value, label: action.label, via: "button" } };
+      try {
+        const done = await this.client.send(
+          action.value,
+          (delta) => {
+            soFar += delta;
+            this.showText(reply, soFar, true);
+          },
+          [],
+          metadata,
+        );
+        if (done.outcome === "deferred" && this.awaitAnswer) {
+          this.awaitAnswer(reply);
+        } else if (done.response || done.attachments || done.actions) {
+          this.showText(reply, done.response || "", false);
+          if (done.outcome === "fallback") reply.classList.add("cg-fallback");
+          this.addExtras(reply, done);
+        } else {
+          reply.remove();
+        }
+      } catch (err) {
+        reply.remove();
+        sent.classList.add("cg-failed");
+        sent.append(el("span", { class: "cg-failed-note" }, "Not delivered"));
+        this.showNotice(err.message);
+        button.classList.remove("cg-chosen");
+        button.setAttribute("aria-pressed", "false");
+        for (const other of buttons) other.disabled = false; // try again
+      } finally {
+        this.setBusy(false);
+        this.updateEmpty();
+      }
     }
 
     addTyping() {
@@ -729,6 +853,10 @@
         } else if (done.response) {
           this.showText(reply, done.response, false);
           if (done.outcome === "fallback") reply.classList.add("cg-fallback");
+          this.addExtras(reply, done);
+        } else if (done.attachments || done.actions) {
+          this.showText(reply, "", false); // files or buttons without words
+          this.addExtras(reply, done);
         } else {
           reply.remove();
         }
