@@ -215,3 +215,26 @@ async def test_a_replayed_click_reaches_the_agent_once(fake, make_agent, make_ga
     await fake.wait_posts(3, token=bot.token)
     assert agent.texts().count("approve-7") == 1
     assert len(fake.posts(bot.token)) == 3
+
+
+async def test_an_answer_posted_again_after_a_replay_keeps_its_files_and_buttons(
+        fake, make_agent, make_gateway, files_server):
+    agent = await make_agent(behaviour=answers(files_server))
+    bot = fake.add_bot("acmebot")
+    await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
+    await fake.wait_ready(bot)
+    asked = await ask(fake, bot, "deploy?")
+    [post] = await fake.wait_posts(1, token=bot.token)
+    await fake.wait_for(lambda: fake.buttons_of(post) and fake.files_of(post))
+    shown = post.text
+    edits = fake.rich_edits
+
+    # Discord delivers the message again (a RESUME after a takeover): the stored answer is
+    # posted again with the same nonces, i.e. shown once, files and buttons included.
+    await fake.redeliver(bot, asked)
+    await fake.wait_for(lambda: fake.nonce_hits >= 1 and fake.rich_edits > edits)
+    assert len(agent.calls) == 1
+    assert len(fake.posts(bot.token)) == 1
+    assert post.text == shown and "\x1e" not in post.text
+    assert [u.filename for u in fake.files_of(post)] == ["chart.png", "report.pdf"]
+    assert [b["label"] for b in fake.buttons_of(post)] == ["Approve", "Reject"]

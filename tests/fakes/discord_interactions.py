@@ -100,6 +100,8 @@ class FakeDiscordRich(FakeDiscord):
         self.threads: dict[str, str] = {}
         #: Responses to answer with an error status (e.g. 404 Unknown interaction) from now on.
         self.fail_callbacks = 0
+        #: Edits that changed attachments or components (any route).
+        self.rich_edits = 0
 
     # Messages with files and buttons -----------------------------------------------------
 
@@ -218,6 +220,7 @@ class FakeDiscordRich(FakeDiscord):
                 post = self.message_of(request.match_info["message_id"])
                 assert post is not None
                 post.message["components"] = payload["components"] or []
+                self.rich_edits += 1
                 await self._notify()
                 return _json(post.message)
             return response
@@ -255,6 +258,8 @@ class FakeDiscordRich(FakeDiscord):
             names = {a["filename"] for a in kept}
             self.uploads[post.message["id"]] = [u for u in old if u.filename in names] + files
         post.message["edited_timestamp"] = datetime.now(UTC).isoformat()
+        if "components" in payload or "attachments" in payload:
+            self.rich_edits += 1
         await self._notify()
         return _json(post.message)
 
