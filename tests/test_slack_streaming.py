@@ -36,6 +36,8 @@ class SlowAgent:
     def __init__(self, chunks: list[str], pause: float, error_after: int | None) -> None:
         self.chunks, self.pause, self.error_after = chunks, pause, error_after
         self.done: list[float] = []
+        #: When each answer's first delta was written.
+        self.first: list[float] = []
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -62,6 +64,8 @@ class SlowAgent:
                 await resp.write(json.dumps({"error": "the model fell over"}).encode() + b"\n")
                 break
             await resp.write(json.dumps({"delta": chunk}).encode() + b"\n")
+            if n == 0:
+                self.first.append(time.monotonic())
             await asyncio.sleep(self.pause)
         self.done.append(time.monotonic())
         await resp.write_eof()
@@ -310,3 +314,41 @@ async def test_calls_for_a_2000_character_answer_streamed_over_10_seconds(
           f"chat.* calls {counts}")
     assert counts["chat.startStream"] == 1 and counts["chat.stopStream"] == 1
     assert 5 <= counts["chat.appendStream"] <= 12  # about one a second, never one per delta
+
+
+async def test_a_conversation_refusing_streams_falls_back_for_that_answer_only(
+    fake_slack, slow_agent, make_gateway
+):
+    agent = await slow_agent(["Posted ", "then ", "edited"], pause=0.2)
+    app = fake_slack.add_app()
+    app.refuse_streaming_in["C0LOCKED"] = "channel_type_not_supported"
+    daemon = await start(make_gateway, fake_slack,
+                         slack_tenant("acme", agent.url, fake_slack, app))
+    delivery = await fake_slack.mention(app, "U0ALICE", "here", channel="C0LOCKED")
+    posts = await fake_slack.wait_posts(1, channel="C0LOCKED")
+    await fake_slack.wait_for(lambda: posts[0].text == "Posted then edited")
+    assert posts[0].thread_ts == delivery.envelope["payload"]["event"]["ts"]
+    assert adapter_of(daemon, "acme").stream_refusal is None  # not the app's setting
+
+    await fake_slack.mention(app, "U0ALICE", "there", channel="C0GENERAL")
+    streamed = await fake_slack.wait_for(
+        lambda: [m for m in fake_slack.streams_in("C0GENERAL") if not m.streaming])
+    assert streamed[0].text == "Posted then edited"
+
+
+@pytest.mark.parametrize("pause", [0.05, 1.0], ids=["fast-deltas", "slow-deltas"])
+async def test_first_words_are_visible_soon_after_the_first_delta(
+    fake_slack, slow_agent, make_gateway, pause
+):
+    agent = await slow_agent(["First ", "words ", "then more"], pause=pause)
+    app = fake_slack.add_app()
+    await start(make_gateway, fake_slack, slack_tenant("acme", agent.url, fake_slack, app))
+    delays = []
+    for n in range(3):
+        await fake_slack.mention(app, "U0ALICE", f"question {n}", channel=f"C0{n}")
+        message = (await fake_slack.wait_for(lambda n=n: fake_slack.streams_in(f"C0{n}")))[0]
+        delays.append(message.changes[0][1] - agent.first[n])
+        await fake_slack.wait_for(lambda message=message: not message.streaming, within=10)
+    print(f"\nfirst delta -> first words in Slack ({pause} s between deltas): "
+          + ", ".join(f"{d * 1000:.0f} ms" for d in delays))
+    assert max(delays) <= 0.3

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -476,9 +476,3 @@ class SlashOutbound:
             return False
         return True
 
-
-def describe(outbound: Any) -> str:
-    """How an answer went out, for the reply log line."""
-    if isinstance(outbound, SlackOutbound):
-        return "stream" if outbound.streamed else "post"
-    return "response_url"

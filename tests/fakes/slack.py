@@ -46,6 +46,8 @@ class FakeApp:
     #: When set, chat.startStream/appendStream/stopStream answer this error (e.g.
     #: "unknown_method" on a Slack without streaming, "missing_scope").
     refuse_streaming: str | None = None
+    #: Channels where chat.startStream answers an error (e.g. "channel_type_not_supported").
+    refuse_streaming_in: dict[str, str] = field(default_factory=dict)
 
     def config(self, fake: FakeSlack, **extra: Any) -> dict[str, Any]:
         """The `slack.apps[i]` entry of a gateway config for this app."""
@@ -594,6 +596,8 @@ class FakeSlack:
             text = "".join(str(c.get("text", "")) for c in chunks
                            if isinstance(c, dict) and c.get("type") == "markdown_text")
         if method == "chat.startStream":
+            if str(channel) in app.refuse_streaming_in:
+                return {"ok": False, "error": app.refuse_streaming_in[str(channel)]}
             thread_ts = params.get("thread_ts")
             if not thread_ts:
                 return {"ok": False, "error": "invalid_thread_ts"}
