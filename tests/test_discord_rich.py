@@ -4,6 +4,7 @@ in-process daemon against the fake Discord (tests/fakes/discord_interactions.py)
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -238,3 +239,25 @@ async def test_an_answer_posted_again_after_a_replay_keeps_its_files_and_buttons
     assert post.text == shown and "\x1e" not in post.text
     assert [u.filename for u in fake.files_of(post)] == ["chart.png", "report.pdf"]
     assert [b["label"] for b in fake.buttons_of(post)] == ["Approve", "Reject"]
+
+
+async def test_a_streamed_answer_past_one_message_gets_the_buttons_on_its_last(
+        fake, make_agent, make_gateway):
+    words = ("word " * 500).strip()  # 2,499 characters: two messages
+    lines = [{"delta": words[:1200]}, {"delta": words[1200:]},
+             {"actions": [{"label": "More", "value": "more"}]}]
+
+    async def stream(call: AgentCall) -> web.StreamResponse:
+        return web.Response(text="".join(json.dumps(x) + "\n" for x in lines),
+                            content_type="application/x-ndjson")
+
+    agent = await make_agent(behaviour=stream)
+    bot = fake.add_bot("acmebot")
+    await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
+    await fake.wait_ready(bot)
+    await fake.message_create(bot, "tell me", channel_id="2001", author=ALICE)
+    first, last = await fake.wait_posts(2, token=bot.token)
+    await fake.wait_for(lambda: fake.buttons_of(last))
+    assert (first.text + " " + last.text).split() == words.split()
+    assert not fake.buttons_of(first)
+    assert [b["label"] for b in fake.buttons_of(last)] == ["More"]
