@@ -4,9 +4,13 @@ real slack-bolt in the gateway."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
+import json
 import tracemalloc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,6 +21,7 @@ from adapters.slack.files import SlackFileUploader, UploadError
 from chatgateway.models import OutFile
 from tests.fakes.slack import FakeApp, FakeSlack
 from tests.fakes.slack_files import SlackRich
+from tests.test_slack_e2e import slack_tenant, start
 
 #: What the big file repeats (64 KiB).
 PATTERN = bytes(range(256)) * 256
@@ -71,8 +76,8 @@ class FileServer:
         response = web.StreamResponse(headers={"Content-Type": "image/png"})
         response.enable_chunked_encoding()
         await response.prepare(request)
-        for start in range(0, len(PNG), 1000):
-            await response.write(PNG[start : start + 1000])
+        for offset in range(0, len(PNG), 1000):
+            await response.write(PNG[offset : offset + 1000])
         await response.write_eof()
         return response
 
@@ -212,3 +217,224 @@ async def test_a_refused_upload_says_why(rich, uploader):
     with pytest.raises(UploadError, match="invalid_auth"):
         await upload.upload(OutFile("a.txt", "text/plain", data=b"hello"),
                             channel="C1", thread_ts=None)
+
+
+# Through the gateway: real slack-bolt, the fake Slack, an agent answering files and buttons -----
+
+
+class RichAgent:
+    """An agent answering its first call with text, files and buttons (JSON, or an NDJSON
+    stream when `stream`), and every later call with a text naming what it got."""
+
+    def __init__(self, files_url: str, *, stream: bool = False, data: bool = True) -> None:
+        self.files_url, self.stream, self.data = files_url, stream, data
+        self.calls: list[dict[str, Any]] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> RichAgent:
+        app = web.Application()
+        app.router.add_post("/agent", self._answer)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/agent"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def wait_calls(self, count: int, within: float = 10.0) -> list[dict[str, Any]]:
+        deadline = asyncio.get_running_loop().time() + within
+        while len(self.calls) < count:
+            assert asyncio.get_running_loop().time() < deadline, f"{len(self.calls)} calls"
+            await asyncio.sleep(0.02)
+        return self.calls
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.calls.append(body)
+        if len(self.calls) > 1:
+            return web.json_response({"response": f"you chose {body['message']['text']}"})
+        extra: dict[str, Any] = {
+            "attachments": [{"name": "chart.png", "url": f"{self.files_url}/chart.png"}],
+            "actions": [{"label": "Approve", "value": "approve-42", "style": "primary"},
+                        {"label": "Reject", "value": "reject-42", "style": "danger"}],
+        }
+        if self.data:
+            extra["attachments"].append({"name": "notes.txt", "contentType": "text/plain",
+                                         "data": base64.b64encode(b"the notes").decode()})
+        if not self.stream:
+            return web.json_response({"response": "Deploy **now**?", **extra})
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        for delta in ("Deploy ", "**now**", "?"):
+            await response.write(json.dumps({"delta": delta}).encode() + b"\n")
+            await asyncio.sleep(0.3)
+        await response.write(json.dumps(extra).encode() + b"\n")
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def make_rich_agent() -> AsyncIterator[Any]:
+    agents: list[RichAgent] = []
+
+    async def make(files_url: str, **kwargs: Any) -> RichAgent:
+        agent = await RichAgent(files_url, **kwargs).start()
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        await agent.stop()
+
+
+async def rich_gateway(fake_slack: FakeSlack, make_rich_agent: Any, make_gateway: Any,
+                       files: FileServer, **kwargs: Any) -> tuple[RichAgent, FakeApp]:
+    agent = await make_rich_agent(files.url, **kwargs)
+    app = fake_slack.add_app()
+    await start(make_gateway, fake_slack, slack_tenant("acme", agent.url, fake_slack, app))
+    return agent, app
+
+
+def action_blocks(message: Any) -> list[dict[str, Any]]:
+    return [b for b in message.blocks if b["type"] == "actions"]
+
+
+async def test_a_mention_gets_its_files_in_the_thread_and_buttons_on_the_answer(
+    fake_slack, rich, make_rich_agent, make_gateway, files
+):
+    agent, app = await rich_gateway(fake_slack, make_rich_agent, make_gateway, files)
+    delivery = await fake_slack.mention(app, "U0ALICE", "deploy?", channel="C0GENERAL")
+    root = delivery.envelope["payload"]["event"]["ts"]
+
+    shared = await rich.wait_shared(2)
+    assert [f.title for f in shared] == ["chart.png", "notes.txt"]
+    assert all((f.channel, f.thread_ts) == ("C0GENERAL", root) for f in shared)
+    assert shared[0].data == PNG and shared[1].data == b"the notes"
+    answer = await rich.wait_message(lambda m: action_blocks(m))
+    assert (answer.channel, answer.thread_ts) == ("C0GENERAL", root)
+    assert answer.blocks[0] == {"type": "section",
+                                "text": {"type": "mrkdwn", "text": "Deploy *now*?"}}
+    buttons = action_blocks(answer)[0]
+    assert buttons["block_id"] == "cg_actions.U0ALICE"
+    assert [(b["text"]["text"], b["value"], b.get("style")) for b in buttons["elements"]] == [
+        ("Approve", "approve-42", "primary"), ("Reject", "reject-42", "danger")]
+    # The answer itself is the message that carries them (no extra message, no text fallback).
+    assert [p.ts for p in fake_slack.posts()] == [answer.ts]
+    assert "Reply 1 for" not in fake_slack.posts()[0].text
+    assert len(agent.calls) == 1
+
+
+async def test_a_click_reaches_the_agent_in_the_askers_session_and_replaces_the_buttons(
+    fake_slack, rich, make_rich_agent, make_gateway, files
+):
+    agent, app = await rich_gateway(fake_slack, make_rich_agent, make_gateway, files, data=False)
+    delivery = await fake_slack.mention(app, "U0ALICE", "deploy?", channel="C0GENERAL")
+    root = delivery.envelope["payload"]["event"]["ts"]
+    answer = await rich.wait_message(lambda m: action_blocks(m))
+
+    click = await rich.click(app, answer.ts, "Reject", user="U0ALICE")
+    await fake_slack.wait_ack(click)
+    assert click.ack_latency is not None and click.ack_latency < 1.0
+    calls = await agent.wait_calls(2)
+    first, second = calls[0], calls[1]
+    assert second["sessionId"] == first["sessionId"]
+    assert second["message"]["text"] == "reject-42"
+    assert second["metadata"]["action"] == {
+        "value": "reject-42", "label": "Reject", "index": 2, "via": "button"}
+    assert (second["user"]["id"], second["conversation"]["threadId"]) == ("U0ALICE", root)
+    assert [t["role"] for t in second["history"]] == ["user", "agent"]
+
+    # The buttons became the choice; the agent's answer to it went into the same thread.
+    await fake_slack.wait_for(lambda: not action_blocks(answer))
+    assert answer.blocks[-1]["type"] == "context"
+    assert answer.blocks[-1]["elements"][0]["text"] == "\u2713 *Reject* chosen by <@U0ALICE>"
+    assert answer.blocks[0]["text"]["text"] == "Deploy *now*?"
+    reply = await fake_slack.wait_for(
+        lambda: [p for p in fake_slack.posts() if p.text == "you chose reject-42"])
+    assert reply[0].thread_ts == root
+
+    # Slack's redelivery of the click, or a second click from a client still showing the
+    # buttons, is not a second choice: no agent call, and the choice shown stays.
+    for same in (True, False):
+        again = await fake_slack.redeliver(click, same_envelope=same)
+        await fake_slack.wait_ack(again)
+    await asyncio.sleep(0.5)
+    assert len(agent.calls) == 2
+    assert answer.blocks[-1]["elements"][0]["text"] == "\u2713 *Reject* chosen by <@U0ALICE>"
+    # Posted, given its buttons, the buttons replaced: once.
+    assert [method for method, _ in answer.history] == [
+        "chat.postMessage", "chat.update", "chat.update"]
+
+
+async def test_a_click_in_a_dm_goes_to_the_dm_session(
+    fake_slack, rich, make_rich_agent, make_gateway, files
+):
+    agent, app = await rich_gateway(fake_slack, make_rich_agent, make_gateway, files, data=False)
+    await fake_slack.dm(app, "U0ALICE", "deploy?")
+    answer = await rich.wait_message(lambda m: action_blocks(m))
+    assert answer.channel == "DU0ALICE"
+    await rich.click(app, answer.ts, "Approve", user="U0ALICE")
+    calls = await agent.wait_calls(2)
+    assert calls[1]["sessionId"] == calls[0]["sessionId"]
+    assert calls[1]["metadata"]["action"]["value"] == "approve-42"
+    await fake_slack.wait_for(
+        lambda: [p for p in fake_slack.posts(channel="DU0ALICE") if p.text == "you chose approve-42"])
+
+
+async def test_someone_elses_click_is_refused_with_a_note(
+    fake_slack, rich, make_rich_agent, make_gateway, files
+):
+    agent, app = await rich_gateway(fake_slack, make_rich_agent, make_gateway, files, data=False)
+    await fake_slack.mention(app, "U0ALICE", "deploy?", channel="C0GENERAL")
+    answer = await rich.wait_message(lambda m: action_blocks(m))
+
+    click = await rich.click(app, answer.ts, "Approve", user="U0BOB")
+    await fake_slack.wait_ack(click)
+    note = await fake_slack.wait_posts(1, via="chat.postEphemeral")
+    assert (note[0].user, note[0].text) == ("U0BOB", "Only <@U0ALICE> can choose here.")
+    await asyncio.sleep(0.5)
+    assert len(agent.calls) == 1  # Alice's session got nothing from Bob
+    assert action_blocks(answer)  # the buttons are still Alice's to click
+
+
+async def test_a_streamed_answer_gets_its_buttons_and_files_after_the_stream(
+    fake_slack, rich, make_rich_agent, make_gateway, files
+):
+    agent, app = await rich_gateway(fake_slack, make_rich_agent, make_gateway, files, stream=True)
+    delivery = await fake_slack.mention(app, "U0ALICE", "deploy?", channel="C0GENERAL")
+    user_ts = delivery.envelope["payload"]["event"]["ts"]
+    shared = await rich.wait_shared(2)
+    assert all(f.thread_ts == user_ts for f in shared)
+    answer = await rich.wait_message(lambda m: action_blocks(m))
+    streamed = fake_slack.stream(answer.ts)
+    assert streamed is not None and not streamed.streaming
+    assert streamed.text == "Deploy **now**?"
+    # Standard Markdown, as streamed: a markdown block, then the buttons.
+    assert answer.blocks[0] == {"type": "markdown", "text": "Deploy **now**?"}
+    await rich.click(app, answer.ts, "Approve", user="U0ALICE")
+    calls = await agent.wait_calls(2)
+    assert calls[1]["sessionId"] == calls[0]["sessionId"]
+    await fake_slack.wait_for(lambda: not action_blocks(answer))
+    assert answer.blocks[0] == {"type": "markdown", "text": "Deploy **now**?"}
+
+
+async def test_a_file_that_cannot_be_fetched_is_named_to_the_user(
+    fake_slack, rich, make_agent, make_gateway
+):
+    async def behaviour(call: Any) -> web.StreamResponse:
+        return web.json_response({"response": "Here:", "attachments": [
+            {"name": "secret.txt", "url": "http://169.254.169.254/latest/meta-data/"}]})
+
+    agent = await make_agent(behaviour=behaviour)
+    app = fake_slack.add_app()
+    await start(make_gateway, fake_slack, slack_tenant("acme", agent.url, fake_slack, app))
+    await fake_slack.dm(app, "U0ALICE", "the file please")
+    posts = await fake_slack.wait_posts(2, channel="DU0ALICE")
+    assert posts[0].text == "Here:"
+    assert posts[1].text == "• <http://169.254.169.254/latest/meta-data/|secret.txt>"
+    assert rich.uploads == {} and rich.shared == []

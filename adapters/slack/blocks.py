@@ -199,12 +199,9 @@ def click_message_id(click: Click) -> str:
 
 
 def click_to_inbound(
-    tenant_id: TenantId, body: dict[str, Any], *, app_name: str = "default"
-) -> Inbound | NotYours | Ignored:
-    """A `block_actions` payload as a message of the session the buttons were shown in."""
-    click = parse_click(body)
-    if isinstance(click, Ignored):
-        return click
+    tenant_id: TenantId, click: Click, *, app_name: str = "default"
+) -> Inbound | NotYours:
+    """A click (`parse_click`) as a message of the session the buttons were shown in."""
     if click.owner is not None and click.owner != click.user:
         return NotYours(click)
     if click.is_dm:

@@ -35,6 +35,7 @@ from slack_sdk.socket_mode.aiohttp import SocketModeClient
 from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.blocks import ACTION_ID_PATTERN
 from adapters.slack.convert import BotIdentity
 from chatgateway.adapter import AdapterState, AdapterStatus
 from chatgateway.config import SlackAppConfig
@@ -454,8 +455,12 @@ class SlackConnection:
         async def on_command(ack: AsyncAck, body: dict[str, Any], context: dict[str, Any]) -> None:
             await adapter._on_command(ack, body, context)
 
+        async def on_action(ack: AsyncAck, body: dict[str, Any], context: dict[str, Any]) -> None:
+            await adapter._on_action(ack, body, context)
+
         app.event(re.compile(".*"))(on_event)
         app.command(re.compile(".*"))(on_command)
+        app.action(ACTION_ID_PATTERN)(on_action)  # the gateway's buttons (blocks.py)
         return app
 
     def _authorizer(self) -> Callable[..., Awaitable[AuthorizeResult]]:
@@ -479,6 +484,12 @@ class SlackConnection:
         self, ack: AsyncAck, body: dict[str, Any], context: dict[str, Any]
     ) -> None:
         """A slash command arrived: ack it and start work."""
+        raise NotImplementedError
+
+    async def _on_action(
+        self, ack: AsyncAck, body: dict[str, Any], context: dict[str, Any]
+    ) -> None:
+        """A click on one of the gateway's buttons arrived: ack it and start work."""
         raise NotImplementedError
 
     # In-flight messages at stop ------------------------------------------------------------
