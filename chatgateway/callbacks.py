@@ -104,6 +104,8 @@ class Callbacks:
         self._live: dict[tuple[str, str], Outbound] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pruned_at = 0.0
+        #: Set when the gateway stops: messages waiting for a late answer go on without it.
+        self._stopping = False
 
     # Issuing -------------------------------------------------------------------------------
 
@@ -149,6 +151,11 @@ class Callbacks:
         key = (tenant_id, session_id)
         logged = False
         while True:
+            if self._stopping:
+                # The gateway stops: answered out of order rather than lost (the late answer
+                # is still delivered when it comes, by this or another instance).
+                log.warning("callback_wait_cut_short", reason="gateway stopping")
+                return
             record = await self.store.latest_callback(tenant_id, session_id)
             if record is None or record.state not in CALLBACK_OPEN:
                 self._open.discard(key)
@@ -396,6 +403,12 @@ class Callbacks:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("callback_delivery_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def stop_waiting(self) -> None:
+        """The gateway stops: messages waiting for a late answer stop waiting (the drain)."""
+        self._stopping = True
+        for event in self._waiters.values():
+            event.set()
 
     async def close(self) -> None:
         """Let deliveries in progress finish (their claims would otherwise go stale)."""

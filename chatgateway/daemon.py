@@ -697,6 +697,8 @@ class Daemon:
             await self.supervisor.hand_over()
         if self.pipeline is not None:
             self.pipeline.accepting = False
+            if self.callbacks is not None:
+                self.callbacks.stop_waiting()  # a late answer must not hold up the drain
             drained = await self._drain(self.pipeline, deadline)
         for task in list(self._tasks):
             task.cancel()

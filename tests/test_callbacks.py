@@ -352,3 +352,54 @@ async def test_the_example_slow_agent_answers_through_its_callback(make_gateway,
             "agent", "After 1 seconds of thought about **the meaning of life**: done.")
     finally:
         await runner.cleanup()
+
+
+async def test_a_message_waiting_for_a_late_answer_is_answered_when_the_gateway_stops(
+    make_agent, make_gateway, http
+):
+    async def first_later(call: AgentCall) -> web.StreamResponse:
+        if call.body["message"]["text"] == "first":
+            return await accept_later(call)
+        return web.json_response({"response": "second answer"})
+
+    agent = await make_agent(behaviour=first_later)
+    gw = await make_gateway(config(agent.url))
+    _, body = await chat(http, gw, "first")
+    second = asyncio.create_task(chat(http, gw, "second", sessionId=body["sessionId"]))
+    await asyncio.sleep(1.0)
+    assert not second.done()
+    started = time.monotonic()
+    await gw.stop()  # the drain: the waiting message goes on rather than being lost
+    assert time.monotonic() - started < 5
+    status, answer = await asyncio.wait_for(second, 5)
+    assert (status, answer["response"]) == (200, "second answer")
+    assert [c.body["message"]["text"] for c in agent.calls] == ["first", "second"]
+
+
+async def test_deleting_a_session_or_erasing_its_user_deletes_its_late_answers(
+    make_agent, make_gateway, http
+):
+    await deleting_deletes_late_answers(make_agent, make_gateway, http, {})
+
+
+@pytest.mark.postgres
+async def test_deleting_deletes_late_answers_on_postgres(make_agent, make_gateway, http, pg_dsn):
+    storage = {"backend": "postgres", "dsn": {"value": pg_dsn}}
+    await deleting_deletes_late_answers(make_agent, make_gateway, http, {"storage": storage})
+
+
+async def deleting_deletes_late_answers(make_agent: Any, make_gateway: Any,
+                                        http: aiohttp.ClientSession, extra: dict[str, Any]) -> None:
+    agent = await make_agent(behaviour=accept_later)
+    gw = await make_gateway({**config(agent.url), **extra})
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    _, one = await chat(http, gw, "one")
+    _, two = await chat(http, gw, "two", userId="u2")
+    for body in (one, two):
+        assert await gw.store.latest_callback("acme", body["sessionId"]) is not None
+    async with http.delete(url(gw, f"/api/sessions/{one['sessionId']}"), headers=auth) as resp:
+        assert resp.status == 204
+    async with http.delete(url(gw, "/api/users/u2"), headers=auth) as resp:
+        assert resp.status in (200, 204), await resp.text()
+    for body in (one, two):
+        assert await gw.store.latest_callback("acme", body["sessionId"]) is None

@@ -342,6 +342,10 @@ class PostgresStore:
                 "DELETE FROM turns WHERE session_id = %s AND tenant_id = %s",
                 (session_id, tenant_id),
             )
+            await conn.execute(  # and the late answers it was owed (their text with them)
+                "DELETE FROM agent_callbacks WHERE session_id = %s AND tenant_id = %s",
+                (session_id, tenant_id),
+            )
             return True
 
     async def count_sessions(self, tenant_id: TenantId, *, active_since: float = 0.0) -> int:
@@ -544,6 +548,10 @@ class PostgresStore:
                     (tenant_id, ids),
                 )
                 turns = done.rowcount
+                await conn.execute(
+                    "DELETE FROM agent_callbacks WHERE tenant_id = %s AND session_id = ANY(%s)",
+                    (tenant_id, ids),
+                )
             return {"sessions": len(ids), "turns": turns}
 
     # Agent usage ---------------------------------------------------------------------------

@@ -610,6 +610,10 @@ class SqliteStore:
             c.execute(
                 "DELETE FROM turns WHERE session_id = ? AND tenant_id = ?", (session_id, tenant_id)
             )
+            c.execute(  # and the late answers it was owed (their text with them)
+                "DELETE FROM agent_callbacks WHERE session_id = ? AND tenant_id = ?",
+                (session_id, tenant_id),
+            )
             return True
 
         deleted = await self._write(op)
@@ -810,6 +814,10 @@ class SqliteStore:
                 ).rowcount
                 c.execute(
                     f"DELETE FROM sessions WHERE tenant_id = ? AND id IN ({marks})",
+                    (tenant_id, *part),
+                )
+                c.execute(
+                    f"DELETE FROM agent_callbacks WHERE tenant_id = ? AND session_id IN ({marks})",
                     (tenant_id, *part),
                 )
             return ids, turns
