@@ -352,3 +352,18 @@ async def test_first_words_are_visible_soon_after_the_first_delta(
     print(f"\nfirst delta -> first words in Slack ({pause} s between deltas): "
           + ", ".join(f"{d * 1000:.0f} ms" for d in delays))
     assert max(delays) <= 0.3
+
+
+def test_a_stream_is_for_the_askers_workspace_in_a_shared_channel():
+    from adapters.slack.convert import BotIdentity, Inbound, event_to_inbound
+    from chatgateway.models import TenantId
+
+    body = {"event_id": "Ev1", "team_id": "T0HOST", "event": {
+        "type": "app_mention", "channel": "C0SHARED", "user": "U0GUEST", "ts": "1.000001",
+        "text": "<@UBOT> hi", "team": "T0HOST", "user_team": "T0GUEST"}}
+    inbound = event_to_inbound(TenantId("acme"), body, BotIdentity("UBOT"))
+    assert isinstance(inbound, Inbound)
+    assert inbound.target.team == "T0GUEST"
+    del body["event"]["user_team"]
+    inbound = event_to_inbound(TenantId("acme"), body, BotIdentity("UBOT"))
+    assert isinstance(inbound, Inbound) and inbound.target.team == "T0HOST"

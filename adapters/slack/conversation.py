@@ -305,7 +305,7 @@ class SlackConversations(SlackConnection):
                 "thread_ts": target.thread_ts,
                 "message_ts": target.message_ts,
                 "user": inbound.message.user.id,
-                "team": team if isinstance(team, str) else None,
+                "team": target.team or (team if isinstance(team, str) else None),
             }
         return Address(Platform.SLACK, self.settings.name, fields)
 

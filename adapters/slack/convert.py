@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from chatgateway.models import (
@@ -55,6 +55,9 @@ class ReplyTarget:
     #: A message in an assistant thread (an AI app's DM thread): its working indicator is
     #: the thread's status (assistant.threads.setStatus), not a reaction.
     assistant: bool = False
+    #: The asker's workspace (a stream's recipient_team_id; in a Slack Connect channel it may
+    #: differ from the workspace the event came from).
+    team: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,9 @@ def event_to_inbound(
         root = thread_ts or ts
         conversation = Conversation(id=channel, kind=ConversationKind.CHANNEL, thread_id=root)
         target = ReplyTarget(channel=channel, thread_ts=root, message_ts=ts)
+    user_team = event.get("user_team") or event.get("team") or body.get("team_id")
+    if isinstance(user_team, str):
+        target = replace(target, team=user_team)
     raw_text = event.get("text")
     text = slack_to_text(raw_text if isinstance(raw_text, str) else "", identity.user_id)
     attachments = _files(event.get("files"), app_name)

@@ -347,6 +347,15 @@ class SlackOutbound(EditedStream):
         await super().finish(text)
         if self._stream is not None:
             await self._stream.close()
+        if self._shown:
+            log.info(
+                "slack_reply_sent",
+                parts=len(self._shown),
+                sent=sum(handle is not None for handle, _ in self._shown),
+                channel=self.address.target.get("channel"),
+                streamed=self.streamed,
+                calls=self.calls,
+            )
 
     def abandon(self) -> None:
         """The answer will never finish (its message was cancelled): start nothing more."""
