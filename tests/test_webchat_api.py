@@ -89,7 +89,10 @@ async def test_public_tenant_hands_out_visitor_tokens(gateway, http):
     assert body["userId"].startswith("v_")
     assert body["token"].startswith("cgv1.p.a.")
     assert body["expiresAt"] > time.time() + 6 * 86400  # server.visitor_token_ttl: 7 days
-    assert body["chat"] == {"title": "Shop A", "welcome": None, "accentColor": "#0f766e"}
+    assert body["chat"] == {"title": "Shop A", "welcome": None, "accentColor": "#0f766e",
+                            # What the page's file picker accepts (the tenant's files.*).
+                            "files": {"maxBytes": 25 * 1024 * 1024,
+                                      "allowedTypes": ["image/*", "text/*", "application/pdf"]}}
     other = await visitor(http, gw, "a")
     assert other["userId"] != body["userId"]  # every visitor is somebody new
 
