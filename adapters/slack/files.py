@@ -22,13 +22,13 @@ import structlog
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from chatgateway.fetch import CHUNK_BYTES, FetchError, fetch
+from chatgateway.fetch import CHUNK_BYTES, MAX_BYTES, FetchError, fetch
 from chatgateway.models import OutFile
 
 log = structlog.get_logger("chatgateway.slack")
 
-#: The largest file uploaded by default (Slack itself takes up to 1 GB).
-MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+#: The largest file uploaded: the core's fetch cap (docs/agent-protocol.md), for bytes too.
+MAX_UPLOAD_BYTES = MAX_BYTES
 #: Seconds the upload of one file may stall between chunks.
 UPLOAD_READ_TIMEOUT = 60.0
 
