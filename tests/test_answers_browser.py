@@ -127,7 +127,7 @@ async def test_images_files_and_buttons_in_the_page(browser, make_agent, make_ga
     assert second.body["message"]["text"] == "approve"
     assert second.body["sessionId"] == first.body["sessionId"]
     assert second.body["metadata"] == {"action": {"value": "approve", "label": "Approve",
-                                                  "via": "button"}}
+                                                  "index": 1, "via": "button"}}
     await expect(page.locator(USER).last).to_have_text("You: Approve")
     await expect(approve).to_be_disabled()
     await expect(reject).to_be_disabled()

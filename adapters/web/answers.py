@@ -222,3 +222,38 @@ def install(app: web.Application) -> None:
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     app.add_routes(routes)
+
+
+# OpenAPI -----------------------------------------------------------------------------------
+
+
+def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
+    """GET /api/answer-files/{token} for the OpenAPI document."""
+    from adapters.web.openapi import _json, _ref
+
+    del components  # AnswerFile and AnswerAction come with ChatResponse (schemas.py)
+    error = _ref("ErrorResponse")
+    return {
+        PATH + "{token}": {
+            "get": {
+                "summary": "A file of an agent's answer, by the signed link the API listed",
+                "description": "No credential: the link is one. Images are served inline, "
+                "other files as attachments. See docs/api.md.",
+                "security": [{}],
+                "parameters": [
+                    {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file",
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "403": _json(error, "An altered or foreign link (invalid_link)"),
+                    "404": _json(error, "The answer or its session is gone (not_found)"),
+                    "410": _json(error, "The link expired (link_expired)"),
+                    "502": _json(error, "The agent's URL cannot be fetched (file_unavailable)"),
+                    "503": _json(error, "The gateway is starting (unavailable)"),
+                },
+            }
+        }
+    }

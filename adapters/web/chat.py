@@ -654,9 +654,20 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
             "response": {"type": "string", "description": "done: the whole answer"},
             "outcome": {"type": "string", "enum": ["ok", "empty", "fallback", "collected"]},
             "error": _ref("ErrorDetail"),
+            "attachments": {
+                "type": "array",
+                "items": _ref("AnswerFile"),
+                "description": "done: the answer's files (only when it has some)",
+            },
+            "actions": {
+                "type": "array",
+                "items": _ref("AnswerAction"),
+                "description": "done: the answer's buttons (only when it has some)",
+            },
         },
     }
     return {
+        **answers.openapi_paths(components),  # the files of agents' answers
         "/api/visitor-token": {
             "post": {
                 "summary": "Get, renew (visitor token) or mint (API key) a visitor token",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,9 +28,28 @@ class ChatRequest(Body):
     )
 
 
+class AnswerFile(BaseModel):
+    """A file of the agent's answer, served through the gateway (docs/api.md)."""
+
+    name: str
+    contentType: str
+    size: int | None = Field(None, description="Known for bytes the agent gave")
+    url: str = Field(description="A signed link (/api/answer-files/...), valid for an hour")
+
+
+class AnswerAction(BaseModel):
+    """A button: show the label; send the value as the next message, with metadata.action."""
+
+    label: str
+    value: str
+    style: Literal["primary", "danger"] | None = None
+
+
 class ChatResponse(BaseModel):
     sessionId: str
     response: str
+    attachments: list[AnswerFile] | None = Field(None, description="Only when it has files")
+    actions: list[AnswerAction] | None = Field(None, description="Only when it has buttons")
 
 
 class SessionSummary(BaseModel):
@@ -50,6 +69,8 @@ class TranscriptTurn(BaseModel):
     role: str
     text: str
     timestamp: float
+    attachments: list[AnswerFile] | None = Field(None, description="An answer's files")
+    actions: list[AnswerAction] | None = Field(None, description="An answer's buttons")
 
 
 class SessionDetail(SessionSummary):

@@ -774,7 +774,8 @@
       const reply = this.addTyping();
       this.scrollToEnd(true);
       let soFar = "";
-      const metadata = { action: { value: action.value, label: action.label, via: "button" } };
+      const index = buttons.indexOf(button) + 1;
+      const metadata = { action: { value: action.value, label: action.label, index, via: "button" } };
       try {
         const done = await this.client.send(
           action.value,
