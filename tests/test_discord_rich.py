@@ -261,3 +261,38 @@ async def test_a_streamed_answer_past_one_message_gets_the_buttons_on_its_last(
     assert (first.text + " " + last.text).split() == words.split()
     assert not fake.buttons_of(first)
     assert [b["label"] for b in fake.buttons_of(last)] == ["More"]
+
+
+async def test_a_click_in_a_thread_goes_to_the_threads_session(fake, make_agent, make_gateway,
+                                                               files_server):
+    agent = await make_agent(behaviour=answers(files_server))
+    bot = fake.add_bot("acmebot")
+    await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
+    session = await fake.wait_ready(bot)
+    thread = "3003"
+    fake.threads[thread] = CHANNEL
+    # Discord tells the bot about the server, its channel and the thread (Guilds intent).
+    now = "2026-01-01T00:00:00+00:00"
+    await fake.dispatch(session, "GUILD_CREATE", {
+        "id": GUILD, "name": "guild", "member_count": 2, "members": [], "roles": [],
+        "emojis": [], "stickers": [], "features": [], "unavailable": False,
+        "channels": [{"id": CHANNEL, "type": 0, "name": "general", "position": 0,
+                      "guild_id": GUILD, "permission_overwrites": []}],
+        "threads": [{"id": thread, "type": 11, "parent_id": CHANNEL, "guild_id": GUILD,
+                     "name": "a thread", "owner_id": ALICE["id"], "message_count": 1,
+                     "member_count": 1, "rate_limit_per_user": 0,
+                     "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
+                                         "archive_timestamp": now, "locked": False}}],
+    })
+    await fake.message_create(bot, f"<@{bot.user_id}> deploy?", guild_id=GUILD,
+                              channel_id=thread, author=ALICE, extra=mention(bot))
+    [post] = await fake.wait_posts(1, token=bot.token)
+    await fake.wait_for(lambda: fake.buttons_of(post))
+    click = await fake.click(bot, post, fake.buttons_of(post)[0]["custom_id"], user=ALICE,
+                             guild_id=GUILD)
+    await fake.wait_acknowledged(click)
+    first, second = await agent.wait_calls(2)
+    assert first.body["conversation"] == {"id": CHANNEL, "type": "channel", "threadId": thread}
+    assert second.body["conversation"] == first.body["conversation"]
+    assert second.body["sessionId"] == first.body["sessionId"]
+    assert second.body["message"]["text"] == "approve-7"
