@@ -609,12 +609,22 @@ class Pipeline:
         second post shows the answer once (`outbound.idempotent`: Discord's nonces), post the
         stored answer again, so it is shown exactly once either way. Failures are logged."""
         try:
-            text = await self.store.processed_answer(
+            found = await self.store.processed_answer(
                 message.tenant_id, message.platform, message.message_id
             )
-            if text:
-                await outbound.post(text)
-                log.info("message_answer_posted_again", message_id=message.message_id)
+            if found is None:
+                return
+            session_id, answer = found
+            if answer.files or answer.actions:
+                link = None
+                if answer.files and self.file_link is not None:
+                    link = partial(self.file_link, message.tenant_id, session_id, answer.timestamp)
+                await self._deliver(outbound, answer.text, answer.files, answer.actions, link)
+            elif answer.text:
+                await outbound.post(answer.text)
+            else:
+                return
+            log.info("message_answer_posted_again", message_id=message.message_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

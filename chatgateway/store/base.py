@@ -179,9 +179,10 @@ class SessionStore(Protocol):
 
     async def processed_answer(
         self, tenant_id: TenantId, platform: Platform, event_id: str
-    ) -> str | None:
-        """The answer kept with a processed event (`keep_answer`), while its session still has
-        that turn; None if none was kept, the event is unknown or the turn is gone."""
+    ) -> tuple[SessionId, Turn] | None:
+        """The answer kept with a processed event (`keep_answer`) and its session, while the
+        session still has that turn; None if none was kept, the event is unknown or the turn
+        is gone."""
 
     async def claim_event(
         self,

@@ -55,6 +55,7 @@ from chatgateway.store.rows import (
     DEDUP_RETENTION,
     PROCESSED_ANSWER,
     SESSION_COLUMNS,
+    answer_from_row,
     answer_seq,
     group_turns,
     key_from_row,
@@ -394,11 +395,11 @@ class PostgresStore:
 
     async def processed_answer(
         self, tenant_id: TenantId, platform: Platform, event_id: str
-    ) -> str | None:
+    ) -> tuple[SessionId, Turn] | None:
         rows = await self._read(
             tenant_id, PROCESSED_ANSWER.format(p="%s"), (tenant_id, platform.value, event_id)
         )
-        return str(rows[0][0]) if rows else None
+        return answer_from_row(rows[0]) if rows else None
 
     async def claim_event(
         self,

@@ -92,10 +92,16 @@ CLAIM_EVENT = (
 
 #: The answer a processed event points at (`keep_answer`): a turn of the same tenant's session.
 PROCESSED_ANSWER = (
-    "SELECT t.text FROM processed_events e JOIN turns t ON t.session_id = e.session_id "
+    "SELECT t.role, t.text, t.ts, e.session_id FROM processed_events e "
+    "JOIN turns t ON t.session_id = e.session_id "
     "AND t.seq = e.answer_seq AND t.tenant_id = e.tenant_id "
     "WHERE e.tenant_id = {p} AND e.platform = {p} AND e.event_id = {p}"
 )
+
+
+def answer_from_row(row: tuple[Any, ...]) -> tuple[SessionId, Turn]:
+    """`processed_answer`'s result from a PROCESSED_ANSWER row (files and buttons decoded)."""
+    return SessionId(row[3]), stored_turn(row[0], row[1], row[2])
 
 
 def answer_seq(turns: list[Turn], first: int) -> int | None:

@@ -57,6 +57,7 @@ from chatgateway.store.rows import (
     DEDUP_RETENTION,
     PROCESSED_ANSWER,
     SESSION_COLUMNS,
+    answer_from_row,
     answer_seq,
     group_turns,
     key_from_row,
@@ -677,9 +678,9 @@ class SqliteStore:
 
     async def processed_answer(
         self, tenant_id: TenantId, platform: Platform, event_id: str
-    ) -> str | None:
+    ) -> tuple[SessionId, Turn] | None:
         rows = self._read(PROCESSED_ANSWER.format(p="?"), (tenant_id, platform.value, event_id))
-        return str(rows[0][0]) if rows else None
+        return answer_from_row(rows[0]) if rows else None
 
     async def claim_event(
         self,
