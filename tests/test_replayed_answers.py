@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from chatgateway.models import (
+    Action,
     Conversation,
     ConversationKind,
     NormalizedMessage,
@@ -109,6 +110,12 @@ async def test_a_processed_event_keeps_its_answer_scoped_by_tenant(
         ACME, session.id, [Turn(Role.USER, "q1", now), Turn(Role.AGENT, "answer one", now)],
         max_turns=100, processed_event=(discord, "m1"), keep_answer=True,
     )
+    # An answer with buttons comes back with them (the transcript's stored form decoded).
+    buttons = (Action("Approve", "yes", "primary"), Action("Reject", "no"))
+    await store.record_exchange(
+        ACME, session.id, [Turn(Role.USER, "q4", now), Turn(Role.AGENT, "pick", now, (), buttons)],
+        max_turns=100, processed_event=(discord, "m4"), keep_answer=True,
+    )
     # Without keep_answer (Slack, the web), the event is processed but points at nothing.
     await store.record_exchange(
         ACME, session.id, [Turn(Role.USER, "q2", now), Turn(Role.AGENT, "answer two", now)],
@@ -120,7 +127,12 @@ async def test_a_processed_event_keeps_its_answer_scoped_by_tenant(
         processed_event=(discord, "m3"), keep_answer=True,
     )
     assert await store.is_processed(ACME, discord, "m1")
-    assert await store.processed_answer(ACME, discord, "m1") == "answer one"
+    found = await store.processed_answer(ACME, discord, "m1")
+    assert found is not None
+    assert found[0] == session.id and found[1].text == "answer one" and found[1].role == Role.AGENT
+    assert found[1].timestamp == now
+    rich = await store.processed_answer(ACME, discord, "m4")
+    assert rich is not None and rich[1].text == "pick" and rich[1].actions == buttons
     assert await store.processed_answer(ACME, discord, "m2") is None
     assert await store.is_processed(ACME, discord, "m3")
     assert await store.processed_answer(ACME, discord, "m3") is None
