@@ -40,8 +40,18 @@ async def files_server() -> AsyncIterator[str]:
     async def pdf(request: web.Request) -> web.Response:
         return web.Response(body=PDF, content_type="application/pdf")
 
+    async def big(request: web.Request) -> web.StreamResponse:
+        # Over Discord's 10 MiB, sent without a length: the cap is found while reading.
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        for _ in range(11):
+            await response.write(b"\0" * (1024 * 1024))
+        await response.write_eof()
+        return response
+
     app = web.Application()
     app.router.add_get("/report.pdf", pdf)
+    app.router.add_get("/big.bin", big)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -70,6 +80,10 @@ def answers(files_url: str):
                     {"label": "Reject", "value": "reject-7", "style": "danger"},
                 ],
             })
+        if text == "big file":
+            return web.json_response({"response": "Too big?", "attachments": [
+                {"name": "big.bin", "url": files_url + "/big.bin"},
+                {"name": "chart.png", "data": base64.b64encode(PNG).decode()}]})
         if text == "only buttons":
             return web.json_response({"response": "", "actions": [
                 {"label": "Deploy", "value": LONG_VALUE}, {"label": "Wait", "value": "wait"}]})
@@ -296,3 +310,16 @@ async def test_a_click_in_a_thread_goes_to_the_threads_session(fake, make_agent,
     assert second.body["conversation"] == first.body["conversation"]
     assert second.body["sessionId"] == first.body["sessionId"]
     assert second.body["message"]["text"] == "approve-7"
+
+
+async def test_a_file_over_discords_limit_is_listed_not_attached(fake, make_agent, make_gateway,
+                                                                  files_server):
+    agent = await make_agent(behaviour=answers(files_server))
+    bot = fake.add_bot("acmebot")
+    await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
+    await fake.wait_ready(bot)
+    await fake.message_create(bot, "big file", channel_id="2001", author=ALICE)
+    [post] = await fake.wait_posts(1, token=bot.token)
+    await fake.wait_for(lambda: fake.files_of(post))
+    assert [u.filename for u in fake.files_of(post)] == ["chart.png"]
+    assert post.text == f"Too big?\n\n- [big.bin]({files_server}/big.bin)"

@@ -16,6 +16,7 @@ the agent gave a URL).
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import Callable, Collection
 from contextlib import ExitStack
@@ -127,45 +128,49 @@ class DiscordReplyStream(EditedStream):
     async def _prepare(
         self, files: tuple[OutFile, ...], stack: ExitStack
     ) -> tuple[list[_Ready], list[OutFile]]:
-        """The files that go as attachments (opened) and those left out (listed in the text)."""
+        """The files that go as attachments (opened) and those left out (listed in the text).
+        URLs are fetched at the same time; the request's total is then counted in order."""
+        limit = min(self._file_limit, MAX_REQUEST_BYTES)
+
+        async def one(file: OutFile) -> tuple[IO[bytes], int] | str:
+            if file.data is None:
+                assert file.url is not None
+                return await self._fetch(file.url, limit, stack)
+            if len(file.data) > limit:
+                return "too large for Discord"
+            spooled: IO[bytes] = stack.enter_context(
+                tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+            )
+            spooled.write(file.data)
+            return spooled, len(file.data)
+
+        taken = files[:MAX_FILES]
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(file)) for file in taken]
         ready: list[_Ready] = []
         left_out: list[OutFile] = []
         total = 0
-        limit = min(self._file_limit, MAX_REQUEST_BYTES)
-        for file in files:
-            reason = None
-            if len(ready) >= MAX_FILES:
-                reason = "more than 10 files"
-            elif file.data is not None:
-                if len(file.data) > limit or total + len(file.data) > MAX_REQUEST_BYTES:
-                    reason = "too large for Discord"
-                else:
-                    spooled: IO[bytes] = stack.enter_context(
-                        tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
-                    )
-                    spooled.write(file.data)
-                    ready.append(_Ready(file.name, spooled, len(file.data)))
-                    total += len(file.data)
+        for file, task in zip(taken, tasks, strict=True):
+            got = task.result()
+            if isinstance(got, str):
+                reason = got
+            elif total + got[1] > MAX_REQUEST_BYTES:
+                reason = "too large for one Discord message with the others"
             else:
-                assert file.url is not None
-                got = await self._fetch(file.url, min(limit, MAX_REQUEST_BYTES - total), stack)
-                if isinstance(got, str):
-                    reason = got
-                else:
-                    body, size = got
-                    ready.append(_Ready(file.name, body, size))
-                    total += size
-            if reason is not None:
-                log.warning("discord_file_left_out", file=file.name, reason=reason)
-                left_out.append(file)
+                ready.append(_Ready(file.name, got[0], got[1]))
+                total += got[1]
+                continue
+            log.warning("discord_file_left_out", file=file.name, reason=reason)
+            left_out.append(file)
+        for file in files[MAX_FILES:]:
+            log.warning("discord_file_left_out", file=file.name, reason="more than 10 files")
+            left_out.append(file)
         return ready, left_out
 
     async def _fetch(
         self, url: str, limit: int, stack: ExitStack
     ) -> tuple[IO[bytes], int] | str:
         """The file at `url` spooled (at most `limit` bytes), or why it is not."""
-        if limit <= 0:
-            return "too large for Discord"
         body: IO[bytes] = stack.enter_context(
             tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         )
