@@ -323,8 +323,10 @@ async def test_a_mention_gets_its_files_in_the_thread_and_buttons_on_the_answer(
     assert buttons["block_id"] == "cg_actions.U0ALICE"
     assert [(b["text"]["text"], b["value"], b.get("style")) for b in buttons["elements"]] == [
         ("Approve", "approve-42", "primary"), ("Reject", "reject-42", "danger")]
-    # The answer itself is the message that carries them (no extra message, no text fallback).
+    # The answer itself is the message that carries them (no extra message, no text fallback),
+    # posted with them in one call.
     assert [p.ts for p in fake_slack.posts()] == [answer.ts]
+    assert [method for method, _ in answer.history] == ["chat.postMessage"]
     assert "Reply 1 for" not in fake_slack.posts()[0].text
     assert len(agent.calls) == 1
 
@@ -366,9 +368,8 @@ async def test_a_click_reaches_the_agent_in_the_askers_session_and_replaces_the_
     await asyncio.sleep(0.5)
     assert len(agent.calls) == 2
     assert answer.blocks[-1]["elements"][0]["text"] == "\u2713 *Reject* chosen by <@U0ALICE>"
-    # Posted, given its buttons, the buttons replaced: once.
-    assert [method for method, _ in answer.history] == [
-        "chat.postMessage", "chat.update", "chat.update"]
+    # Posted with its buttons, then the buttons replaced: once.
+    assert [method for method, _ in answer.history] == ["chat.postMessage", "chat.update"]
 
 
 async def test_a_click_in_a_dm_goes_to_the_dm_session(
@@ -438,3 +439,41 @@ async def test_a_file_that_cannot_be_fetched_is_named_to_the_user(
     assert posts[0].text == "Here:"
     assert posts[1].text == "• <http://169.254.169.254/latest/meta-data/|secret.txt>"
     assert rich.uploads == {} and rich.shared == []
+
+
+async def test_an_answer_of_buttons_only_gets_a_message_for_them(
+    fake_slack, rich, make_agent, make_gateway
+):
+    async def behaviour(call: Any) -> web.StreamResponse:
+        return web.json_response({"response": "", "actions": [{"label": "Yes", "value": "y"}]})
+
+    agent = await make_agent(behaviour=behaviour)
+    app = fake_slack.add_app()
+    await start(make_gateway, fake_slack, slack_tenant("acme", agent.url, fake_slack, app))
+    await fake_slack.dm(app, "U0ALICE", "ok?")
+    posts = await fake_slack.wait_posts(1, channel="DU0ALICE")
+    assert posts[0].text == "Reply 1 for Yes."  # the notification text
+    message = rich.messages[posts[0].ts]
+    assert [b["type"] for b in message.blocks] == ["actions"]
+    assert message.blocks[0]["block_id"] == "cg_actions.U0ALICE"
+
+
+async def test_buttons_come_with_the_last_edit_when_the_app_cannot_stream(
+    fake_slack, rich, make_rich_agent, make_gateway, files
+):
+    agent, app = await rich_gateway(fake_slack, make_rich_agent, make_gateway, files,
+                                    stream=True, data=False)
+    app.refuse_streaming = "unknown_method"
+    await fake_slack.dm(app, "U0ALICE", "deploy?")
+    answer = await rich.wait_message(lambda m: action_blocks(m))
+    await rich.wait_shared(1)
+    assert fake_slack.streams == []
+    assert answer.blocks[0]["text"]["text"] == "Deploy *now*?"
+    methods = [method for method, _ in answer.history]
+    # Posted with the first words, edited as the answer grew; the buttons came with the edit
+    # that completed it, not with a call of their own.
+    assert methods[0] == "chat.postMessage" and set(methods[1:]) == {"chat.update"}
+    assert [bool(blocks) for _, blocks in answer.history][-1]
+    assert sum(1 for _, blocks in answer.history if blocks) == 1
+    assert [p.ts for p in fake_slack.posts(channel="DU0ALICE")] == [answer.ts]
+    assert len(agent.calls) == 1

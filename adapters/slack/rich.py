@@ -9,7 +9,7 @@ always learns of it. Clicks come back through the conversation code (conversatio
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Hashable
 from typing import Any
 
 import structlog
@@ -17,12 +17,63 @@ import structlog
 from adapters.slack.blocks import actions_block, answer_blocks
 from adapters.slack.convert import markdown_to_mrkdwn
 from adapters.slack.files import SlackFileUploader, UploadError
-from adapters.slack.outbound import SlackApp, SlackOutbound, SlackTarget, error_code
+from adapters.slack.outbound import PostEditor, SlackApp, SlackOutbound, SlackTarget, error_code
 from chatgateway.models import Action, OutFile
 from chatgateway.outbound import EDIT_INTERVAL, Address
 from chatgateway.rich import choices_line, fallback_text
 
 log = structlog.get_logger("chatgateway.slack")
+
+
+class _PostWithButtons(PostEditor):
+    """Posts (and edits) like PostEditor, but the answer's last message carries its buttons:
+    an answer posted in one piece needs no second call for them."""
+
+    def __init__(self, app: SlackApp, target: SlackTarget, text: str,
+                 actions: tuple[Action, ...]) -> None:
+        super().__init__(app, target)
+        parts = self.render(text)
+        self._count = len(parts)
+        self._last = parts[-1] if parts else None
+        self._blocks = (
+            answer_blocks(self._last, actions, owner=target.user, markdown=False)
+            if self._last is not None
+            else []
+        )
+        #: Whether the buttons are on the answer's last message.
+        self.delivered = False
+
+    async def send(self, text: str, index: int) -> Hashable | None:
+        if index != self._count - 1 or text != self._last:
+            return await super().send(text, index)
+        target = self._target
+        try:
+            response = await self._app.web.chat_postMessage(
+                channel=target.channel, text=text, thread_ts=target.thread_ts,
+                blocks=self._blocks, unfurl_links=False, unfurl_media=False,
+            )
+        except Exception as exc:
+            self._app.check_refusal(exc)
+            log.error("slack_reply_failed", channel=target.channel, error=error_code(exc))
+            return None
+        ts = response.get("ts")
+        self.delivered = isinstance(ts, str)
+        return ts if isinstance(ts, str) else None
+
+    async def edit(self, handle: Hashable, text: str) -> bool:
+        if text != self._last:
+            return await super().edit(handle, text)
+        try:
+            await self._app.web.chat_update(
+                channel=self._target.channel, ts=str(handle), text=text, blocks=self._blocks
+            )
+        except Exception as exc:
+            self._app.check_refusal(exc)
+            log.warning("slack_update_failed", channel=self._target.channel,
+                        error=error_code(exc))
+            return False
+        self.delivered = True
+        return True
 
 
 class RichSlackOutbound(SlackOutbound):
@@ -51,11 +102,19 @@ class RichSlackOutbound(SlackOutbound):
     async def finish_rich(
         self, text: str, files: tuple[OutFile, ...], actions: tuple[Action, ...]
     ) -> None:
-        await self.finish(text)
         target = SlackTarget.of(self.address)
+        posts: _PostWithButtons | None = None
+        if actions and not self._finished:
+            # If the answer is posted (in one piece, or post-and-edit), its last message is
+            # posted or edited with the buttons; a streamed one gets them afterwards.
+            posts = _PostWithButtons(self._slack, target, text, actions)
+            if self._editor is self._posts:
+                self._editor = posts
+            self._posts = posts
+        await self.finish(text)
         # Where the answer went: the streamed reply's thread, or where it was posted.
         thread = target.stream_thread if self.streamed else target.thread_ts
-        if actions:
+        if actions and not (posts is not None and posts.delivered):
             await self._buttons(target, thread, actions)
         failed: list[OutFile] = []
         for file in files:
