@@ -201,6 +201,34 @@ async def test_expired_links_and_foreign_hosts_are_refused(
     assert await error_of(http, link) == (404, "not_found")
 
 
+async def test_a_link_never_serves_more_than_the_cap(fake_slack, make_agent, make_gateway, http):
+    """A file can grow past the cap after the message (or its size was not given): a link
+    refuses one declared larger (413) and cuts one that turns out larger, never buffering it."""
+    agent = await make_agent()
+    app = fake_slack.add_app()
+    daemon = await start_slack(make_gateway, fake_slack,
+                               slack_tenant("acme", agent.url, fake_slack, app,
+                                            files={"max_bytes": MB}))
+    signer = links(daemon)
+    declared = fake_slack.file_host.add("big.bin", size=3 * MB, token=app.bot_token)
+    chunked = fake_slack.file_host.add("stream.bin", size=3 * MB, token=app.bot_token,
+                                       chunked=True)
+    for file in (declared, chunked):
+        message = slack_message("acme", fake_slack.base_url + fake_slack.file_host.path(file))
+        file_link = signer.url(signer.token(message, message.attachments[0], ttl=60,
+                                            now=time.time()))
+        if file is declared:
+            assert await error_of(http, file_link) == (413, "file_too_large")
+            continue
+        received = 0
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with http.get(file_link) as resp:
+                assert resp.status == 200
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    received += len(chunk)
+        assert received <= MB  # cut at the cap: the agent sees a short, broken body
+
+
 async def test_a_file_over_the_cap_is_refused_with_a_message_to_the_user(
     fake_slack, make_agent, make_gateway
 ):

@@ -111,7 +111,12 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
                 if request.transport is not None:
                     request.transport.close()
                 return response
-            await response.write(chunk)
+            try:
+                await response.write(chunk)
+            except (ConnectionError, RuntimeError):
+                # The agent went away mid-file: nothing to answer, nothing to log as an error.
+                log.info("file_aborted", tenant_id=claim.tenant_id, bytes=sent)
+                return response
         await response.write_eof()
         log.info(
             "file_served",

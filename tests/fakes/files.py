@@ -25,6 +25,8 @@ class FakeFile:
     data: bytes | None = None
     #: The bot token a fetch must carry (Slack); None: anyone with the URL (Discord's CDN).
     token: str | None = None
+    #: Sent without Content-Length (chunked), so the size is known only at the end.
+    chunked: bool = False
 
     def digest(self) -> str:
         """SHA-256 of the file's bytes (computed in chunks for a pattern file)."""
@@ -63,11 +65,12 @@ class FakeFileHost:
         size: int | None = None,
         mimetype: str = "application/octet-stream",
         token: str | None = None,
+        chunked: bool = False,
     ) -> FakeFile:
         file_id = f"F{next(self._ids):08d}"
         length = len(data) if data is not None else size
         assert length is not None, "give data or size"
-        file = FakeFile(file_id, name, mimetype, length, data, token)
+        file = FakeFile(file_id, name, mimetype, length, data, token, chunked)
         self.files[file_id] = file
         return file
 
@@ -85,7 +88,10 @@ class FakeFileHost:
             return web.Response(status=403, text="not your file")
         self.fetches.append(Fetch(file.id, authorization, 200))
         response = web.StreamResponse(headers={"Content-Type": file.mimetype})
-        response.content_length = file.size
+        if file.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = file.size
         await response.prepare(request)
         if file.data is not None:
             await response.write(file.data)
