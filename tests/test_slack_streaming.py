@@ -367,3 +367,42 @@ def test_a_stream_is_for_the_askers_workspace_in_a_shared_channel():
     del body["event"]["user_team"]
     inbound = event_to_inbound(TenantId("acme"), body, BotIdentity("UBOT"))
     assert isinstance(inbound, Inbound) and inbound.target.team == "T0HOST"
+
+
+async def test_fallback_continues_a_long_answer_in_new_messages(fake_slack, slow_agent,
+                                                                make_gateway):
+    paragraph = "Words that go on and on, edited as they come in. " * 10
+    chunks = [paragraph + "\n\n"] * 9  # ~4,500 characters: two messages
+    agent = await slow_agent(chunks, pause=0.15)
+    app = fake_slack.add_app()
+    app.refuse_streaming = "missing_scope"
+    await start(make_gateway, fake_slack, slack_tenant("acme", agent.url, fake_slack, app))
+    await fake_slack.dm(app, "U0ALICE", "long please")
+    expected = split_message(markdown_to_mrkdwn("".join(chunks)))
+    assert len(expected) == 2
+    await fake_slack.wait_for(
+        lambda: [p.text for p in fake_slack.posts(channel="DU0ALICE")] == expected, within=20)
+    first, second = fake_slack.posts(channel="DU0ALICE")
+    assert first.edits and second.at > first.at  # grown by edits, then continued
+
+
+async def test_a_slash_address_answers_later_in_its_channel(fake_slack, make_agent,
+                                                            make_gateway):
+    agent = await make_agent()
+    app = fake_slack.add_app()
+    daemon = await start(make_gateway, fake_slack, slack_tenant(
+        "acme", agent.url, fake_slack, app, slash_command="/ask"))
+    adapter = adapter_of(daemon, "acme")
+    public = adapter.outbound(Address(Platform.SLACK, "default", {
+        "channel": "C0GENERAL", "user": "U0ALICE", "command": True, "ephemeral": False}))
+    await public.append("never streamed")
+    await public.finish("The **answer**.")
+    private = adapter.outbound(Address(Platform.SLACK, "default", {
+        "channel": "C0GENERAL", "user": "U0ALICE", "command": True, "ephemeral": True}))
+    await private.finish("Only for you.")
+    posts = await fake_slack.wait_posts(2, channel="C0GENERAL")
+    assert [(p.via, p.text, p.user) for p in posts] == [
+        ("chat.postMessage", "The *answer*.", None),
+        ("chat.postEphemeral", "Only for you.", "U0ALICE"),
+    ]
+    assert fake_slack.streams == []
