@@ -387,7 +387,9 @@ def web_message(principal: Principal, body: schemas.ChatRequest) -> NormalizedMe
         message_id=os.urandom(16).hex(),
         timestamp=time.time(),
         # Uploads (POST /api/files) by id; the pipeline checks they are this user's.
-        attachments=tuple(Attachment("", source=FileSource("web", f)) for f in body.files),
+        attachments=tuple(Attachment("", source=FileSource("web", f)) for f in body.files)
+        if body.files
+        else (),
         metadata=body.metadata,
     )
 
