@@ -406,3 +406,20 @@ async def test_a_slash_address_answers_later_in_its_channel(fake_slack, make_age
         ("chat.postEphemeral", "Only for you.", "U0ALICE"),
     ]
     assert fake_slack.streams == []
+
+
+async def test_a_refused_assistant_status_falls_back_to_the_reaction(fake_slack, slow_agent,
+                                                                     make_gateway):
+    agent = await slow_agent(["In ", "a ", "thread"], pause=0.2)
+    app = fake_slack.add_app()
+    app.refuse_status = "missing_scope"
+    await start(make_gateway, fake_slack, slack_tenant("acme", agent.url, fake_slack, app))
+    delivery = await fake_slack.dm(app, "U0ALICE", "question", thread_ts="1700000000.000300")
+    await fake_slack.wait_for(lambda: len(fake_slack.reactions) == 2, within=10)
+    added, removed = fake_slack.reactions
+    assert added.timestamp == delivery.envelope["payload"]["event"]["ts"]
+    message = fake_slack.streams[0]
+    assert added.at <= message.changes[0][1] and removed.at >= message.changes[-1][1]
+    assert message.text == "In a thread" and fake_slack.statuses == []
+    assert [c.error for c in fake_slack.calls_of("assistant.threads.setStatus")] == [
+        "missing_scope"]

@@ -238,39 +238,35 @@ class SlackConversations(SlackConnection):
 
     async def _process(self, inbound: Inbound, reservation: Reservation) -> None:
         message, target = inbound.message, inbound.target
-        adding: asyncio.Task[bool] | None = None
-        status = False
+        showing: asyncio.Task[str | None] | None = None
+        cleared = False
         task = asyncio.current_task()
 
         async def before_first() -> None:
             if task is not None and task in self._tasks:
                 self._tasks[task] = "reply"
-            if adding is not None:
-                # The indicator precedes the answer (the add gives up after REACTION_TIMEOUT).
-                await asyncio.wait({adding})
+            if showing is not None:
+                # The indicator precedes the answer (it gives up after its short timeout).
+                await asyncio.wait({showing})
 
         async def on_visible() -> None:
-            nonlocal status
-            if status:
-                status = False
-                await self._set_status(target, "")
+            nonlocal cleared
+            if showing is not None and showing.done() and not showing.cancelled():
+                if showing.result() == "status" and not cleared:
+                    cleared = True
+                    await self._set_status(target, "")
 
         outbound: Outbound | None = None
         try:
             # Messages of one session reach the pipeline in arrival order.
             async with self._order.hold(SessionKey.of(message)):
                 message = await self._with_user_name(message)
-                indicator = self.settings.working_indicator != "none" and not (
-                    await self._seen(message)
-                )
-                if indicator and target.assistant:
-                    status = await self._set_status(target, self.settings.assistant_status)
-                if indicator and not status and self._reacting(target):
-                    # Alongside the agent call: a slow or rate-limited reaction must not
+                if self.settings.working_indicator != "none" and not await self._seen(message):
+                    # Alongside the agent call: a slow or rate-limited indicator must not
                     # delay the answer.
-                    adding = asyncio.create_task(
-                        self._react("add", target),
-                        name=f"slack-reaction:{self.tenant_id}:{self.settings.name}",
+                    showing = asyncio.create_task(
+                        self._indicate(target),
+                        name=f"slack-indicator:{self.tenant_id}:{self.settings.name}",
                     )
                 outbound = self._outbound(inbound, before_first, on_visible)
                 notice = await self._ask_agent(message, reservation, outbound)
@@ -281,11 +277,24 @@ class SlackConversations(SlackConnection):
                 outbound.abandon()  # cancelled before its first words: no stream starts late
             self._in_flight.discard(message.message_id)
             reservation.release()
-            if status:
+            # After the answer, and never before the indicator was shown: unless Slack
+            # refused it.
+            shown = None
+            if showing is not None and not showing.cancelled():
+                shown = await showing
+            if shown == "status" and not cleared:
                 await self._set_status(target, "")  # the answer failed or was empty
-            # After the answer, and never before the add: unless Slack refused it.
-            if adding is not None and not adding.cancelled() and await adding:
+            elif shown == "reaction":
                 await self._react("remove", target)
+
+    async def _indicate(self, target: ReplyTarget) -> str | None:
+        """Show that the agent works: an assistant thread's status, else the reaction; which
+        one was shown (None: neither)."""
+        if target.assistant and await self._set_status(target, self.settings.assistant_status):
+            return "status"
+        if self._reacting(target) and await self._react("add", target):
+            return "reaction"
+        return None
 
     def address(self, inbound: Inbound) -> Address:
         """Where the answer to `inbound` goes, as plain data (see `outbound`)."""

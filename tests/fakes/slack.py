@@ -48,6 +48,8 @@ class FakeApp:
     refuse_streaming: str | None = None
     #: Channels where chat.startStream answers an error (e.g. "channel_type_not_supported").
     refuse_streaming_in: dict[str, str] = field(default_factory=dict)
+    #: When set, assistant.threads.setStatus answers this error (e.g. "missing_scope").
+    refuse_status: str | None = None
 
     def config(self, fake: FakeSlack, **extra: Any) -> dict[str, Any]:
         """The `slack.apps[i]` entry of a gateway config for this app."""
@@ -548,6 +550,8 @@ class FakeSlack:
             return self._stream_method(method, app, token, params, now)
         if method == "chat.update":
             return self._update(params, now)
+        if method == "assistant.threads.setStatus" and app.refuse_status:
+            return {"ok": False, "error": app.refuse_status}
         if method == "assistant.threads.setStatus":
             channel_id, thread_ts, status = (params.get(k) for k in
                                              ("channel_id", "thread_ts", "status"))
