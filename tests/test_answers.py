@@ -282,3 +282,51 @@ async def test_platforms_without_files_or_buttons_get_the_text_fallback(gateway)
     [(text, files, actions)] = rich.rich
     assert text == "Here is the plan." and [f.name for f in files] == ["chart.png", "report.pdf"]
     assert [a.value for a in actions] == ["approve-7", "reject-7"] and rich.shown == []
+
+
+async def test_a_large_file_streams_through_without_being_held(make_agent, make_gateway, http):
+    """A 20 MiB file the agent gives by URL goes through the link in chunks: the gateway's
+    (and this test's) Python allocations stay far below the file's size (tracemalloc peak)."""
+    import tracemalloc
+
+    size = 20 * 1024 * 1024
+    block = b"z" * 65536
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        for _ in range(size // len(block)):
+            await response.write(block)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/big.bin", big)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        files = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+        async def behaviour(call: AgentCall) -> web.StreamResponse:
+            return web.json_response({"response": "here", "attachments": [
+                {"name": "big.bin", "contentType": "application/octet-stream", "url": files + "/big.bin"}]})
+
+        agent = await make_agent(behaviour=behaviour)
+        gw = await make_gateway({"tenants": [tenant("default", agent.url, keys=[KEY_A])]})
+        _, answer = await post(http, gw, "/api/chat", {"message": "x", "userId": "u1"})
+        received = 0
+        tracemalloc.start()
+        try:
+            async with http.get(answer["attachments"][0]["url"]) as resp:
+                assert resp.status == 200 and resp.content_length == size
+                async for chunk in resp.content.iter_chunked(65536):
+                    received += len(chunk)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert received == size
+        print(f"tracemalloc peak while 20 MiB streamed through: {peak / 1e6:.2f} MB")
+        assert peak < 5 * 1024 * 1024
+    finally:
+        await runner.cleanup()
