@@ -18,9 +18,18 @@ import json
 import mimetypes
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 import structlog
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from chatgateway.models import Action, NormalizedMessage, OutFile, Role, Turn
 
@@ -40,6 +49,7 @@ MAX_URL = 2048
 MAX_DATA_BYTES = 1024 * 1024
 MAX_DATA_TOTAL = 2 * 1024 * 1024
 STYLES = frozenset({"primary", "danger"})
+_MAX_BASE64 = (MAX_DATA_BYTES + 2) // 3 * 4 + 4
 
 _CONTENT_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 #: Separates an agent turn's text from its files and buttons in the stored text (RS, never
@@ -57,56 +67,108 @@ class PartError(ValueError):
     """Why one attachment or action of an answer was dropped."""
 
 
-def _text(item: Mapping[str, Any], key: str, limit: int, *, required: bool = True) -> str | None:
-    value = item.get(key)
-    if value is None:
-        if required:
-            raise PartError(f"{key} is missing")
-        return None
-    if not isinstance(value, str):
-        raise PartError(f"{key} is not a string")
-    value = value.strip() if key != "value" else value
-    if not value:
-        raise PartError(f"{key} is empty")
-    if len(value) > limit:
-        raise PartError(f"{key} is longer than {limit} characters")
+def _checked(value: str) -> str:
     if "\x00" in value or MARK in value:
-        raise PartError(f"{key} contains a control character")
+        raise ValueError("contains a control character")
     return value
+
+
+#: Names, labels, URLs: surrounding spaces dropped, not empty, at most so long, no NUL or MARK.
+_Name = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_NAME),
+    AfterValidator(_checked),
+]
+_ContentType = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=127)
+]
+_Url = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_URL),
+    AfterValidator(_checked),
+]
+_Label = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_LABEL),
+    AfterValidator(_checked),
+]
+#: Sent back as it is: spaces are kept.
+_Value = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_VALUE), AfterValidator(_checked)
+]
+
+
+class _Item(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+class FileItem(_Item):
+    """One `attachments` item of the agent protocol (docs/agent-protocol.md)."""
+
+    name: _Name
+    contentType: _ContentType | None = None
+    url: _Url | None = None
+    #: Base64 of at most MAX_DATA_BYTES (checked again once decoded).
+    data: Annotated[str, StringConstraints(max_length=_MAX_BASE64)] | None = None
+
+    @field_validator("contentType")
+    @classmethod
+    def _media_type(cls, value: str | None) -> str | None:
+        if value is not None and not _CONTENT_TYPE.match(value.lower()):
+            raise ValueError("not a media type (type/subtype)")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _web_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().startswith(("http://", "https://")):
+            raise ValueError("must be http or https")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FileItem:
+        if (self.url is None) == (self.data is None):
+            raise ValueError("exactly one of url and data is needed")
+        return self
+
+
+class ActionItem(_Item):
+    """One `actions` item of the agent protocol."""
+
+    label: _Label
+    value: _Value
+    # An unknown style is not worth losing the button for: it is shown plain.
+    style: Any = None
+
+
+def _problem(exc: ValidationError) -> str:
+    """The first error of a validation, as `field: message` (never the value)."""
+    error = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def parse_file(item: Any) -> OutFile:
     """One `attachments` item as an OutFile; PartError says why it cannot be one."""
     if not isinstance(item, Mapping):
         raise PartError("not an object")
-    name = _text(item, "name", MAX_NAME)
-    assert name is not None
-    name = name.replace("/", "_").replace("\\", "_")
-    content_type = _text(item, "contentType", 127, required=False)
-    if content_type is None:
-        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    content_type = content_type.lower()
-    if not _CONTENT_TYPE.match(content_type):
-        raise PartError("contentType is not a media type (type/subtype)")
-    url, data = item.get("url"), item.get("data")
-    if (url is None) == (data is None):
-        raise PartError("exactly one of url and data is needed")
-    if url is not None:
-        url = _text(item, "url", MAX_URL)
-        assert url is not None
-        if not url.lower().startswith(("http://", "https://")):
-            raise PartError("url must be http or https")
-        return OutFile(name, content_type, url=url)
-    if not isinstance(data, str):
-        raise PartError("data is not a string")
-    if len(data) > (MAX_DATA_BYTES + 2) // 3 * 4 + 4:
-        raise PartError(f"data is larger than {MAX_DATA_BYTES} bytes (give a url)")
     try:
-        raw = base64.b64decode(data, validate=True)
+        checked = FileItem.model_validate(item)
+    except ValidationError as exc:
+        raise PartError(_problem(exc)) from None
+    name = checked.name.replace("/", "_").replace("\\", "_")
+    content_type = (
+        checked.contentType or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    ).lower()
+    if checked.url is not None:
+        return OutFile(name, content_type, url=checked.url)
+    try:
+        raw = base64.b64decode(checked.data or "", validate=True)
     except (binascii.Error, ValueError):
-        raise PartError("data is not base64") from None
+        raise PartError("data: not base64") from None
     if len(raw) > MAX_DATA_BYTES:
-        raise PartError(f"data is larger than {MAX_DATA_BYTES} bytes (give a url)")
+        raise PartError(f"data: larger than {MAX_DATA_BYTES} bytes (give a url)")
     return OutFile(name, content_type, data=raw)
 
 
@@ -114,12 +176,12 @@ def parse_action(item: Any) -> Action:
     """One `actions` item as an Action; PartError says why it cannot be one."""
     if not isinstance(item, Mapping):
         raise PartError("not an object")
-    label = _text(item, "label", MAX_LABEL)
-    value = _text(item, "value", MAX_VALUE)
-    assert label is not None and value is not None
-    style = item.get("style")
-    # An unknown style is not worth losing the button for: it is shown plain.
-    return Action(label, value, style if style in STYLES else None)
+    try:
+        checked = ActionItem.model_validate(item)
+    except ValidationError as exc:
+        raise PartError(_problem(exc)) from None
+    style = checked.style if checked.style in STYLES else None
+    return Action(checked.label, checked.value, style)
 
 
 def parse_parts(answer: Mapping[str, Any]) -> tuple[tuple[OutFile, ...], tuple[Action, ...]]:
