@@ -23,6 +23,7 @@ from tests.conftest import tenant, url, write_config
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.slack import FakeSlack
 from tests.test_discord_adapter import ALICE, discord_tenant
+from tests.test_lifecycle_supervisor import wait_until
 from tests.test_invoker_a2a import a2a_tenant, make_a2a  # noqa: F401 (a fixture)
 from tests.test_invoker_openai import make_openai, openai_tenant  # noqa: F401 (a fixture)
 from tests.test_slack_e2e import slack_tenant
@@ -189,6 +190,8 @@ async def test_slack_message_through_the_fake_is_traced(traced_gateway, fake_sla
     await fake_slack.dm(app, "U0ALICE", "hello from slack")
     await fake_slack.wait_posts(1, channel="DU0ALICE")
     exporter: InMemorySpanExporter = make.exporter  # type: ignore[attr-defined]
+    # The answer is posted inside the message's span (still holding the session's turn).
+    await wait_until(lambda: by_name(exporter.get_finished_spans(), "chatgateway.message"))
     spans = exporter.get_finished_spans()
     [message] = by_name(spans, "chatgateway.message")
     assert message.attributes is not None
@@ -209,6 +212,8 @@ async def test_discord_message_through_the_fake_is_traced(traced_gateway, make_a
         await fake.wait_ready(bot)
         await fake.message_create(bot, "hello from discord", channel_id="2001", author=ALICE)
         await fake.wait_posts(1, token=bot.token)
+        # The answer is posted inside the message's span (still holding the session's turn).
+        await wait_until(lambda: by_name(exporter.get_finished_spans(), "chatgateway.message"))
     finally:
         await fake.stop()
     [message] = by_name(exporter.get_finished_spans(), "chatgateway.message")
