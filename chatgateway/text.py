@@ -55,11 +55,18 @@ def storable_message(message: NormalizedMessage) -> NormalizedMessage:
         text=storable(message.text),
         message_id=storable(message.message_id),
         attachments=tuple(
-            dataclasses.replace(  # keeps the platform's `source` (chatgateway/files.py)
+            dataclasses.replace(
                 a,
                 name=storable(a.name),
                 content_type=storable_optional(a.content_type),
                 url=storable_optional(a.url),
+                # The platform's reference (chatgateway/files.py): a garbled one fetches
+                # nothing, but must not make the message unstorable or unloggable.
+                source=dataclasses.replace(
+                    a.source, adapter=storable(a.source.adapter), ref=storable(a.source.ref)
+                )
+                if a.source is not None
+                else None,
             )
             for a in message.attachments
         ),
