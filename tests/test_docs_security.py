@@ -97,7 +97,7 @@ def test_every_documented_key_exists_with_its_default() -> None:
                                      "retry", "history_turns", "fallback_text", "protocol",
                                      "model", "system_prompt", "query", "content_filter_notice",
                                      "budget_notice"}),
-    ("tenants.sessions.", SessionConfig, set()),
+    ("tenants.sessions.", SessionConfig, {"while_answering"}),
 ])
 def test_every_limit_and_timeout_is_documented(
     prefix: str, model: type[BaseModel], skip: set[str]
