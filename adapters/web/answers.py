@@ -62,10 +62,9 @@ def _gateway_url(app: web.Application) -> str | None:
     ctx = app[CONTEXT]
     if ctx.server.public_url:
         return str(ctx.server.public_url).rstrip("/")
-    listen: tuple[str, int] | None = getattr(ctx, "listen", None)
-    if listen is None:
+    if ctx.listen is None:
         return None
-    host, port = listen
+    host, port = ctx.listen
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
