@@ -614,6 +614,8 @@ class Daemon:
                 "server": self._running_server(old, config),
             }
         )
+        if self.callbacks is not None:
+            self.callbacks.address_changed()  # public_url or the listen address may differ
         if pending:
             log.warning("reload_needs_restart", keys=pending)
         self.metrics.reloads.labels("ok").inc()

@@ -72,7 +72,7 @@ class Deferred:
     """The agent answered 202 Accepted: the answer comes later, to the request's callback."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen __init__ costs more
 class CallbackTicket:
     """Where and with what an agent sends an answer later (the request's `callback` field)."""
 

@@ -403,3 +403,16 @@ async def deleting_deletes_late_answers(make_agent: Any, make_gateway: Any,
         assert resp.status in (200, 204), await resp.text()
     for body in (one, two):
         assert await gw.store.latest_callback("acme", body["sessionId"]) is None
+
+
+def test_the_per_request_minter_makes_the_signers_tokens():
+    from chatgateway.callbacks import TokenMinter
+    from chatgateway.signing import Signer
+
+    for secret in ("s" * 43, "x" * 200):
+        signer = Signer(secret, "callback")
+        minter = TokenMinter(signer)
+        for tenant_id, callback_id in (("acme", "abc1"), ("t-ü", "Zz9_-" * 7)):
+            token = minter.sign(tenant_id, callback_id, 1796283591)
+            assert token == signer.sign((tenant_id, callback_id), expires_at=1796283591)
+            assert signer.verify(token, now=0, count=2) == [tenant_id, callback_id]
