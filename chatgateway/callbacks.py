@@ -411,6 +411,12 @@ class Callbacks:
             tenant_ids = [TenantId(t.id) for t in self.tenants.all()]
         else:  # one instance: only what it knows of can be due
             tenant_ids = sorted({TenantId(t) for t, _ in self._open})
+        if prune:
+            # Progress shown here of answers whose final went to another instance.
+            for tenant_id, callback_id in list(self._live):
+                record = await self.store.get_callback(TenantId(tenant_id), callback_id)
+                if record is None or record.state != "pending":
+                    self._live.pop((tenant_id, callback_id), None)
         for tenant_id in tenant_ids:
             if prune:
                 await self.store.prune_callbacks(tenant_id, before=now - KEEP_DELIVERED)
