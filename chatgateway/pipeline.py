@@ -549,6 +549,8 @@ class Pipeline:
                 if files and self.file_link is not None:
                     link = partial(self.file_link, message.tenant_id, session.id, answer_at)
                 await self._deliver(outbound, text, files, actions, link)
+                if dedup and outbound.idempotent and (text or files or actions):
+                    await self._answer_posted(own)
             log.info(
                 "message_handled",
                 outcome=outcome,
@@ -605,9 +607,10 @@ class Pipeline:
 
     async def _post_again(self, message: NormalizedMessage, outbound: Outbound) -> None:
         """A replayed platform message was answered before: its answer is stored, but the
-        instance that stored it may have died before posting it (or while posting). Where a
-        second post shows the answer once (`outbound.idempotent`: Discord's nonces), post the
-        stored answer again, so it is shown exactly once either way. Failures are logged."""
+        instance that stored it may have died before its post returned (the processed event
+        points at the answer until then). Where a second post shows the answer once
+        (`outbound.idempotent`: Discord's nonces), post the stored answer again, so it is shown
+        exactly once either way. Failures are logged."""
         try:
             found = await self.store.processed_answer(
                 message.tenant_id, message.platform, message.message_id
@@ -624,11 +627,24 @@ class Pipeline:
                 await outbound.post(answer.text)
             else:
                 return
+            await self._answer_posted(message)
             log.info("message_answer_posted_again", message_id=message.message_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.error("reply_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _answer_posted(self, message: NormalizedMessage) -> None:
+        """The answer's post returned: a replay of the message need not post it again."""
+        try:
+            await self.store.answer_posted(
+                message.tenant_id, message.platform, message.message_id
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A replay would post it once more: still shown once (the nonce).
+            log.warning("answer_posted_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _claim(self, message: NormalizedMessage) -> bool:
         """Claim a platform event for this instance; False when another one has it or had it."""

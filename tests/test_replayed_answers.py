@@ -2,10 +2,11 @@
 instance died in between) is posted when the platform replays the message, where posting twice
 shows it once (Discord's nonces: an idempotent Outbound); other platforms keep the plain dedup.
 
-The store keeps, with a processed event, which turn was its answer (`keep_answer`); the pipeline's
-duplicate branches post that answer again through an idempotent outbound. Tested on the real
-stores, through the real pipeline (with an Outbound that shows what a channel would), across two
-instances on PostgreSQL, and end to end through discord.py and the fake Discord.
+The store keeps, with a processed event, which turn was its answer (`keep_answer`) until its post
+returned (`answer_posted`); the pipeline's duplicate branches post such an answer again through an
+idempotent outbound. Tested on the real stores, through the real pipeline (with an Outbound that
+shows what a channel would; an instance killed mid-post is a cancelled task), across two instances
+on PostgreSQL, and end to end through discord.py and the fake Discord.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Channel:
 
 
 class ChannelOutbound:
-    """An Outbound into a Channel; `dies` stands for an instance killed before it posted."""
+    """An Outbound into a Channel; `dies`: the instance is killed before the post (the task is
+    cancelled there, as at a shutdown that cannot wait)."""
 
     def __init__(self, channel: Channel, message_id: str, *, idempotent: bool,
                  dies: bool = False) -> None:
@@ -83,7 +85,9 @@ class ChannelOutbound:
         self._show(text)
 
     def _show(self, text: str) -> None:
-        if not self.dies and text:
+        if self.dies:
+            raise asyncio.CancelledError
+        if text:
             self.channel.show(self.message_id, text, nonce=self.idempotent)
 
 
@@ -140,6 +144,11 @@ async def test_a_processed_event_keeps_its_answer_scoped_by_tenant(
     # Another tenant's event of the same id, or another platform's, is not this one.
     assert await store.processed_answer(OTHER, discord, "m1") is None
     assert await store.processed_answer(ACME, Platform.SLACK, "m1") is None
+    # Once its post returned, a replay needs it no more.
+    await store.answer_posted(ACME, discord, "m4")
+    assert await store.processed_answer(ACME, discord, "m4") is None
+    assert await store.is_processed(ACME, discord, "m4")
+    await store.answer_posted(OTHER, discord, "m1")  # another tenant's: nothing changes
     # The answer is the transcript's turn: a deleted session (an erasure) takes it with it.
     assert await store.delete_session(ACME, session.id)
     assert await store.processed_answer(ACME, discord, "m1") is None
@@ -160,8 +169,9 @@ async def test_a_replay_of_an_answer_stored_but_never_posted_is_posted_once(
 
     # The instance "dies" between storing the answer and posting it.
     dying = ChannelOutbound(channel, "m1", idempotent=True, dies=True)
-    first = await pipeline.handle(message("m1", "what time is it?"), dedup=True, outbound=dying)
-    assert first.outcome == "ok" and channel.visible == []
+    with pytest.raises(asyncio.CancelledError):
+        await pipeline.handle(message("m1", "what time is it?"), dedup=True, outbound=dying)
+    assert channel.visible == []
 
     # Discord replays the message (to the next owner): the stored answer is posted, once.
     replay = ChannelOutbound(channel, "m1", idempotent=True)
@@ -171,11 +181,29 @@ async def test_a_replay_of_an_answer_stored_but_never_posted_is_posted_once(
     assert channel.answers_to("m1") == ["agent: what time is it?"]
     assert agent.texts() == ["what time is it?"], "the agent is not asked again"
 
-    # Another replay (the post may or may not have arrived): posted again, still shown once.
+    # That post returned: another replay posts nothing.
     third = ChannelOutbound(channel, "m1", idempotent=True)
     assert (await pipeline.handle(message("m1"), dedup=True, outbound=third)).outcome == "duplicate"
-    assert third.calls == ["post"] and channel.posts == 2
+    assert third.calls == [] and channel.posts == 1
     assert channel.answers_to("m1") == ["agent: what time is it?"]
+
+
+async def test_a_replay_of_an_answer_posted_normally_posts_nothing(make_gateway, make_agent):
+    """The usual replay (a RESUME after a reconnect or a takeover brings back messages answered
+    long ago): no second post, not even one Discord would deduplicate."""
+    agent = await make_agent()
+    daemon = await make_gateway({"tenants": [tenant("acme", agent.url)]})
+    assert daemon.pipeline is not None and daemon.store is not None
+    channel = Channel()
+    posting = ChannelOutbound(channel, "m2", idempotent=True)
+    assert (await daemon.pipeline.handle(message("m2"), dedup=True, outbound=posting)).outcome \
+        == "ok"
+    assert posting.calls[-1] == "finish" and channel.answers_to("m2") == ["agent: hello"]
+    assert await daemon.store.processed_answer(ACME, Platform.DISCORD, "m2") is None
+    replay = ChannelOutbound(channel, "m2", idempotent=True)
+    assert (await daemon.pipeline.handle(message("m2"), dedup=True, outbound=replay)).outcome \
+        == "duplicate"
+    assert replay.calls == [] and channel.posts == 1
 
 
 async def test_a_non_idempotent_outbound_gets_the_plain_dedup(make_gateway, make_agent):
@@ -188,7 +216,8 @@ async def test_a_non_idempotent_outbound_gets_the_plain_dedup(make_gateway, make
     channel = Channel()
     msg = message("Ev1", platform=Platform.SLACK)
     dying = ChannelOutbound(channel, "Ev1", idempotent=False, dies=True)
-    assert (await pipeline.handle(msg, dedup=True, outbound=dying)).outcome == "ok"
+    with pytest.raises(asyncio.CancelledError):
+        await pipeline.handle(msg, dedup=True, outbound=dying)
     replay = ChannelOutbound(channel, "Ev1", idempotent=False)
     assert (await pipeline.handle(msg, dedup=True, outbound=replay)).outcome == "duplicate"
     assert replay.calls == [] and channel.visible == []
@@ -233,7 +262,8 @@ async def test_a_replay_answered_by_the_previous_owner_meanwhile_is_posted_idemp
         await agent.wait_calls(1, within=10)
         replay = ChannelOutbound(channel, "m1", idempotent=True)
         reply = await new.pipeline.handle(message("m1", "slow one"), dedup=True, outbound=replay)
-        assert (await answering).outcome == "ok"
+        with pytest.raises(asyncio.CancelledError):
+            await answering
         assert reply.outcome == "duplicate"
         assert replay.calls == ["post"]
         assert channel.answers_to("m1") == ["agent: slow one"]
@@ -257,32 +287,49 @@ def _replies(fake: FakeDiscord, token: str, message_id: str) -> list[Any]:
             if p.reference is not None and p.reference.get("message_id") == message_id]
 
 
-async def test_discord_replay_posts_an_answer_that_was_stored_but_not_posted(
-    fake, make_agent, make_gateway
+async def test_discord_replay_completes_an_answer_whose_post_was_cut_off(
+    fake, make_agent, make_gateway, tmp_path
 ):
-    """The post fails after the answer was stored (here the channel refuses it; in the takeover
-    bench the owner is killed): Discord's replay makes the adapter post the stored answer, and a
-    second replay shows nothing new (the nonce)."""
-    agent = await make_agent()
+    """The answer is stored and its first words are posted, but the instance stops for good
+    while Discord holds the final edit back (429, retry in 30 s) and the answering task is
+    cancelled: the message shows only the first words. When Discord delivers the message again,
+    the next instance posts the stored answer with the same nonce: Discord returns the message
+    already posted, and it is edited to the whole answer. One message, the whole answer, one
+    agent call."""
+    agent = await make_agent(stream_chunks=["The first words", " and the rest of it."],
+                             stream_pause=0.1)
     bot = fake.add_bot("acmebot")
-    await make_gateway({"tenants": [tenant(
-        "acme", agent.url, discord={"bots": [fake.bot_settings(bot, typing_indicator=False)]})]})
+    config = {
+        "storage": {"path": str(tmp_path / "replay.db")},
+        "server": {"drain_seconds": 0.2},
+        "tenants": [tenant("acme", agent.url, discord={
+            "bots": [fake.bot_settings(bot, typing_indicator=False)]})],
+    }
+    first = await make_gateway(config)
     await fake.wait_ready(bot)
-    fake.forbidden_channels.add("2001")
+    fake.rate_limit_edits, fake.rate_limit_retry_after = 1, 30.0
     sent = await fake.message_create(bot, "answer me", channel_id="2001")
-    await agent.wait_calls(1, within=10)
-    await asyncio.sleep(0.5)  # the refused post
-    assert _replies(fake, bot.token, sent["id"]) == []
+    await fake.wait_for(lambda: fake.rate_limited_edits == 1, within=20)
+    [cut] = _replies(fake, bot.token, sent["id"])
+    assert cut.content == "The first words"
+    await first.stop()  # the drain gives up; the adapter cancels the answer stuck in the 429
+    assert fake.message_of(cut.message["id"]).text == "The first words"
 
-    fake.forbidden_channels.clear()
-    await fake.force_resume_replay(bot, sent["id"])
-    await fake.wait_for(lambda: _replies(fake, bot.token, sent["id"]), within=20)
-    [post] = _replies(fake, bot.token, sent["id"])
-    assert post.content == "agent: answer me"
-    assert agent.texts() == ["answer me"], "the agent is not asked again"
-
+    second = await make_gateway(config)
+    await fake.wait_ready(bot)
     hits = fake.nonce_hits
-    await fake.force_resume_replay(bot, sent["id"])
-    await fake.wait_for(lambda: fake.nonce_hits > hits, within=20)
+    await fake.redeliver(bot, sent)
+    full = "The first words and the rest of it."
+    await fake.wait_for(
+        lambda: fake.message_of(cut.message["id"]).text == full, within=20)
+    assert fake.nonce_hits == hits + 1
     assert len(_replies(fake, bot.token, sent["id"])) == 1
-    assert agent.texts() == ["answer me"]
+    assert agent.texts() == ["answer me"], "the agent is not asked again"
+    # Once that post returned, the event no longer points at the answer.
+    kept = second.store
+    assert kept is not None
+    async with asyncio.timeout(5):
+        while True:
+            if await kept.processed_answer(ACME, Platform.DISCORD, sent["id"]) is None:
+                break
+            await asyncio.sleep(0.02)

@@ -184,6 +184,10 @@ class SessionStore(Protocol):
         session still has that turn; None if none was kept, the event is unknown or the turn
         is gone."""
 
+    async def answer_posted(self, tenant_id: TenantId, platform: Platform, event_id: str) -> None:
+        """The answer kept with the event is out (its post returned): a replay no longer needs
+        it (`processed_answer` answers None from now on)."""
+
     async def claim_event(
         self,
         tenant_id: TenantId,

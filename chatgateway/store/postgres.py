@@ -51,6 +51,7 @@ from chatgateway.store.migrations import MigrateMode, SchemaError, SchemaStatus,
 from chatgateway.store.migrations import postgres as migrations
 from chatgateway.store.migrations.postgres import KEY_ID_SETTING, SCOPE_SETTING, TENANT_SETTING
 from chatgateway.store.rows import (
+    ANSWER_POSTED,
     CLAIM_EVENT,
     DEDUP_RETENTION,
     PROCESSED_ANSWER,
@@ -400,6 +401,11 @@ class PostgresStore:
             tenant_id, PROCESSED_ANSWER.format(p="%s"), (tenant_id, platform.value, event_id)
         )
         return answer_from_row(rows[0]) if rows else None
+
+    async def answer_posted(self, tenant_id: TenantId, platform: Platform, event_id: str) -> None:
+        await self._write(
+            tenant_id, ANSWER_POSTED.format(p="%s"), (tenant_id, platform.value, event_id)
+        )
 
     async def claim_event(
         self,

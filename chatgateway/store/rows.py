@@ -98,6 +98,12 @@ PROCESSED_ANSWER = (
     "WHERE e.tenant_id = {p} AND e.platform = {p} AND e.event_id = {p}"
 )
 
+#: Forget the answer a processed event points at: it was posted.
+ANSWER_POSTED = (
+    "UPDATE processed_events SET session_id = NULL, answer_seq = NULL "
+    "WHERE tenant_id = {p} AND platform = {p} AND event_id = {p} AND answer_seq IS NOT NULL"
+)
+
 
 def answer_from_row(row: tuple[Any, ...]) -> tuple[SessionId, Turn]:
     """`processed_answer`'s result from a PROCESSED_ANSWER row (files and buttons decoded)."""

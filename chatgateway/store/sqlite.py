@@ -53,6 +53,7 @@ from chatgateway.store.base import (
 from chatgateway.store.migrations import MigrateMode, SchemaStatus, refusal
 from chatgateway.store.migrations import sqlite as migrations
 from chatgateway.store.rows import (
+    ANSWER_POSTED,
     CLAIM_EVENT,
     DEDUP_RETENTION,
     PROCESSED_ANSWER,
@@ -681,6 +682,10 @@ class SqliteStore:
     ) -> tuple[SessionId, Turn] | None:
         rows = self._read(PROCESSED_ANSWER.format(p="?"), (tenant_id, platform.value, event_id))
         return answer_from_row(rows[0]) if rows else None
+
+    async def answer_posted(self, tenant_id: TenantId, platform: Platform, event_id: str) -> None:
+        params = (tenant_id, platform.value, event_id)
+        await self._write(lambda c: c.execute(ANSWER_POSTED.format(p="?"), params))
 
     async def claim_event(
         self,
