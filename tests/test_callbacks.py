@@ -416,3 +416,25 @@ def test_the_per_request_minter_makes_the_signers_tokens():
             token = minter.sign(tenant_id, callback_id, 1796283591)
             assert token == signer.sign((tenant_id, callback_id), expires_at=1796283591)
             assert signer.verify(token, now=0, count=2) == [tenant_id, callback_id]
+
+
+async def test_the_callback_url_follows_server_public_url_also_after_a_reload(
+    make_agent, make_gateway, http
+):
+    import yaml
+
+    agent = await make_agent(behaviour=accept_later)
+    settings = {**config(agent.url), "server": {"public_url": "https://chat.example.com/"}}
+    gw = await make_gateway(settings)
+    await chat(http, gw, "one")
+    assert agent.calls[0].body["callback"]["url"].startswith(
+        "https://chat.example.com/api/callbacks/")
+    settings["server"] = {"public_url": "https://gateway.example.org/base"}
+    config_file = gw.config_path
+    written = yaml.safe_load(config_file.read_text())
+    written["server"] = settings["server"]
+    config_file.write_text(yaml.safe_dump(written))
+    await gw.reload()
+    await chat(http, gw, "two", newSession=True)
+    assert agent.calls[1].body["callback"]["url"].startswith(
+        "https://gateway.example.org/base/api/callbacks/")
