@@ -616,6 +616,8 @@ class Daemon:
         )
         if self.callbacks is not None:
             self.callbacks.address_changed()  # public_url or the listen address may differ
+        if self.callbacks is not None:
+            self.callbacks.address_changed()  # public_url or the listen address may differ
         if pending:
             log.warning("reload_needs_restart", keys=pending)
         self.metrics.reloads.labels("ok").inc()
@@ -708,9 +710,9 @@ class Daemon:
         # Adapters first (they send what the drained messages answered), then the web server
         # (it finishes writing answered responses), agent HTTP clients, and the store last.
         steps = [
+            ("callbacks", self.callbacks.close() if self.callbacks else None),
             ("adapters", self.supervisor.stop_all() if self.supervisor else None),
             ("web", self.runner.cleanup() if self.runner else None),
-            ("callbacks", self.callbacks.close() if self.callbacks else None),
             ("agents", self.tenants.close() if self.tenants else None),
             ("coordination", self.coordinator.close() if self.coordinator else None),
             ("limits", self.pipeline.admission.close() if self.pipeline else None),
