@@ -616,8 +616,6 @@ class Daemon:
         )
         if self.callbacks is not None:
             self.callbacks.address_changed()  # public_url or the listen address may differ
-        if self.callbacks is not None:
-            self.callbacks.address_changed()  # public_url or the listen address may differ
         if pending:
             log.warning("reload_needs_restart", keys=pending)
         self.metrics.reloads.labels("ok").inc()
