@@ -438,3 +438,18 @@ async def test_the_callback_url_follows_server_public_url_also_after_a_reload(
     await chat(http, gw, "two", newSession=True)
     assert agent.calls[1].body["callback"]["url"].startswith(
         "https://gateway.example.org/base/api/callbacks/")
+
+
+async def test_a_streamed_callback_is_capped_like_any_body(make_agent, make_gateway, http):
+    agent = await make_agent(behaviour=accept_later)
+    gw = await make_gateway({**config(agent.url), "server": {"max_body_bytes": 4096}})
+    _, body = await chat(http, gw, "a lot")
+    callback = agent.calls[0].body["callback"]
+    status, refused = await post_callback(
+        http, callback["url"], callback["token"],
+        [{"delta": "x" * 1000} for _ in range(10)], ndjson=True)
+    assert status == 413 and refused["error"]["code"] == "body_too_large"
+    # Not taken as the answer: the agent may still send one that fits.
+    status, _ = await post_callback(http, callback["url"], callback["token"], {"text": "short"})
+    assert status == 200
+    assert (await transcript(http, gw, body["sessionId"]))[-1] == ("agent", "short")

@@ -103,7 +103,12 @@ async def _stream(
     parts: list[str] = []
     error: str | None = None
     buffer = b""
+    limit = request.app[CONTEXT].server.max_body_bytes
+    size = 0
     async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:  # a stream is read as it comes: the body cap is applied here
+            raise ApiError(413, "body_too_large", f"request body is larger than {limit} bytes")
         buffer += chunk
         if len(buffer) > MAX_LINE and b"\n" not in buffer:
             raise ApiError(400, "invalid_body", f"a line is longer than {MAX_LINE} bytes")
