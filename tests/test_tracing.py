@@ -23,9 +23,9 @@ from tests.conftest import tenant, url, write_config
 from tests.fakes.discord import FakeDiscord
 from tests.fakes.slack import FakeSlack
 from tests.test_discord_adapter import ALICE, discord_tenant
-from tests.test_lifecycle_supervisor import wait_until
 from tests.test_invoker_a2a import a2a_tenant, make_a2a  # noqa: F401 (a fixture)
 from tests.test_invoker_openai import make_openai, openai_tenant  # noqa: F401 (a fixture)
+from tests.test_lifecycle_supervisor import wait_until
 from tests.test_slack_e2e import slack_tenant
 from tests.test_slack_e2e import start as start_slack
 
