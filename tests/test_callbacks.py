@@ -405,19 +405,6 @@ async def deleting_deletes_late_answers(make_agent: Any, make_gateway: Any,
         assert await gw.store.latest_callback("acme", body["sessionId"]) is None
 
 
-def test_the_per_request_minter_makes_the_signers_tokens():
-    from chatgateway.callbacks import TokenMinter
-    from chatgateway.signing import Signer
-
-    for secret in ("s" * 43, "x" * 200):
-        signer = Signer(secret, "callback")
-        minter = TokenMinter(signer)
-        for tenant_id, callback_id in (("acme", "abc1"), ("t-ü", "Zz9_-" * 7)):
-            token = minter.sign(tenant_id, callback_id, 1796283591)
-            assert token == signer.sign((tenant_id, callback_id), expires_at=1796283591)
-            assert signer.verify(token, now=0, count=2) == [tenant_id, callback_id]
-
-
 async def test_the_callback_url_follows_server_public_url_also_after_a_reload(
     make_agent, make_gateway, http
 ):

@@ -120,3 +120,17 @@ def test_signed_tokens_carry_fields_and_refuse_tampering_expiry_and_other_purpos
         files.verify(spliced, now=1_000)
     with pytest.raises(SignatureError):
         files.verify(token, now=1_000, count=2)
+
+
+def test_the_signers_precomputed_hmac_is_hmac_sha256() -> None:
+    import base64
+    import hashlib
+    import hmac
+
+    for secret in ("s" * 43, "x" * 200, "ü"):
+        signer = Signer(secret, "callback")
+        key = hmac.new(secret.encode(), b"chatgateway callback v1", hashlib.sha256).digest()
+        token = signer.sign(["acme", "id-1"], expires_at=1_796_283_591)
+        payload, _, mac = token.rpartition(".")
+        expected = hmac.new(key, payload.encode(), hashlib.sha256).digest()
+        assert mac == base64.urlsafe_b64encode(expected).rstrip(b"=").decode()
