@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ from chatgateway.models import Platform, TenantId
 from chatgateway.notify import Notifier
 from chatgateway.pipeline import Pipeline
 from chatgateway.retention import prune_expired
+from chatgateway.signing import gateway_secret
 from chatgateway.store import SessionStore, open_store
 from chatgateway.supervisor import Supervisor, load_adapter_class
 from chatgateway.tenants import TenantRegistry
@@ -206,6 +206,8 @@ class Daemon:
         self.runner: web.AppRunner | None = None
         self.web_context: WebContext | None = None
         self.port: int | None = None
+        #: The gateway secret (chatgateway.signing.gateway_secret), resolved at start.
+        self.secret = ""
         self.state: State = "starting"
         self.started = False
         self.started_at = time.time()
@@ -237,6 +239,7 @@ class Daemon:
         scrubber.update(secrets_in(config))
         self._storage = resolve_storage(config.storage, self.environ, self.config_path)
         self.store = await open_store(self._storage, source=str(self.config_path))
+        self.secret = await gateway_secret(config.server.visitor_secret, self.store)
         self.coordinator = await start_coordinator(config)
         self.tenants = TenantRegistry(self.store, self.environ)
         # First listener: mask a tenant's secrets before its adapters can log anything.
@@ -298,21 +301,14 @@ class Daemon:
     async def _start_callbacks(self, config: GatewayConfig, clustered: bool) -> None:
         """Answers agents send later: tickets in every request, the sweep, delivery through
         the adapters (chatgateway/callbacks.py)."""
-        from adapters.web.chat import SECRET_SETTING
         from chatgateway.callbacks import Callbacks
 
         assert self.store is not None and self.tenants is not None and self.pipeline is not None
         assert self.supervisor is not None and self.coordinator is not None
-        # The gateway secret, as the web app resolves it for visitor tokens: the configured one,
-        # else the one generated into the store and shared by every instance.
-        if config.server.visitor_secret is not None:
-            secret = config.server.visitor_secret.get_secret_value()
-        else:
-            secret = await self.store.gateway_setting(SECRET_SETTING, secrets.token_urlsafe(32))
         self.callbacks = Callbacks(
             self.store,
             self.tenants,
-            secret,
+            self.secret,
             base_url=self._public_base,
             instance_id=self.coordinator.instance_id,
             shared=clustered,
@@ -368,6 +364,8 @@ class Daemon:
             server=config.server,
             admin_token=config.admin.token,
             loopback=loopback,
+            secret=self.secret,
+            public_url=self._public_base,
             extra_routes=ops_routes(self),
         )
         context = self.web_context
@@ -384,7 +382,6 @@ class Daemon:
         await self.runner.setup()
         self._site, self.port = await self._bind(config.listen)
         self._listen = config.listen
-        context.listen = (config.listen.host, self.port)  # file links without public_url
 
     async def _bind(self, listen: ListenConfig) -> tuple[web.TCPSite, int]:
         assert self.runner is not None
@@ -653,7 +650,6 @@ class Daemon:
             await old_site.stop()
         if self.web_context is not None:
             self.web_context.loopback = is_loopback(listen.host)
-            self.web_context.listen = (listen.host, port)
         log.info("listen_changed", host=listen.host, port=port)
         return True
 

@@ -12,7 +12,26 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
+
+    from chatgateway.store.base import SessionStore
+
+#: The store setting holding the generated gateway secret when `server.visitor_secret` is unset.
+SECRET_SETTING = "visitor_token_secret"
+
+
+async def gateway_secret(configured: SecretStr | None, store: SessionStore) -> str:
+    """The gateway's secret: `server.visitor_secret`, else one generated into the store once and
+    read by every instance, so tokens survive restarts and any instance verifies them. Visitor
+    tokens, file links and callback tokens derive their own keys from it (one per purpose)."""
+    if configured is not None:
+        return configured.get_secret_value()
+    return await store.gateway_setting(SECRET_SETTING, secrets.token_urlsafe(32))
 
 
 class SignatureError(Exception):

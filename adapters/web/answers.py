@@ -11,7 +11,6 @@ URL is fetched with the SSRF guards of chatgateway/fetch.py and streamed through
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any
 from urllib.parse import quote
@@ -37,7 +36,6 @@ KIND = "answer"
 INLINE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/avif"})
 #: The gateway's secret as the file links' signer (the same secret as visitor tokens').
 SIGNER = web.AppKey("answer_file_signer", Signer)
-SECRET_SETTING = "visitor_token_secret"
 
 
 def file_link(
@@ -56,28 +54,13 @@ def file_link(
     return base + PATH + token
 
 
-def _gateway_url(app: web.Application) -> str | None:
-    """The gateway's address for links posted to platforms: `server.public_url`, else the
-    address it listens on (good for a gateway on the users' own network only)."""
-    ctx = app[CONTEXT]
-    if ctx.server.public_url:
-        return str(ctx.server.public_url).rstrip("/")
-    if ctx.listen is None:
-        return None
-    host, port = ctx.listen
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 def _platform_links(app: web.Application, signer: Signer) -> FileLink:
     """The pipeline's `file_link`: absolute links for answers shown on Slack or Discord."""
 
     def link(
         tenant_id: str, session_id: str, answered_at: float, index: int, file: OutFile
     ) -> str | None:
-        base = _gateway_url(app)
-        if base is None:
-            return None
+        base = app[CONTEXT].public_url()
         token = signer.sign(
             [KIND, tenant_id, session_id, repr(answered_at), str(index)],
             expires_at=int(time.time() + FILE_LINK_TTL),
@@ -202,12 +185,7 @@ async def answer_file(request: web.Request) -> web.StreamResponse:
 
 async def _start(app: web.Application) -> None:
     ctx = app[CONTEXT]
-    if ctx.server.visitor_secret is not None:
-        secret = ctx.server.visitor_secret.get_secret_value()
-    else:
-        # The gateway secret every instance shares (adapters/web/chat.py makes it the same way).
-        secret = await ctx.store.gateway_setting(SECRET_SETTING, secrets.token_urlsafe(32))
-    app[SIGNER] = signer = Signer(secret, "file")
+    app[SIGNER] = signer = Signer(ctx.secret, "file")
     ctx.pipeline.file_link = _platform_links(app, signer)
 
 

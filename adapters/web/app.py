@@ -73,10 +73,13 @@ class WebContext:
     server: ServerConfig
     admin_token: SecretStr | None
     loopback: bool
+    #: The gateway secret (chatgateway.signing.gateway_secret): signed tokens and links.
+    secret: str
+    #: The gateway's base URL as agents and users reach it, without a trailing slash:
+    #: `server.public_url`, else the address it listens on.
+    public_url: Callable[[], str]
     #: Extra routes (health, metrics, status, chat page) added by other parts of the daemon.
     extra_routes: list[web.RouteDef] = field(default_factory=list)
-    #: The bound (host, port): file links use it when `server.public_url` is unset.
-    listen: tuple[str, int] | None = None
 
 
 CONTEXT = web.AppKey("context", WebContext)

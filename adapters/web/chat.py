@@ -61,8 +61,6 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: Names the pages and the widget use to say which tenant they mean.
 TENANT_HEADER = "X-Chatgateway-Tenant"
 TOKEN_PREFIX = "cgv1"
-#: The gateway-wide store setting holding the generated secret when server.visitor_secret is unset.
-SECRET_SETTING = "visitor_token_secret"
 NDJSON = "application/x-ndjson"
 TokenKind = Literal["p", "k"]  # p: handed out to anyone (public chat); k: minted with an API key
 
@@ -710,13 +708,7 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _load_secret(app: web.Application) -> None:
-    ctx = app[CONTEXT]
-    if ctx.server.visitor_secret is not None:
-        secret = ctx.server.visitor_secret.get_secret_value()
-    else:
-        # Generated once and kept in the store, so tokens survive restarts.
-        secret = await ctx.store.gateway_setting(SECRET_SETTING, secrets.token_urlsafe(32))
-    app[VISITOR_KEY] = derive_key(secret)
+    app[VISITOR_KEY] = derive_key(app[CONTEXT].secret)
 
 
 async def _finish_streams(app: web.Application) -> None:

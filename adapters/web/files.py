@@ -11,7 +11,6 @@ platform (or the upload directory) in chunks, never held whole, under the tenant
 from __future__ import annotations
 
 import re
-import secrets
 import time
 import unicodedata
 from collections.abc import AsyncIterator
@@ -45,8 +44,6 @@ from chatgateway.signing import SignatureError
 log = structlog.get_logger("chatgateway.web.files")
 
 FILES = web.AppKey("files", FileService)
-#: The store setting shared with the visitor tokens (adapters/web/chat.py): one gateway secret.
-SECRET_SETTING = "visitor_token_secret"
 #: Longest file name kept for an upload (characters).
 MAX_NAME = 255
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\\\]")
@@ -197,30 +194,12 @@ async def upload_file(request: web.Request) -> web.Response:
 # Wiring ------------------------------------------------------------------------------------
 
 
-def _listen_url(app: web.Application) -> str:
-    """The gateway's address as agents reach it: `server.public_url`, else the listen address."""
-    ctx = app[CONTEXT]
-    if ctx.server.public_url:
-        return str(ctx.server.public_url)
-    host, port = ctx.listen or ("127.0.0.1", 8080)
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
 async def _start(app: web.Application) -> None:
     ctx = app[CONTEXT]
-    if ctx.server.visitor_secret is not None:
-        secret = ctx.server.visitor_secret.get_secret_value()
-    else:
-        secret = await ctx.store.gateway_setting(SECRET_SETTING, secrets.token_urlsafe(32))
+    secret = ctx.secret
     environ: Any = getattr(ctx.tenants, "_environ", {})
     root = uploads_root(getattr(ctx.store, "path", None), environ)
-    service = FileService(FileLinks(secret, lambda: _listen_url(app)), UploadStore(root))
+    service = FileService(FileLinks(secret, ctx.public_url), UploadStore(root))
     app[FILES] = service
     ctx.pipeline.files = service  # attachments get links from now on
 
