@@ -193,3 +193,25 @@ async def test_a_leased_adapter_ignoring_cancellation_after_losing_its_lease_is_
         assert ScriptedAdapter.released is not None
         ScriptedAdapter.released.set()
         await sup.stop_all()
+
+
+async def test_an_adapter_that_does_not_leave_keeps_its_lease_through_the_hand_over():
+    """Released only once the adapter has left: one that stays connected (its stop() hangs)
+    keeps the bot's lease, so no second instance connects it meanwhile."""
+    shared = LocalCoordinator()
+    sup = Supervisor(factory, Metrics(), shared, stop_timeout=0.2, standby_retry=0.02)
+    try:
+        await sup.tenant_changed(None, tenant_config("acme", bot("main", "wedge:x")))
+        await wait_until(lambda: bool(ScriptedAdapter.instances))
+        wedged = ScriptedAdapter.instances[0]
+        await wait_until(lambda: wedged.status.state == AdapterState.CONNECTED)
+        with capture_logs() as logs:
+            await asyncio.wait_for(sup.hand_over(), 2)
+        assert not any(e["event"] == "adapter_handed_over" for e in logs)
+        assert lease_name(KEY) in shared._leases, "released while still connected"
+        assert await shared.try_lease(lease_name(KEY), ttl=10) is None
+    finally:
+        assert ScriptedAdapter.released is not None
+        ScriptedAdapter.released.set()
+        await sup.stop_all()
+    assert lease_name(KEY) not in shared._leases
