@@ -69,11 +69,13 @@ class Signer:
         inner.update(payload.encode())
         outer = self._outer.copy()
         outer.update(inner.digest())
-        return _b64(outer.digest())
+        return base64.urlsafe_b64encode(outer.digest()).rstrip(b"=").decode()
 
     def sign(self, fields: Sequence[str], *, expires_at: int) -> str:
         """A token carrying `fields`, valid until `expires_at` (Unix seconds)."""
-        payload = ".".join([*(_b64(f.encode()) for f in fields), str(int(expires_at))])
+        encode = base64.urlsafe_b64encode
+        payload = ".".join([encode(f.encode()).rstrip(b"=").decode() for f in fields])
+        payload = f"{payload}.{int(expires_at)}"
         return f"{payload}.{self._mac(payload)}"
 
     def verify(self, token: str, *, now: float, count: int | None = None) -> list[str]:
