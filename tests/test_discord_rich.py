@@ -3,8 +3,10 @@ in-process daemon against the fake Discord (tests/fakes/discord_interactions.py)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -233,16 +235,29 @@ async def test_a_replayed_click_reaches_the_agent_once(fake, make_agent, make_ga
 
 
 async def test_an_answer_posted_again_after_a_replay_keeps_its_files_and_buttons(
-        fake, make_agent, make_gateway, files_server):
+        fake, make_agent, make_gateway, files_server, tmp_path):
     agent = await make_agent(behaviour=answers(files_server))
     bot = fake.add_bot("acmebot")
-    await make_gateway({"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
+    gateway = await make_gateway(
+        {"tenants": [discord_tenant("acme", agent.url, fake.bot_settings(bot))]})
     await fake.wait_ready(bot)
     asked = await ask(fake, bot, "deploy?")
     [post] = await fake.wait_posts(1, token=bot.token)
     await fake.wait_for(lambda: fake.buttons_of(post) and fake.files_of(post))
     shown = post.text
     edits = fake.rich_edits
+    assert gateway.pipeline is not None
+    await gateway.pipeline.wait_idle()
+    await asyncio.sleep(0.2)  # the adapter's own bookkeeping after the answer
+    # As if the instance had died after storing the answer but before learning that its post
+    # went through: the processed message still points at its answer (see _post_again).
+    db = sqlite3.connect(tmp_path / "gateway.db")
+    with db:
+        db.execute(
+            "UPDATE processed_events SET session_id = (SELECT session_id FROM turns "
+            "WHERE role = 'agent'), answer_seq = (SELECT seq FROM turns WHERE role = 'agent') "
+            "WHERE platform = 'discord'")
+    db.close()
 
     # Discord delivers the message again (a RESUME after a takeover): the stored answer is
     # posted again with the same nonces, i.e. shown once, files and buttons included.
