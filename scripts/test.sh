@@ -9,6 +9,8 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # promtool checks deploy/prometheus's alert rules; Debian ships it only with the server.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# nginx checks config/nginx-cluster.example.conf (nginx -t); the server itself is not wanted.
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need_apt+=(nginx)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -17,6 +19,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     if [[ " ${need_apt[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
         # Only promtool is wanted: on a systemd host the package started a server on :9090.
         $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+    if [[ " ${need_apt[*]} " == *" nginx "* ]]; then
+        # Only `nginx -t` is wanted: stop the server the package may have started.
+        if [ -d /run/systemd/system ]; then
+            $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
+        else
+            $SUDO /usr/sbin/nginx -s quit >/dev/null 2>&1 || true
+        fi
     fi
 fi
 
