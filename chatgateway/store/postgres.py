@@ -348,6 +348,10 @@ class PostgresStore:
                 "DELETE FROM agent_callbacks WHERE session_id = %s AND tenant_id = %s",
                 (session_id, tenant_id),
             )
+            await conn.execute(  # and what its agent protocol kept for it (an open A2A task)
+                "DELETE FROM agent_state WHERE session_id = %s AND tenant_id = %s",
+                (session_id, tenant_id),
+            )
             return True
 
     async def count_sessions(self, tenant_id: TenantId, *, active_since: float = 0.0) -> int:
@@ -381,6 +385,11 @@ class PostgresStore:
                     "DELETE FROM turns WHERE tenant_id = %s AND session_id = ANY(%s)",
                     (tenant_id, ids),
                 )
+                for table in ("agent_state", "agent_callbacks"):
+                    await conn.execute(
+                        f"DELETE FROM {table} WHERE tenant_id = %s AND session_id = ANY(%s)",
+                        (tenant_id, ids),
+                    )
             return len(ids)
 
     # Processed events ----------------------------------------------------------------------
@@ -445,7 +454,8 @@ class PostgresStore:
     async def delete_tenant(self, tenant_id: TenantId) -> None:
         async with self._transaction(tenant_id) as conn:
             for table in (
-                "tenants", "api_keys", "sessions", "turns", "processed_events", "event_claims"
+                "tenants", "api_keys", "sessions", "turns", "processed_events", "event_claims",
+                "agent_state", "agent_callbacks",
             ):
                 await conn.execute(f"DELETE FROM {table} WHERE tenant_id = %s", (tenant_id,))
 
@@ -557,6 +567,10 @@ class PostgresStore:
                 turns = done.rowcount
                 await conn.execute(
                     "DELETE FROM agent_callbacks WHERE tenant_id = %s AND session_id = ANY(%s)",
+                    (tenant_id, ids),
+                )
+                await conn.execute(
+                    "DELETE FROM agent_state WHERE tenant_id = %s AND session_id = ANY(%s)",
                     (tenant_id, ids),
                 )
             return {"sessions": len(ids), "turns": turns}

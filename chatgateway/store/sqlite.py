@@ -616,6 +616,10 @@ class SqliteStore:
                 "DELETE FROM agent_callbacks WHERE session_id = ? AND tenant_id = ?",
                 (session_id, tenant_id),
             )
+            c.execute(  # and what its agent protocol kept for it (an open A2A task)
+                "DELETE FROM agent_state WHERE session_id = ? AND tenant_id = ?",
+                (session_id, tenant_id),
+            )
             return True
 
         deleted = await self._write(op)
@@ -659,6 +663,14 @@ class SqliteStore:
                 )
                 c.execute(
                     f"DELETE FROM sessions WHERE tenant_id = ? AND id IN ({marks})",
+                    (tenant_id, *part),
+                )
+                c.execute(
+                    f"DELETE FROM agent_state WHERE tenant_id = ? AND session_id IN ({marks})",
+                    (tenant_id, *part),
+                )
+                c.execute(
+                    f"DELETE FROM agent_callbacks WHERE tenant_id = ? AND session_id IN ({marks})",
                     (tenant_id, *part),
                 )
             return ids
@@ -724,7 +736,8 @@ class SqliteStore:
     async def delete_tenant(self, tenant_id: TenantId) -> None:
         def op(c: sqlite3.Connection) -> None:
             for table in (
-                "tenants", "api_keys", "sessions", "turns", "processed_events", "event_claims"
+                "tenants", "api_keys", "sessions", "turns", "processed_events", "event_claims",
+                "agent_state", "agent_callbacks",
             ):
                 c.execute(f"DELETE FROM {table} WHERE tenant_id = ?", (tenant_id,))
 
@@ -824,6 +837,10 @@ class SqliteStore:
                 )
                 c.execute(
                     f"DELETE FROM agent_callbacks WHERE tenant_id = ? AND session_id IN ({marks})",
+                    (tenant_id, *part),
+                )
+                c.execute(
+                    f"DELETE FROM agent_state WHERE tenant_id = ? AND session_id IN ({marks})",
                     (tenant_id, *part),
                 )
             return ids, turns
