@@ -398,11 +398,14 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _prune_loop(self) -> None:
-        """Apply every tenant's retention at start, then every `storage.prune_interval`."""
+        """Apply every tenant's retention (sessions and web uploads) at start, then every
+        `storage.prune_interval`."""
         assert self.tenants is not None and self.store is not None
         interval = self._storage.prune_interval if self._storage else PRUNE_INTERVAL
         while True:
-            await prune_expired(self.store, self.tenants.all(), self.clock())
+            files = self.pipeline.files if self.pipeline is not None else None
+            uploads = files.uploads if files is not None else None
+            await prune_expired(self.store, self.tenants.all(), self.clock(), uploads)
             await asyncio.sleep(interval)
 
     # Health, watchdog and status -----------------------------------------------------------

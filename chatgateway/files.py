@@ -3,11 +3,12 @@
 An attachment arrives with its platform's reference (`Attachment.source`: Slack's `url_private`,
 a Discord CDN URL, a web upload's id), which never leaves the gateway. Before the agent is
 called, `prepare_files` (the pipeline's one place for this) refuses files over the tenant's
-`files.max_bytes` with a notice for the user, and gives every other file a link the gateway
-serves: `GET /v1/files/<token>`, where the token is signed (purpose "file"), short-lived
-(`files.link_ttl`) and names the tenant, platform, adapter and message it belongs to. Serving a
-link fetches the file with that tenant's own credential from a host of that platform only, and
-streams it in chunks under the cap (adapters/web/files.py).
+`files.max_bytes` or of a type not in its `files.allowed_types`, from every platform, with a
+notice for the user (counted in `chatgateway_files_refused_total`), and gives every other file
+a link the gateway serves: `GET /v1/files/<token>`, where the token is signed (purpose "file"),
+short-lived (`files.link_ttl`) and names the tenant, platform, adapter and message it belongs
+to. Serving a link fetches the file with that tenant's own credential from a host of that
+platform only, and streams it in chunks under the cap (adapters/web/files.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import mimetypes
 import os
 import re
 import secrets
@@ -35,6 +37,7 @@ from chatgateway.signing import SignatureError, Signer
 
 if TYPE_CHECKING:
     from chatgateway.config import FilesConfig, TenantConfig
+    from chatgateway.metrics import Metrics
 
 log = structlog.get_logger("chatgateway.files")
 
@@ -50,6 +53,10 @@ DISCORD_FILE_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
 #: Redirects followed at most when fetching from a platform (each checked like the first URL).
 MAX_REDIRECTS = 3
 _UPLOAD_ID = re.compile(r"^up_[0-9a-f]{32}$")
+#: What the user is told about a file whose type the tenant does not accept.
+TYPE_NOTICE = (
+    "I couldn't pass on {name}: files of type {type} are not accepted here (allowed: {allowed})."
+)
 
 
 class FileError(Exception):
@@ -270,10 +277,17 @@ class FileService:
     """Links, uploads and fetching files from the platforms with each tenant's credential."""
 
     def __init__(
-        self, links: FileLinks, uploads: UploadStore | None, *, timeout: float = 30.0
+        self,
+        links: FileLinks,
+        uploads: UploadStore | None,
+        *,
+        timeout: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.links = links
         self.uploads = uploads
+        #: Where refused files are counted (`chatgateway_files_refused_total`).
+        self.metrics = metrics
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
@@ -308,6 +322,11 @@ class FileService:
             # Discord's attachment URLs carry their own signature: no token is sent.
             hosts, configured = DISCORD_FILE_HOSTS, bot.api_base_url
         return await self._fetch(URL(claim.ref), hosts, configured, headers)
+
+    def refused(self, tenant_id: str, platform: Platform, reason: str) -> None:
+        """Count a file refused for `reason` (`too_large` or `type`)."""
+        if self.metrics is not None:
+            self.metrics.files_refused.labels(tenant_id, platform.value, reason).inc()
 
     def _open_upload(self, claim: FileClaim) -> FileStream:
         upload = self.uploads.get(claim.tenant_id, claim.ref) if self.uploads else None
@@ -393,7 +412,8 @@ async def prepare_files(
 ) -> tuple[NormalizedMessage, str]:
     """`message` as the agent should see it, and a notice for the user ("" if none).
 
-    Files over the tenant's cap are left out and named in the notice; the others get a gateway
+    Files over the tenant's cap, or of a type not in its `files.allowed_types` (see
+    `file_type`), are left out, named in the notice and counted; the others get a gateway
     link in `url` (their platform reference stays in `source`, which is never sent), and small
     images their bytes when `files.inline_images_max_bytes` asks for it. A web message's upload
     ids become the uploads' names, types and sizes (NotFoundError for an id that is not this
@@ -401,29 +421,51 @@ async def prepare_files(
     """
     config: FilesConfig = tenant.files
     kept: list[Attachment] = []
-    refused: list[Attachment] = []
+    notices: list[str] = []
+    reasons: list[str] = []
     now = time.time()
     for attachment in message.attachments:
         source = attachment.source
         if source is not None and message.platform is Platform.WEB:
             attachment = _web_upload(message, attachment, service)
         if attachment.size is not None and attachment.size > config.max_bytes:
-            refused.append(attachment)
+            reasons.append("too_large")
+            notices.append(
+                config.too_large_notice.format(
+                    name=attachment.name, size=human(attachment.size), limit=human(config.max_bytes)
+                )
+            )
+            continue
+        kind = file_type(attachment)
+        if not config.allows(kind):
+            reasons.append("type")
+            notices.append(
+                TYPE_NOTICE.format(
+                    name=attachment.name,
+                    type=kind or "unknown",
+                    allowed=", ".join(config.allowed_types),
+                )
+            )
             continue
         if source is not None and service is not None:
             token = service.links.token(message, attachment, ttl=config.link_ttl, now=now)
             attachment = dataclasses.replace(attachment, url=service.links.url(token))
             attachment = await _inline(message, attachment, tenant, service)
         kept.append(attachment)
-    notice = "\n".join(
-        config.too_large_notice.format(
-            name=a.name, size=human(a.size or 0), limit=human(config.max_bytes)
-        )
-        for a in refused
-    )
-    if refused:
-        log.info("files_refused", count=len(refused), max_bytes=config.max_bytes)
-    return dataclasses.replace(message, attachments=tuple(kept)), notice
+    if reasons:
+        log.info("files_refused", count=len(reasons), reasons=reasons, max_bytes=config.max_bytes)
+        if service is not None:
+            for reason in reasons:
+                service.refused(message.tenant_id, message.platform, reason)
+    return dataclasses.replace(message, attachments=tuple(kept)), "\n".join(notices)
+
+
+def file_type(attachment: Attachment) -> str:
+    """The media type `files.allowed_types` judges a file by: the one its platform gives, else
+    the one its name's extension suggests, else "" (which only `*/*` accepts)."""
+    if attachment.content_type:
+        return attachment.content_type.partition(";")[0].strip().lower()
+    return mimetypes.guess_type(attachment.name, strict=False)[0] or ""
 
 
 def _web_upload(
@@ -502,5 +544,6 @@ __all__ = [
     "FileStream",
     "Upload",
     "UploadStore",
+    "file_type",
     "prepare_files",
 ]

@@ -82,6 +82,13 @@ class Metrics:
             ["tenant", "platform", "reason"],
             registry=r,
         )
+        self.files_refused = Counter(
+            "chatgateway_files_refused",
+            "Files users sent that were not passed on to the agent, by reason: too_large "
+            "(over files.max_bytes), type (not in files.allowed_types)",
+            ["tenant", "platform", "reason"],
+            registry=r,
+        )
         self.paced = Counter(
             "chatgateway_messages_paced",
             "Messages over the tenant's rate that waited for their turn (limits.tenant.max_wait) "

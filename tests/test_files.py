@@ -75,6 +75,15 @@ async def error_of(http: aiohttp.ClientSession, link: str) -> tuple[int, str]:
         return resp.status, (await resp.json())["error"]["code"]
 
 
+def refused(daemon: Daemon, tenant_id: str, platform: str, reason: str) -> float:
+    """chatgateway_files_refused_total for these labels (0 when never counted)."""
+    value = daemon.metrics.registry.get_sample_value(
+        "chatgateway_files_refused_total",
+        {"tenant": tenant_id, "platform": platform, "reason": reason},
+    )
+    return value or 0.0
+
+
 def links(daemon: Daemon) -> FileLinks:
     assert daemon.pipeline is not None and daemon.pipeline.files is not None
     return daemon.pipeline.files.links
@@ -234,9 +243,9 @@ async def test_a_file_over_the_cap_is_refused_with_a_message_to_the_user(
 ):
     agent = await make_agent()
     app = fake_slack.add_app()
-    await start_slack(make_gateway, fake_slack,
-                      slack_tenant("acme", agent.url, fake_slack, app,
-                                   files={"max_bytes": 1000}))
+    daemon = await start_slack(make_gateway, fake_slack,
+                               slack_tenant("acme", agent.url, fake_slack, app,
+                                            files={"max_bytes": 1000}))
     big = fake_slack.add_file(app, "huge.zip", size=3 * MB, mimetype="application/zip")
     small = fake_slack.add_file(app, "notes.txt", data=b"ok", mimetype="text/plain")
     # A file over the cap with other things: the agent gets the rest, the user both.
@@ -255,6 +264,46 @@ async def test_a_file_over_the_cap_is_refused_with_a_message_to_the_user(
     assert "huge.zip" in post.text and "1000 bytes" in post.text
     assert len(agent.calls) == 1
     assert not fake_slack.file_host.fetches  # nothing was downloaded to refuse it
+    assert refused(daemon, "acme", "slack", "too_large") == 2
+    assert refused(daemon, "acme", "slack", "type") == 0  # too large first: counted once
+
+
+async def test_a_slack_file_of_a_type_the_tenant_refuses_is_left_out_with_a_notice(
+    fake_slack, make_agent, make_gateway
+):
+    agent = await make_agent()
+    app = fake_slack.add_app()
+    daemon = await start_slack(make_gateway, fake_slack,
+                               slack_tenant("acme", agent.url, fake_slack, app,
+                                            files={"allowed_types": ["text/*", "image/png"]}))
+    exe = fake_slack.add_file(app, "setup.exe", data=b"MZ\x90\x00",
+                              mimetype="application/x-msdownload")
+    notes = fake_slack.add_file(app, "notes.txt", data=b"ok", mimetype="text/plain")
+    # No type from the platform: judged by the name's extension, else refused as unknown.
+    untyped = fake_slack.add_file(app, "readme.md", data=b"# hi")
+    blob = fake_slack.add_file(app, "blob", data=b"\x00\x01")
+    del untyped["mimetype"], blob["mimetype"]
+    await fake_slack.dm(app, "U0ALICE", "look", files=[exe, notes, untyped, blob],
+                        subtype="file_share")
+    [call] = await agent.wait_calls(1)
+    assert [a["name"] for a in call.body["message"]["attachments"]] == ["notes.txt", "readme.md"]
+    [post] = await fake_slack.wait_posts(1, channel="DU0ALICE")
+    assert post.text.startswith(
+        "I couldn't pass on setup.exe: files of type application/x-msdownload are not accepted "
+        "here (allowed: text/*, image/png).\n"
+        "I couldn't pass on blob: files of type unknown are not accepted here "
+        "(allowed: text/*, image/png)."
+    )
+    assert post.text.endswith("agent: look")
+    assert refused(daemon, "acme", "slack", "type") == 2
+
+    # Only a refused file: the agent is not called, the user gets the notice.
+    await fake_slack.dm(app, "U0BOB", "", files=[exe], subtype="file_share")
+    [post] = await fake_slack.wait_posts(1, channel="DU0BOB")
+    assert post.text.startswith("I couldn't pass on setup.exe: files of type")
+    assert len(agent.calls) == 1
+    assert refused(daemon, "acme", "slack", "type") == 3
+    assert {f.file_id for f in fake_slack.file_host.fetches} <= {notes["id"], untyped["id"]}
 
 
 async def test_small_images_are_inlined_when_the_tenant_asks(
@@ -283,7 +332,8 @@ async def test_memory_stays_flat_while_a_50_mb_file_streams_through_a_link(
     app = fake_slack.add_app()
     await start_slack(make_gateway, fake_slack,
                       slack_tenant("acme", agent.url, fake_slack, app,
-                                   files={"max_bytes": 100 * MB}))
+                                   files={"max_bytes": 100 * MB,
+                                          "allowed_types": ["video/*"]}))
     file = fake_slack.add_file(app, "video.mp4", size=50 * MB, mimetype="video/mp4")
     await fake_slack.dm(app, "U0ALICE", "", files=[file], subtype="file_share")
     [call] = await agent.wait_calls(1)
@@ -336,6 +386,30 @@ async def test_a_discord_attachment_reaches_the_agent_as_a_link_it_can_fetch(
     assert status == 200 and body == content
     [fetched] = fake_discord.file_host.fetches
     assert fetched.authorization is None  # Discord's CDN URL is the key: no bot token sent
+
+
+async def test_a_discord_attachment_of_a_refused_type_is_left_out_with_a_notice(
+    fake_discord, make_agent, make_gateway
+):
+    agent = await make_agent()
+    bot = fake_discord.add_bot("acmebot")
+    daemon = await make_gateway({"tenants": [tenant(
+        "acme", agent.url, discord={"bots": [fake_discord.bot_settings(bot)]})]})
+    await fake_discord.wait_ready(bot)
+    archive = fake_discord.attachment("backup.zip", data=b"PK\x03\x04",
+                                      content_type="application/zip")
+    photo = fake_discord.attachment("cat.jpg", data=b"\xff\xd8\xff", content_type="image/jpeg")
+    await fake_discord.message_create(bot, "files", channel_id="2001",
+                                      author=user_object("1001", "alice"),
+                                      extra={"attachments": [archive, photo]})
+    [call] = await agent.wait_calls(1)
+    assert [a["name"] for a in call.body["message"]["attachments"]] == ["cat.jpg"]
+    [post] = await fake_discord.wait_posts(1, token=bot.token)
+    assert post.content.startswith(
+        "I couldn't pass on backup.zip: files of type application/zip are not accepted here "
+        "(allowed: image/*, text/*, application/pdf)."
+    )
+    assert refused(daemon, "acme", "discord", "type") == 1
 
 
 # Web uploads -------------------------------------------------------------------------------
@@ -393,6 +467,8 @@ async def test_a_web_upload_reaches_the_agent_and_belongs_to_its_user(
     assert "setup.exe" in body["error"]["message"]
     status, body = await upload(http, daemon, ACME_KEY, bytes(1001), "image/png")
     assert status == 413 and body["error"]["code"] == "file_too_large"
+    assert refused(daemon, "acme", "web", "type") == 1
+    assert refused(daemon, "acme", "web", "too_large") == 1
 
     async def chunked() -> AsyncIterator[bytes]:
         for _ in range(4):
@@ -402,6 +478,7 @@ async def test_a_web_upload_reaches_the_agent_and_belongs_to_its_user(
                          headers={"Authorization": f"Bearer {ACME_KEY}",
                                   "Content-Type": "image/png"}) as resp:
         assert resp.status == 413
+    assert refused(daemon, "acme", "web", "too_large") == 2
     root = Path(daemon.config_path).parent / "files" / "acme"
     assert sorted(p.name for p in root.iterdir()) == sorted(
         [uploaded["fileId"], uploaded["fileId"] + ".json"]
@@ -432,6 +509,49 @@ async def test_a_tenants_purge_deletes_its_uploads(make_agent, make_gateway, htt
         assert resp.status == 200
         assert (await resp.json())["deleted"]["uploads"] == 1
     assert not root.exists()
+
+
+async def test_the_daemons_retention_run_deletes_old_uploads_without_another_upload(
+    make_agent, make_gateway, http, tmp_path
+):
+    agent = await make_agent()
+    daemon = await make_gateway({"tenants": [
+        tenant("acme", agent.url, keys=[ACME_KEY], sessions={"retention_days": 1}),
+        tenant("beta", agent.url, keys=[BETA_KEY]),  # 30 days
+    ], "storage": {"path": str(tmp_path / "gateway.db"), "prune_interval": 0.1}})
+    uploaded_at = time.time()
+    ids = {}
+    for tenant_id, key in (("acme", ACME_KEY), ("beta", BETA_KEY)):
+        status, body = await upload(http, daemon, key, b"hello", "text/plain", name="a.txt")
+        assert status == 201
+        ids[tenant_id] = body["fileId"]
+    root = tmp_path / "files"
+
+    def kept(tenant_id: str) -> bool:
+        return (root / tenant_id / ids[tenant_id]).exists()
+
+    runs: list[float] = []
+
+    def real_clock() -> float:
+        runs.append(time.time())
+        return runs[-1]
+
+    async def wait_for(check: Any) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline, "condition not met in time"
+            await asyncio.sleep(0.05)
+
+    daemon.clock = real_clock
+    await wait_for(lambda: len(runs) >= 2)  # two runs on the real clock: nothing is old enough
+    assert kept("acme") and kept("beta")
+    # A day and a minute later, with no upload since: acme's (1 day) goes, beta's (30) stays.
+    daemon.clock = lambda: uploaded_at + 86400 + 60
+    await wait_for(lambda: not kept("acme"))
+    assert not (root / "acme" / f"{ids['acme']}.json").exists()
+    assert kept("beta")
+    daemon.clock = lambda: uploaded_at + 30 * 86400 + 60
+    await wait_for(lambda: not kept("beta"))
 
 
 async def test_uploads_past_retention_are_pruned(tmp_path):

@@ -39,6 +39,7 @@ from chatgateway.files import (
     human,
     uploads_root,
 )
+from chatgateway.models import Platform
 from chatgateway.signing import SignatureError
 
 log = structlog.get_logger("chatgateway.web.files")
@@ -157,6 +158,7 @@ async def upload_file(request: web.Request) -> web.Response:
     name = _upload_name(request)
     content_type = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
     if not content_type or not files.allows(content_type):
+        service.refused(tenant.id, Platform.WEB, "type")
         allowed = ", ".join(files.allowed_types)
         raise ApiError(
             415,
@@ -165,19 +167,22 @@ async def upload_file(request: web.Request) -> web.Response:
             f"(allowed: {allowed})",
         )
     if request.content_length is not None and request.content_length > files.max_bytes:
+        service.refused(tenant.id, Platform.WEB, "too_large")
         raise ApiError(413, "file_too_large", f"{name} is larger than {human(files.max_bytes)}")
 
     async def body() -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(CHUNK_BYTES):
             yield chunk
 
-    # Retention: a tenant's uploads older than its sessions' retention go at the next upload.
-    service.uploads.prune(tenant.id, time.time() - tenant.config.sessions.retention_days * 86400)
+    # Uploads past the tenant's sessions.retention_days are deleted by the daemon's retention
+    # run (chatgateway/retention.py), not here: an upload costs no scan of the directory.
     try:
         upload = await service.uploads.save(
             tenant.id, user_id, name, content_type, body(), max_bytes=files.max_bytes
         )
     except FileError as exc:
+        if exc.code == "file_too_large":
+            service.refused(tenant.id, Platform.WEB, "too_large")
         raise ApiError(exc.status, exc.code, str(exc)) from None
     log.info("file_uploaded", tenant_id=tenant.id, bytes=upload.size)
     return json_response(
@@ -199,7 +204,9 @@ async def _start(app: web.Application) -> None:
     secret = ctx.secret
     environ: Any = getattr(ctx.tenants, "_environ", {})
     root = uploads_root(getattr(ctx.store, "path", None), environ)
-    service = FileService(FileLinks(secret, ctx.public_url), UploadStore(root))
+    service = FileService(
+        FileLinks(secret, ctx.public_url), UploadStore(root), metrics=ctx.pipeline.metrics
+    )
     app[FILES] = service
     ctx.pipeline.files = service  # attachments get links from now on
 
