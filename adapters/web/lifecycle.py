@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from adapters.web.app import (
     CONTEXT,
@@ -28,7 +30,8 @@ from adapters.web.app import (
 from adapters.web.files import FILES
 from chatgateway.errors import ConflictError
 from chatgateway.files import UploadStore
-from chatgateway.models import Platform, TenantId
+from chatgateway.models import Platform, TenantId, Turn
+from chatgateway.rich import MARK, action_json, file_json
 from chatgateway.store.base import SessionTranscript
 
 log = structlog.get_logger("chatgateway.web")
@@ -60,6 +63,22 @@ def _platform(request: web.Request) -> Platform | None:
     return Platform(value)
 
 
+def export_turn(turn: Turn) -> dict[str, Any]:
+    """One turn of a user's export: its text (never the store's separator MARK), and an answer's
+    files and buttons as the agent gave them (a file's bytes as base64 `data`, or the agent's
+    `url`: what the gateway keeps; no expiring gateway link)."""
+    item: dict[str, Any] = {
+        "role": turn.role.value,
+        "text": turn.text.replace(MARK, ""),
+        "timestamp": turn.timestamp,
+    }
+    if turn.files:
+        item["attachments"] = [file_json(f) for f in turn.files]
+    if turn.actions:
+        item["actions"] = [action_json(a) for a in turn.actions]
+    return item
+
+
 def export_document(
     tenant_id: str, user_id: str, platform: Platform | None, found: list[SessionTranscript]
 ) -> dict[str, Any]:
@@ -67,9 +86,7 @@ def export_document(
     sessions = []
     for item in found:
         detail = session_summary(item.session)
-        detail["transcript"] = [
-            {"role": t.role.value, "text": t.text, "timestamp": t.timestamp} for t in item.turns
-        ]
+        detail["transcript"] = [export_turn(t) for t in item.turns]
         sessions.append(detail)
     return {
         "tenantId": tenant_id,
@@ -80,21 +97,40 @@ def export_document(
     }
 
 
+#: What a route about one user does once the caller may reach them: (request, tenant, user,
+#: platform filter) -> the JSON answer, or None when the user has no sessions there.
+UserCall = Callable[[web.Request, str, str, Platform | None], Awaitable[dict[str, Any] | None]]
+
+
+def _user_route(call: UserCall, *, admin: bool = False) -> Handler:
+    """A route about one user: who may reach them (the admin token any tenant's, else the
+    caller's own, see `_own_user`), the call, a 404 when the user has no sessions, the JSON."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        tenant_id, user_id, platform = _admin_user(request) if admin else await _own_user(request)
+        answer = await call(request, tenant_id, user_id, platform)
+        if answer is None:
+            # 404 whether the user never wrote or belongs to another tenant: nothing to tell apart.
+            raise ApiError(404, "not_found", f"no sessions of user {user_id!r}")
+        return json_response(answer)
+
+    return route
+
+
 async def _export(
     request: web.Request, tenant_id: str, user_id: str, platform: Platform | None
-) -> web.Response:
+) -> dict[str, Any] | None:
     store = request.app[CONTEXT].store
     found = await store.export_user(TenantId(tenant_id), user_id, platform=platform)
     if not found:
-        # 404 whether the user never wrote or belongs to another tenant: nothing to tell apart.
-        raise ApiError(404, "not_found", f"no sessions of user {user_id!r}")
+        return None
     log.info("user_exported", tenant_id=tenant_id, sessions=len(found))
-    return json_response(export_document(tenant_id, user_id, platform, found))
+    return export_document(tenant_id, user_id, platform, found)
 
 
 async def _erase(
     request: web.Request, tenant_id: str, user_id: str, platform: Platform | None
-) -> web.Response:
+) -> dict[str, Any] | None:
     store = request.app[CONTEXT].store
     deleted = await store.erase_user(TenantId(tenant_id), user_id, platform=platform)
     uploads = _uploads(request)
@@ -102,17 +138,15 @@ async def _erase(
         if count := uploads.delete_user(tenant_id, user_id):  # web chat files
             deleted["uploads"] = count
     if not deleted.get("sessions"):
-        raise ApiError(404, "not_found", f"no sessions of user {user_id!r}")
+        return None
     # The user id itself is personal data: the log line says how much, not whose.
     log.info("user_erased", tenant_id=tenant_id, **deleted)
-    return json_response(
-        {
-            "tenantId": tenant_id,
-            "userId": user_id,
-            "platform": platform.value if platform else None,
-            "deleted": {camel(k): v for k, v in deleted.items()},
-        }
-    )
+    return {
+        "tenantId": tenant_id,
+        "userId": user_id,
+        "platform": platform.value if platform else None,
+        "deleted": {camel(k): v for k, v in deleted.items()},
+    }
 
 
 def _uploads(request: web.Request) -> UploadStore | None:
@@ -135,16 +169,6 @@ async def _own_user(request: web.Request) -> tuple[str, str, Platform | None]:
     return principal.tenant.id, user_id, platform
 
 
-@routes.get("/api/users/{user_id}/export")
-async def export_user(request: web.Request) -> web.Response:
-    return await _export(request, *await _own_user(request))
-
-
-@routes.delete("/api/users/{user_id}")
-async def erase_user(request: web.Request) -> web.Response:
-    return await _erase(request, *await _own_user(request))
-
-
 def _admin_user(request: web.Request) -> tuple[str, str, Platform | None]:
     require_admin(request)
     return (
@@ -154,14 +178,14 @@ def _admin_user(request: web.Request) -> tuple[str, str, Platform | None]:
     )
 
 
-@routes.get("/admin/tenants/{tenant_id}/users/{user_id}/export")
-async def admin_export_user(request: web.Request) -> web.Response:
-    return await _export(request, *_admin_user(request))
-
-
-@routes.delete("/admin/tenants/{tenant_id}/users/{user_id}")
-async def admin_erase_user(request: web.Request) -> web.Response:
-    return await _erase(request, *_admin_user(request))
+export_user = routes.get("/api/users/{user_id}/export")(_user_route(_export))
+erase_user = routes.delete("/api/users/{user_id}")(_user_route(_erase))
+admin_export_user = routes.get("/admin/tenants/{tenant_id}/users/{user_id}/export")(
+    _user_route(_export, admin=True)
+)
+admin_erase_user = routes.delete("/admin/tenants/{tenant_id}/users/{user_id}")(
+    _user_route(_erase, admin=True)
+)
 
 
 @routes.post("/admin/tenants/{tenant_id}/purge")
@@ -201,13 +225,43 @@ def openapi_paths(components: dict[str, Any]) -> dict[str, Any]:
     }
     platform_or_null = {"anyOf": [{"type": "string", "enum": ["web", "slack", "discord"]},
                                   {"type": "null"}]}  # fmt: skip
+    components["ExportedFile"] = {
+        "type": "object",
+        "description": "A file of an answer as the agent gave it: its bytes (base64 `data`, "
+        "kept with the transcript) or its `url` (the agent's, as stored)",
+        "required": ["name", "contentType"],
+        "properties": {
+            "name": {"type": "string"},
+            "contentType": {"type": "string"},
+            "url": {"type": "string"},
+            "data": {"type": "string", "contentEncoding": "base64"},
+        },
+    }
+    turn = _object(
+        "A turn: its text; an answer's files and buttons only when it has some",
+        role={"type": "string", "enum": ["user", "agent"]},
+        text={"type": "string"},
+        timestamp={"type": "number"},
+    )
+    turn["properties"]["attachments"] = {"type": "array", "items": _ref("ExportedFile")}
+    turn["properties"]["actions"] = {"type": "array", "items": _ref("AnswerAction")}
+    components["ExportedTurn"] = turn
+    components["ExportedSession"] = {
+        "allOf": [
+            _ref("SessionSummary"),
+            _object(
+                "The session's whole stored transcript, oldest first",
+                transcript={"type": "array", "items": _ref("ExportedTurn")},
+            ),
+        ]
+    }
     components["UserExport"] = _object(
         "Every session of one user with its whole stored transcript, oldest first",
         tenantId={"type": "string"},
         userId={"type": "string"},
         platform=platform_or_null,
         exportedAt={"type": "number", "description": "Unix time"},
-        sessions={"type": "array", "items": _ref("SessionDetail")},
+        sessions={"type": "array", "items": _ref("ExportedSession")},
     )
     components["UserErased"] = _object(
         "What an erasure deleted",
