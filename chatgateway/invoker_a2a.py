@@ -8,15 +8,18 @@ input stays open for the session's next message. The mapping is in docs/agent-pr
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import mimetypes
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
-from chatgateway import tracing
+from chatgateway import rich, tracing
 from chatgateway.config import AgentConfig
 from chatgateway.errors import AgentError
 from chatgateway.invoker import (
@@ -26,7 +29,7 @@ from chatgateway.invoker import (
     HttpAgentInvoker,
     _Retryable,
 )
-from chatgateway.models import SessionId
+from chatgateway.models import Action, OutFile, SessionId
 
 if TYPE_CHECKING:
     import httpx
@@ -49,42 +52,89 @@ AUTH_REQUIRED = "TASK_STATE_AUTH_REQUIRED"
 FAILED = {"TASK_STATE_FAILED", "TASK_STATE_REJECTED", "TASK_STATE_CANCELED"}
 
 
-def part_text(part: Part) -> str:
-    """A part as chat text: its text, or a file given by URL as a link (other kinds: nothing)."""
-    kind = part.WhichOneof("content")
-    if kind == "text":
-        return str(part.text)
-    if kind == "url":
-        name = part.filename or part.url
-        return f"[{name}]({part.url})" if name != part.url else str(part.url)
-    return ""
-
-
 def parts_text(parts: Any) -> str:
-    """The parts of a message or an artifact as chat text: text parts run on (an aggregated
-    stream keeps each chunk as a part), a file link gets a line of its own."""
-    out = ""
-    for part in parts:
-        text = part_text(part)
-        if text and part.WhichOneof("content") != "text" and out and not out.endswith("\n"):
-            out += "\n"
-        out += text
-    return out
+    """The text parts of a message or an artifact as chat text, run on (an aggregated stream
+    keeps each chunk as a part); files and data are not text (see `parts_items`)."""
+    return "".join(str(part.text) for part in parts if part.WhichOneof("content") == "text")
+
+
+#: An answer's file or button in the chatgateway protocol's form: ("attachments" or "actions",
+#: the item), checked by chatgateway.rich like any agent's.
+_Item = tuple[str, Any]
+
+
+def _url_name(url: str) -> str:
+    """A file name for a URL given without one: its path's last segment."""
+    name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
+    return name or "file"
+
+
+def part_items(part: Part) -> list[_Item]:
+    """A part as a file or buttons of the answer: a file part (by `url` or as `raw` bytes, with
+    its `filename` and `mediaType`) is an `attachments` item; a data part `{"actions": [...]}`
+    brings buttons. Text and other data: nothing."""
+    kind = part.WhichOneof("content")
+    item: dict[str, Any]
+    if kind == "url":
+        item = {"name": part.filename or _url_name(part.url), "url": part.url}
+    elif kind == "raw":
+        if len(part.raw) > rich.MAX_DATA_BYTES:
+            # Not encoded to be refused: said here, as chatgateway.rich would.
+            reason = f"data: larger than {rich.MAX_DATA_BYTES} bytes (give a url)"
+            log.warning("answer_part_dropped", part="attachments", reason=reason)
+            return []
+        ext = mimetypes.guess_extension(part.media_type) if part.media_type else None
+        item = {"name": part.filename or f"file{ext or ''}"}
+        item["data"] = base64.b64encode(part.raw).decode()
+    elif kind == "data" and part.data.HasField("struct_value"):
+        actions = part.data.struct_value.fields.get("actions")
+        if actions is None:
+            return []
+        from google.protobuf.json_format import MessageToDict
+
+        value = MessageToDict(actions)
+        return [("actions", a) for a in value] if isinstance(value, list) else [("actions", value)]
+    else:
+        return []
+    if part.media_type:
+        item["contentType"] = part.media_type
+    return [("attachments", item)]
+
+
+def parts_items(parts: Any) -> list[_Item]:
+    """The files and buttons among parts, in order."""
+    return [item for part in parts for item in part_items(part)]
 
 
 @dataclass
 class _Outcome:
-    """What the events of one send said: the task, its state, the text gathered so far."""
+    """What the events of one send said: the task, its state, the text gathered so far, and
+    the files and buttons of each source (artifacts, a direct message, the status message)."""
 
     task_id: str = ""
     state: str = ""
     artifacts: dict[str, list[str]] = field(default_factory=dict)
     message: str = ""
     status_text: str = ""
+    artifact_items: dict[str, list[_Item]] = field(default_factory=dict)
+    message_items: list[_Item] = field(default_factory=list)
+    status_items: list[_Item] = field(default_factory=list)
 
     def text(self) -> str:
         answer = "\n".join("".join(chunks) for chunks in self.artifacts.values() if chunks)
         return answer or self.message or self.status_text
+
+    def parts(self, *, status: bool) -> tuple[tuple[OutFile, ...], tuple[Action, ...]]:
+        """The answer's files and buttons: the artifacts' and the message's, and the status
+        message's when it is the answer (`status`), checked like the chatgateway protocol's."""
+        found: dict[str, list[Any]] = {}
+        sources = [*self.artifact_items.values(), self.message_items]
+        for key, item in (i for items in sources for i in items):
+            found.setdefault(key, []).append(item)
+        if status:
+            for key, item in self.status_items:
+                found.setdefault(key, []).append(item)
+        return rich.parse_parts(found) if found else ((), ())
 
 
 class A2AInvoker(HttpAgentInvoker):
@@ -245,6 +295,11 @@ class A2AInvoker(HttpAgentInvoker):
 
     def _answer(self, session: SessionId, outcome: _Outcome, *, remember: bool) -> AgentAnswer:
         text = outcome.text()
+        # The status message is the answer when the task asks for input, or when nothing else
+        # said anything; its files and buttons come with it then.
+        status_answer = outcome.state in (INPUT_REQUIRED, AUTH_REQUIRED) or not (
+            any(any(chunks) for chunks in outcome.artifacts.values()) or outcome.message
+        )
         if outcome.state in FAILED:
             cause = outcome.state.removeprefix("TASK_STATE_").lower()
             raise AgentError(f"task_{cause}", (outcome.status_text or "no reason given")[:300])
@@ -259,7 +314,8 @@ class A2AInvoker(HttpAgentInvoker):
             # Still working when the stream or the answer ended: nothing would deliver the
             # result later (no callback delivery yet), so the user gets the fallback.
             raise AgentError("task_unfinished", f"the task is {outcome.state} at the end")
-        return AgentAnswer(text)
+        files, actions = outcome.parts(status=status_answer)
+        return AgentAnswer(text, None, files, actions)
 
 
 async def _apply(outcome: _Outcome, event: StreamResponse, sink: DeltaSink | None) -> None:
@@ -269,6 +325,7 @@ async def _apply(outcome: _Outcome, event: StreamResponse, sink: DeltaSink | Non
     kind = event.WhichOneof("payload")
     if kind == "message":
         outcome.message = parts_text(event.message.parts)
+        outcome.message_items = parts_items(event.message.parts)
         if sink is not None and outcome.message:
             await sink(outcome.message)
     elif kind == "task":
@@ -276,20 +333,26 @@ async def _apply(outcome: _Outcome, event: StreamResponse, sink: DeltaSink | Non
         outcome.task_id = task.id
         outcome.state = TaskState.Name(task.status.state)
         outcome.status_text = parts_text(task.status.message.parts)
+        outcome.status_items = parts_items(task.status.message.parts)
         for artifact in task.artifacts:
             outcome.artifacts[artifact.artifact_id] = [parts_text(artifact.parts)]
+            outcome.artifact_items[artifact.artifact_id] = parts_items(artifact.parts)
     elif kind == "status_update":
         update = event.status_update
         outcome.task_id = update.task_id or outcome.task_id
         outcome.state = TaskState.Name(update.status.state)
         if update.status.HasField("message"):
             outcome.status_text = parts_text(update.status.message.parts)
+            outcome.status_items = parts_items(update.status.message.parts)
     elif kind == "artifact_update":
         update = event.artifact_update
         text = parts_text(update.artifact.parts)
         chunks = outcome.artifacts.setdefault(update.artifact.artifact_id, [])
+        items = outcome.artifact_items.setdefault(update.artifact.artifact_id, [])
         if not update.append:
             chunks.clear()
+            items.clear()
         chunks.append(text)
+        items += parts_items(update.artifact.parts)
         if sink is not None and text:
             await sink(text)

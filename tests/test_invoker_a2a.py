@@ -26,6 +26,8 @@ from a2a.types.a2a_pb2 import (
     Part,
     SecurityScheme,
 )
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Value
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -42,12 +44,14 @@ from chatgateway.models import (
     TenantId,
     User,
 )
+from chatgateway.rich import MAX_DATA_BYTES
 from tests.conftest import tenant, url
 from tests.test_agent_calls import chat, log_events
 from tests.test_lifecycle_supervisor import wait_until
 from tests.test_store import A, B, store  # noqa: F401  (the backend-parametrized fixture)
 
 TOKEN = "a2a-bearer-token-0123456789"
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 KEY = "acme-key-0001"
 
 
@@ -91,6 +95,20 @@ class ShopAgent(AgentExecutor):
             await updater.add_artifact([Part(text="Here is the invoice:"),
                                         Part(url="https://files.example/inv.pdf",
                                              filename="invoice.pdf")])
+            await updater.complete()
+        elif text.startswith("chart"):
+            # Files by URL (no name: the URL's) and as bytes, one too large, and buttons.
+            buttons = Value()
+            json_format.ParseDict({"actions": [
+                {"label": "Approve", "value": "approve-7", "style": "primary"},
+                {"label": "Reject", "value": "reject-7"}]}, buttons)
+            await updater.add_artifact([
+                Part(text="Here is the chart."),
+                Part(raw=PNG, media_type="image/png", filename="chart.png"),
+                Part(url="https://files.example/r%20q/report.pdf", media_type="application/pdf"),
+                Part(raw=b"x" * (MAX_DATA_BYTES + 1), filename="huge.bin"),
+                Part(data=buttons),
+            ])
             await updater.complete()
         else:
             # In three chunks, so a streaming caller sees them one by one.
@@ -232,12 +250,45 @@ async def test_failed_task_gives_the_fallback_with_the_cause_logged(
     assert failed[0]["detail"].endswith("the backend is down")
 
 
-async def test_file_parts_become_links(make_a2a, make_gateway, http):
+async def test_file_parts_become_files(make_a2a, make_gateway, http):
     server = await make_a2a()
     gw = await make_gateway({"tenants": [a2a_tenant(server)]})
     _status, body = await chat(http, gw, KEY, "file me the invoice")
-    assert body["response"] == (
-        "Here is the invoice:\n[invoice.pdf](https://files.example/inv.pdf)")
+    assert body["response"] == "Here is the invoice:"
+    assert [(f["name"], f["contentType"]) for f in body["attachments"]] == [
+        ("invoice.pdf", "application/pdf")]
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming-agent", "plain-agent"])
+async def test_file_and_data_parts_become_the_answers_files_and_buttons(
+    make_a2a, make_gateway, http, capsys, streaming
+):
+    server = await make_a2a(streaming=streaming)
+    gw = await make_gateway({"tenants": [a2a_tenant(server)]})
+    _status, body = await chat(http, gw, KEY, "chart please")
+    assert body["response"] == "Here is the chart."
+    assert [(f["name"], f["contentType"], f["size"]) for f in body["attachments"]] == [
+        ("chart.png", "image/png", len(PNG)),
+        ("report.pdf", "application/pdf", None),
+    ]
+    assert body["actions"] == [
+        {"label": "Approve", "value": "approve-7", "style": "primary"},
+        {"label": "Reject", "value": "reject-7", "style": None},
+    ]
+    dropped = [e for e in log_events(capsys) if e.get("event") == "answer_part_dropped"]
+    assert [e["reason"] for e in dropped] == [
+        f"data: larger than {MAX_DATA_BYTES} bytes (give a url)"]
+    # The bytes are kept with the transcript and served through the gateway's link.
+    async with http.get(body["attachments"][0]["url"]) as resp:
+        assert resp.status == 200 and await resp.read() == PNG
+    # Kept with the answer's turn like any agent's files and buttons; the stream's done too.
+    events = await stream(http, gw, "chart again")
+    assert events[-1]["type"] == "done" and len(events[-1]["attachments"]) == 2
+    assert [a["value"] for a in events[-1]["actions"]] == ["approve-7", "reject-7"]
+    async with http.get(url(gw, f"/api/sessions/{body['sessionId']}"),
+                        headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        turns = (await resp.json())["transcript"]
+    assert [len(t.get("attachments", [])) for t in turns] == [0, 2, 0, 2]
 
 
 async def test_a_wrong_token_gives_the_fallback(make_a2a, make_gateway, http, capsys):
