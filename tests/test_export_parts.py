@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
 from aiohttp import web
 
@@ -94,6 +95,12 @@ async def test_the_export_gives_the_answers_files_and_buttons_and_never_the_sepa
     ]
     # Turns without files or buttons carry neither key.
     assert all("attachments" not in t and "actions" not in t for t in transcript[2:])
+
+    # The document is the one the OpenAPI document describes.
+    async with http.get(url(gw, "/api/openapi.json")) as r:
+        components = (await r.json())["components"]
+    schema = {"$ref": "#/components/schemas/UserExport", "components": components}
+    jsonschema.Draft202012Validator(schema).validate(export)
 
     admin = await get_json(http, gw, "/admin/tenants/acme/users/alice/export", ADMIN_TOKEN)
     assert admin["sessions"][0]["transcript"] == transcript
