@@ -236,6 +236,9 @@ class DiscordAdapter:
         self._handling: set[int] = set()
         # Gateway sequence number of each message being answered (for the hand-over point).
         self._seqs: dict[int, int] = {}
+        #: Gateway sequence number of the first message (or click) left unanswered because it
+        #: came while stopping: the saved resume point stays before it, for the next owner.
+        self._left_seq: int | None = None
         self._resume_point: _ResumePoint | None = None
         self._save: Callable[[dict[str, Any], bool], None] | None = None
         self._warned_no_content = False
@@ -339,6 +342,18 @@ class DiscordAdapter:
             self._log.info("discord_resuming_handed_over_session", seq=point.sequence)
         return point
 
+    def _leave_for_next_owner(self, client: _BotClient, event_id: int) -> None:
+        """A message (or click) came while stopping: it is not answered here, and the resume
+        point saved for the next owner stays before it, so that owner's RESUME replays it
+        (discord.py has already counted it in `ws.sequence`)."""
+        ws = client.ws
+        if self._save is None or not isinstance(ws, DiscordWebSocket) or ws.sequence is None:
+            return
+        if self._left_seq is None or ws.sequence < self._left_seq:
+            self._left_seq = ws.sequence
+        self._log.info("discord_left_for_next_owner", event_id=str(event_id), seq=ws.sequence)
+        self._checkpoint(now=True)
+
     def _checkpoint(self, now: bool = False) -> None:
         """Save where a next owner would resume: before the oldest message not yet answered."""
         client = self._client
@@ -348,6 +363,8 @@ class DiscordAdapter:
         if ws.session_id is None or ws.sequence is None:
             return
         seq = min(self._seqs.values()) - 1 if self._seqs else ws.sequence
+        if self._left_seq is not None:
+            seq = min(seq, self._left_seq - 1)
         self._save(
             {"session_id": ws.session_id, "seq": seq, "resume_url": str(ws.gateway)}, now
         )
@@ -386,7 +403,7 @@ class DiscordAdapter:
     def message_received(self, message: discord.Message) -> None:
         """Called by the client for every MESSAGE_CREATE; must not block."""
         client = self._client
-        if self._stopping or client is None or client.user is None:
+        if client is None or client.user is None:
             return
         bot_id = client.user.id
         role_ids = self._bot_role_ids(message)
@@ -408,6 +425,9 @@ class DiscordAdapter:
         if not normalized.text and not normalized.attachments:
             if via == "channel" and not self.settings.message_content_intent:
                 self._warn_no_content()
+            return
+        if self._stopping:
+            self._leave_for_next_owner(client, message.id)
             return
         self._handling.add(message.id)
         if self._save is not None and isinstance(client.ws, DiscordWebSocket):
@@ -450,7 +470,7 @@ class DiscordAdapter:
         of the gateway's buttons is acknowledged at once, then goes through the pipeline as a
         message of the session whose answer carried the buttons (adapters/discord/components)."""
         client = self._client
-        if self._stopping or client is None or client.user is None:
+        if client is None or client.user is None:
             return
         click = components.click_of(interaction)
         if click is None:
@@ -458,6 +478,9 @@ class DiscordAdapter:
         key = interaction.id
         if key in self._handling:
             self._log.info("message_duplicate", message_id=click.interaction_id)
+            return
+        if self._stopping:
+            self._leave_for_next_owner(client, key)
             return
         self._handling.add(key)
         if self._save is not None and isinstance(client.ws, DiscordWebSocket):
