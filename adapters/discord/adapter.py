@@ -236,9 +236,9 @@ class DiscordAdapter:
         self._handling: set[int] = set()
         # Gateway sequence number of each message being answered (for the hand-over point).
         self._seqs: dict[int, int] = {}
-        #: Gateway sequence number of the first message (or click) left unanswered because it
-        #: came while stopping: the saved resume point stays before it, for the next owner.
-        self._left_seq: int | None = None
+        #: Gateway session and sequence number of the first message (or click) left unanswered
+        #: because it came while stopping: the saved resume point stays before it.
+        self._left: tuple[str, int] | None = None
         self._resume_point: _ResumePoint | None = None
         self._save: Callable[[dict[str, Any], bool], None] | None = None
         self._warned_no_content = False
@@ -347,10 +347,12 @@ class DiscordAdapter:
         point saved for the next owner stays before it, so that owner's RESUME replays it
         (discord.py has already counted it in `ws.sequence`)."""
         ws = client.ws
-        if self._save is None or not isinstance(ws, DiscordWebSocket) or ws.sequence is None:
+        if self._save is None or not isinstance(ws, DiscordWebSocket):
             return
-        if self._left_seq is None or ws.sequence < self._left_seq:
-            self._left_seq = ws.sequence
+        if ws.session_id is None or ws.sequence is None:
+            return
+        if self._left is None or self._left[0] != ws.session_id or ws.sequence < self._left[1]:
+            self._left = (ws.session_id, ws.sequence)
         self._log.info("discord_left_for_next_owner", event_id=str(event_id), seq=ws.sequence)
         self._checkpoint(now=True)
 
@@ -363,8 +365,8 @@ class DiscordAdapter:
         if ws.session_id is None or ws.sequence is None:
             return
         seq = min(self._seqs.values()) - 1 if self._seqs else ws.sequence
-        if self._left_seq is not None:
-            seq = min(seq, self._left_seq - 1)
+        if self._left is not None and self._left[0] == ws.session_id:
+            seq = min(seq, self._left[1] - 1)
         self._save(
             {"session_id": ws.session_id, "seq": seq, "resume_url": str(ws.gateway)}, now
         )
