@@ -160,7 +160,8 @@ class SessionStore(Protocol):
         offset: int = 0,
     ) -> list[Session]: ...
 
-    async def delete_session(self, tenant_id: TenantId, session_id: SessionId) -> bool: ...
+    async def delete_session(self, tenant_id: TenantId, session_id: SessionId) -> bool:
+        """Delete the session with its rows (turns, agent_state, agent_callbacks)."""
 
     async def count_sessions(self, tenant_id: TenantId, *, active_since: float = 0.0) -> int: ...
 
@@ -170,7 +171,8 @@ class SessionStore(Protocol):
         """Sessions active since `active_since`, by platform (platforms with none are left out)."""
 
     async def prune(self, tenant_id: TenantId, *, idle_before: float) -> int:
-        """Delete sessions (and transcripts) last active before `idle_before`."""
+        """Delete sessions last active before `idle_before`, with their rows (turns,
+        agent_state, agent_callbacks)."""
 
     # Exactly-once processing of platform events.
     async def is_processed(
@@ -207,7 +209,8 @@ class SessionStore(Protocol):
     async def save_tenant(self, record: TenantRecord) -> None: ...
 
     async def delete_tenant(self, tenant_id: TenantId) -> None:
-        """Delete a runtime tenant with its keys, sessions and transcripts."""
+        """Delete a runtime tenant with its keys, sessions and their rows (turns, agent_state,
+        agent_callbacks)."""
 
     # API keys, stored as hashes only.
     async def add_api_key(self, record: ApiKeyRecord) -> None: ...
@@ -234,7 +237,8 @@ class SessionStore(Protocol):
     async def erase_user(
         self, tenant_id: TenantId, user_id: str, *, platform: Platform | None = None
     ) -> dict[str, int]:
-        """Delete one user's sessions with their transcripts; the count per table."""
+        """Delete one user's sessions with their rows (turns, agent_state, agent_callbacks);
+        the count of sessions and turns."""
 
     # Agent usage by UTC day.
     async def add_usage(
