@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Hashable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +44,7 @@ from chatgateway.usage import UsageRecorder
 
 if TYPE_CHECKING:  # coordination.local imports KeyedLocks from here
     from chatgateway.callbacks import Callbacks
+    from chatgateway.config import TenantConfig
     from chatgateway.coordination.base import Coordinator
     from chatgateway.tracing import MessageTracer
 
@@ -113,6 +115,21 @@ class _Series:
     messages_out: Any
     agent_latency: Any
     deduplicated: Any
+
+
+#: What answers a message (`Pipeline._answer`): the message as the agent got it, its metrics,
+#: the text, outcome and cause, the files and buttons, and the callback when the answer comes
+#: later.
+_Answer = tuple[
+    NormalizedMessage,
+    _Series,
+    str,
+    Outcome,
+    str | None,
+    tuple[OutFile, ...],
+    tuple[Action, ...],
+    CallbackTicket | None,
+]
 
 
 class Pipeline:
@@ -344,6 +361,8 @@ class Pipeline:
         on_delta: DeltaSink | None,
         outbound: Outbound | None,
     ) -> Reply:
+        """The admitted message's path: its files, its session's lock (in arrival order), what
+        answers it, then the record and the delivery of the answer."""
         started = time.monotonic()
         if outbound is not None and on_delta is None:
             on_delta = outbound.append
@@ -354,9 +373,6 @@ class Pipeline:
             if notice and on_delta is not None:
                 on_delta = notice_first(on_delta, notice)
         key = SessionKey.of(message)
-        # Resolve (or create) the session under a per-key lock so two first messages of a
-        # conversation make one session; then hold the session's lock for the agent call so
-        # its messages reach the agent one at a time, in arrival order.
         lock_key: Hashable = session_id or key
         if (
             dedup
@@ -368,6 +384,58 @@ class Pipeline:
         collect = config.sessions.while_answering == "collect" and not new_session
         if collect:  # in arrival order, which is the order the locks below are taken in
             self._collecting.setdefault(lock_key, []).append(message)
+        session, session_lock = await self._lock_session(
+            tenant, message, key, lock_key, session_id, new_session, collect
+        )
+        try:
+            structlog.contextvars.bind_contextvars(
+                tenant_id=message.tenant_id,
+                platform=message.platform.value,
+                session_id=session.id,
+            )
+            if (
+                dedup
+                and self._claim_timeout is not None
+                and message.platform in LEASED_PLATFORMS
+                and await self._answered_elsewhere(message, outbound)
+            ):
+                return Reply(None, "", "duplicate")
+            callbacks = self.callbacks
+            if callbacks is not None and callbacks.awaited(
+                message.tenant_id, session.id, config.agent
+            ):
+                # The agent owes this session an answer (it answered 202): that one first.
+                await callbacks.wait(message.tenant_id, session.id)
+            earlier: tuple[NormalizedMessage, ...] = ()
+            own = message
+            if collect:
+                batch = self._take_batch(lock_key, message)
+                if batch is None:
+                    return await self._collected(message, session, dedup, config.sessions)
+                message, earlier, own = batch
+            answer = await self._answer(tenant, session, message, earlier, notice, on_delta)
+            return await self._finish(
+                config, session, own, earlier, answer, notice, dedup, outbound, started
+            )
+        finally:
+            structlog.contextvars.unbind_contextvars("tenant_id", "platform", "session_id")
+            await session_lock.__aexit__(None, None, None)
+
+    async def _lock_session(
+        self,
+        tenant: TenantRuntime,
+        message: NormalizedMessage,
+        key: SessionKey,
+        lock_key: Hashable,
+        session_id: SessionId | None,
+        new_session: bool,
+        collect: bool,
+    ) -> tuple[Session, AbstractAsyncContextManager[None]]:
+        """Resolve (or create) the message's session and take its lock, which the caller
+        releases; on failure a collected message leaves the session's collection."""
+        # Resolve (or create) the session under a per-key lock so two first messages of a
+        # conversation make one session; then hold the session's lock for the agent call so
+        # its messages reach the agent one at a time, in arrival order.
         try:
             await self._key_locks.acquire(lock_key)
             try:
@@ -381,186 +449,204 @@ class Pipeline:
             if collect:
                 self._uncollect(lock_key, message)
             raise
-        try:
-            structlog.contextvars.bind_contextvars(
-                tenant_id=message.tenant_id,
-                platform=message.platform.value,
-                session_id=session.id,
-            )
-            if (
-                dedup
-                and self._claim_timeout is not None
-                and message.platform in LEASED_PLATFORMS
-                and await self.store.is_processed(
-                    message.tenant_id, message.platform, message.message_id
-                )
-            ):
-                # A bot's previous owner, still finishing this message when its lease was lost,
-                # answered it while we waited for the session's lock: Discord replayed it here.
-                self._metrics_for(message).deduplicated.inc()
-                log.info(
-                    "message_duplicate", message_id=message.message_id, answered_elsewhere=True
-                )
-                if outbound is not None and outbound.idempotent:
-                    await self._post_again(message, outbound)
-                return Reply(None, "", "duplicate")
-            callbacks = self.callbacks
-            if callbacks is not None and callbacks.awaited(
-                message.tenant_id, session.id, config.agent
-            ):
-                # The agent owes this session an answer (it answered 202): that one first.
-                await callbacks.wait(message.tenant_id, session.id)
-            earlier: tuple[NormalizedMessage, ...] = ()
-            own = message
-            if collect:
-                batch = self._collecting.pop(lock_key, None)
-                if batch is None or batch[0] is not message:
-                    # An earlier message of the session took this one to the agent with it.
-                    if batch is not None:
-                        self._collecting[lock_key] = batch
-                    return await self._collected(message, session, dedup, config.sessions)
-                # What arrived while the agent answered goes in this one call: the newest is
-                # the request's message, the others its `earlier` ones; the answer goes where
-                # this (the first) message's would.
-                *rest, message = batch
-                earlier = tuple(rest)
-                own = rest[0] if rest else message
-            history = await self.store.history(
-                message.tenant_id, session.id, config.agent.history_turns
-            )
-            # "1" or "Approve" right after an answer with buttons: the agent gets the value.
-            picked = None if "action" in message.metadata else typed_choice(message.text, history)
-            if picked is not None:
-                message = chosen(message, *picked)
-            request = AgentRequest(
-                earlier=earlier,
-                message=message,
-                session_id=session.id,
-                history=history,
-                # Only A2A keeps state per session (the task waiting for the user's input).
-                memory=StoredSessionMemory(self.store, message.tenant_id, session.id)
-                if config.agent.protocol == "a2a"
-                else None,
-                callback=callbacks.ticket(message.tenant_id, config.agent)
-                if callbacks is not None
-                else None,
-            )
-            cause: str | None = None
-            files: tuple[OutFile, ...] = ()
-            actions: tuple[Action, ...] = ()
-            deferred: CallbackTicket | None = None
-            agent_started = time.monotonic()
-            # The tenant's current client and breaker: a reload may have replaced them while
-            # we queued.
-            current = self.tenants.get(message.tenant_id) or tenant
-            breaker = current.config.breaker
-            # Only a tenant whose agent failed before has a breaker to ask (a dict lookup).
-            tripped = breaker.enabled and message.tenant_id in self.admission.breakers
-            series = self._metrics_for(message)
-            outcome: Outcome
-            budget = current.config.agent.daily_token_budget
-            if budget is not None and await self.usage.spent_today(message.tenant_id) >= budget:
-                # The day's tokens are spent: the tenant's notice, without calling the agent.
-                cause, outcome = "token_budget", "fallback"
-                text = current.config.agent.budget_notice
-                self.metrics.rejected.labels(
+        return session, session_lock
+
+    def _take_batch(
+        self, lock_key: Hashable, message: NormalizedMessage
+    ) -> tuple[NormalizedMessage, tuple[NormalizedMessage, ...], NormalizedMessage] | None:
+        """Collect mode, under the session's lock: the messages that waited for it with
+        `message` first, as (the request's message, its `earlier` ones, the one whose event
+        the answer is recorded for); None when an earlier one took `message` along."""
+        batch = self._collecting.pop(lock_key, None)
+        if batch is None or batch[0] is not message:
+            # An earlier message of the session took this one to the agent with it.
+            if batch is not None:
+                self._collecting[lock_key] = batch
+            return None
+        # What arrived while the agent answered goes in this one call: the newest is
+        # the request's message, the others its `earlier` ones; the answer goes where
+        # this (the first) message's would.
+        *rest, newest = batch
+        return newest, tuple(rest), rest[0] if rest else newest
+
+    async def _answered_elsewhere(
+        self, message: NormalizedMessage, outbound: Outbound | None
+    ) -> bool:
+        """Whether a leased platform's message was answered while it waited for the session's
+        lock (then it is counted and logged as a duplicate, its answer posted again)."""
+        if not await self.store.is_processed(
+            message.tenant_id, message.platform, message.message_id
+        ):
+            return False
+        # A bot's previous owner, still finishing this message when its lease was lost,
+        # answered it while we waited for the session's lock: Discord replayed it here.
+        self._metrics_for(message).deduplicated.inc()
+        log.info("message_duplicate", message_id=message.message_id, answered_elsewhere=True)
+        if outbound is not None and outbound.idempotent:
+            await self._post_again(message, outbound)
+        return True
+
+    async def _answer(
+        self,
+        tenant: TenantRuntime,
+        session: Session,
+        message: NormalizedMessage,
+        earlier: tuple[NormalizedMessage, ...],
+        notice: str,
+        on_delta: DeltaSink | None,
+    ) -> _Answer:
+        """Build the agent request and choose what answers it: the token budget's notice, the
+        file-size notice alone, the open breaker's fallback, or the agent (its failures get
+        the fallback too)."""
+        config = tenant.config
+        callbacks = self.callbacks
+        history = await self.store.history(
+            message.tenant_id, session.id, config.agent.history_turns
+        )
+        # "1" or "Approve" right after an answer with buttons: the agent gets the value.
+        picked = None if "action" in message.metadata else typed_choice(message.text, history)
+        if picked is not None:
+            message = chosen(message, *picked)
+        request = AgentRequest(
+            earlier=earlier,
+            message=message,
+            session_id=session.id,
+            history=history,
+            # Only A2A keeps state per session (the task waiting for the user's input).
+            memory=StoredSessionMemory(self.store, message.tenant_id, session.id)
+            if config.agent.protocol == "a2a"
+            else None,
+            callback=callbacks.ticket(message.tenant_id, config.agent)
+            if callbacks is not None
+            else None,
+        )
+        cause: str | None = None
+        files: tuple[OutFile, ...] = ()
+        actions: tuple[Action, ...] = ()
+        deferred: CallbackTicket | None = None
+        agent_started = time.monotonic()
+        # The tenant's current client and breaker: a reload may have replaced them while
+        # we queued.
+        current = self.tenants.get(message.tenant_id) or tenant
+        breaker = current.config.breaker
+        # Only a tenant whose agent failed before has a breaker to ask (a dict lookup).
+        tripped = breaker.enabled and message.tenant_id in self.admission.breakers
+        series = self._metrics_for(message)
+        outcome: Outcome
+        budget = current.config.agent.daily_token_budget
+        if budget is not None and await self.usage.spent_today(message.tenant_id) >= budget:
+            # The day's tokens are spent: the tenant's notice, without calling the agent.
+            cause, outcome = "token_budget", "fallback"
+            text = current.config.agent.budget_notice
+            self.metrics.rejected.labels(message.tenant_id, message.platform.value, cause).inc()
+        elif notice and not message.text and not message.attachments:
+            # Every file was over the cap and there is nothing else: only the notice.
+            cause, text, outcome = "file_too_large", "", "fallback"
+        elif tripped and not self.admission.breaker_allow(message.tenant_id, breaker):
+            # The breaker is open: the fallback at once, without calling the agent.
+            cause, text, outcome = "breaker_open", config.agent.fallback_text, "fallback"
+            self.metrics.rejected.labels(message.tenant_id, message.platform.value, cause).inc()
+        else:
+            usage: Usage | None = None
+            try:
+                if self.tracer is None:
+                    answer = await current.invoker.invoke(request, on_delta)
+                else:
+                    answer = await self.tracer.agent_call(
+                        message, current.invoker.invoke(request, on_delta)
+                    )
+                if isinstance(answer, str):
+                    text = answer
+                elif isinstance(answer, Deferred):  # 202: the answer comes to the callback
+                    text, deferred = "", request.callback
+                else:  # an AgentAnswer: the protocol reported the tokens it used
+                    text, usage = answer.text, answer.usage
+                    files, actions = answer.files, answer.actions
+                outcome = "ok" if text else "deferred" if deferred else "empty"
+                if outcome == "empty" and (files or actions):  # only files or buttons
+                    outcome = "ok"
+                if tripped:
+                    self.admission.breaker_record(message.tenant_id, breaker, True)
+            except asyncio.CancelledError:
+                if tripped:
+                    self.admission.breaker_abandon(message.tenant_id)
+                raise
+            except Exception as exc:
+                # An unexpected error (a bug) gets the fallback too, never a 500; its
+                # traceback goes to the log, scrubbed of secrets like every line.
+                cause = exc.cause if isinstance(exc, AgentError) else "internal"
+                text, outcome = config.agent.fallback_text, "fallback"
+                self.metrics.agent_failures.labels(
                     message.tenant_id, message.platform.value, cause
                 ).inc()
-            elif notice and not message.text and not message.attachments:
-                # Every file was over the cap and there is nothing else: only the notice.
-                cause, text, outcome = "file_too_large", "", "fallback"
-            elif tripped and not self.admission.breaker_allow(message.tenant_id, breaker):
-                # The breaker is open: the fallback at once, without calling the agent.
-                cause, text, outcome = "breaker_open", config.agent.fallback_text, "fallback"
-                self.metrics.rejected.labels(
-                    message.tenant_id, message.platform.value, cause
-                ).inc()
-            else:
-                usage: Usage | None = None
-                try:
-                    if self.tracer is None:
-                        answer = await current.invoker.invoke(request, on_delta)
-                    else:
-                        answer = await self.tracer.agent_call(
-                            message, current.invoker.invoke(request, on_delta)
-                        )
-                    if isinstance(answer, str):
-                        text = answer
-                    elif isinstance(answer, Deferred):  # 202: the answer comes to the callback
-                        text, deferred = "", request.callback
-                    else:  # an AgentAnswer: the protocol reported the tokens it used
-                        text, usage = answer.text, answer.usage
-                        files, actions = answer.files, answer.actions
-                    outcome = "ok" if text else "deferred" if deferred else "empty"
-                    if outcome == "empty" and (files or actions):  # only files or buttons
-                        outcome = "ok"
-                    if tripped:
-                        self.admission.breaker_record(message.tenant_id, breaker, True)
-                except asyncio.CancelledError:
-                    if tripped:
-                        self.admission.breaker_abandon(message.tenant_id)
-                    raise
-                except Exception as exc:
-                    # An unexpected error (a bug) gets the fallback too, never a 500; its
-                    # traceback goes to the log, scrubbed of secrets like every line.
-                    cause = exc.cause if isinstance(exc, AgentError) else "internal"
-                    text, outcome = config.agent.fallback_text, "fallback"
-                    self.metrics.agent_failures.labels(
-                        message.tenant_id, message.platform.value, cause
-                    ).inc()
-                    if isinstance(exc, AgentError):
-                        log.warning("agent_failed", cause=cause, detail=str(exc))
-                    else:
-                        detail = f"{type(exc).__name__}: {exc}"
-                        log.exception("agent_failed", cause=cause, detail=detail)
-                    if breaker.enabled:
-                        # Only the agent's failures count: a bug of ours is not the agent's.
-                        self.admission.breaker_record(
-                            message.tenant_id, breaker, not isinstance(exc, AgentError)
-                        )
-                series.agent_latency.observe(time.monotonic() - agent_started)
-                self.usage.record(message.tenant_id, usage)
-            now = time.time()
-            # An agent may answer a NUL or a lone surrogate; PostgreSQL refuses the first and
-            # neither store can encode the second, which would lose the whole exchange.
-            text = storable(text)
-            if notice:  # the files over the cap, before the answer (as streamed)
-                text = f"{notice}\n\n{text}" if text else notice
-            turns = [Turn(Role.USER, m.text, m.timestamp) for m in earlier]
-            turns.append(Turn(Role.USER, message.text, message.timestamp))
-            answer_at = max(now, message.timestamp)
-            if text or files or actions:
-                turns.append(Turn(Role.AGENT, text, answer_at, files, actions))
-            await self.store.record_exchange(
-                message.tenant_id,
-                session.id,
-                turns,
-                max_turns=config.sessions.max_turns,
-                processed_event=(own.platform, own.message_id) if dedup else None,
-                # Kept for a replay after a crash before the post (see _post_again).
-                keep_answer=dedup and outbound is not None and outbound.idempotent,
-            )
-            if text:
-                series.messages_out.inc()
-            if deferred is not None and callbacks is not None:
-                await callbacks.defer(message, session.id, deferred, outbound)
-            elif outbound is not None:
-                link = None
-                if files and self.file_link is not None:
-                    link = partial(self.file_link, message.tenant_id, session.id, answer_at)
-                await self._deliver(outbound, text, files, actions, link)
-                if dedup and outbound.idempotent and (text or files or actions):
-                    await self._answer_posted(own)
-            log.info(
-                "message_handled",
-                outcome=outcome,
-                cause=cause,
-                latency_ms=round((time.monotonic() - started) * 1000, 1),
-            )
-            return Reply(session, text, outcome, cause, files, actions, answer_at)
-        finally:
-            structlog.contextvars.unbind_contextvars("tenant_id", "platform", "session_id")
-            await session_lock.__aexit__(None, None, None)
+                if isinstance(exc, AgentError):
+                    log.warning("agent_failed", cause=cause, detail=str(exc))
+                else:
+                    detail = f"{type(exc).__name__}: {exc}"
+                    log.exception("agent_failed", cause=cause, detail=detail)
+                if breaker.enabled:
+                    # Only the agent's failures count: a bug of ours is not the agent's.
+                    self.admission.breaker_record(
+                        message.tenant_id, breaker, not isinstance(exc, AgentError)
+                    )
+            series.agent_latency.observe(time.monotonic() - agent_started)
+            self.usage.record(message.tenant_id, usage)
+        return message, series, text, outcome, cause, files, actions, deferred
+
+    async def _finish(
+        self,
+        config: TenantConfig,
+        session: Session,
+        own: NormalizedMessage,
+        earlier: tuple[NormalizedMessage, ...],
+        answer: _Answer,
+        notice: str,
+        dedup: bool,
+        outbound: Outbound | None,
+        started: float,
+    ) -> Reply:
+        """Store the exchange (and `own`'s event as processed), then hand the answer to the
+        callback that waits for it or to the outbound, and log the message as handled."""
+        message, series, text, outcome, cause, files, actions, deferred = answer
+        now = time.time()
+        # An agent may answer a NUL or a lone surrogate; PostgreSQL refuses the first and
+        # neither store can encode the second, which would lose the whole exchange.
+        text = storable(text)
+        if notice:  # the files over the cap, before the answer (as streamed)
+            text = f"{notice}\n\n{text}" if text else notice
+        turns = [Turn(Role.USER, m.text, m.timestamp) for m in earlier]
+        turns.append(Turn(Role.USER, message.text, message.timestamp))
+        answer_at = max(now, message.timestamp)
+        if text or files or actions:
+            turns.append(Turn(Role.AGENT, text, answer_at, files, actions))
+        await self.store.record_exchange(
+            message.tenant_id,
+            session.id,
+            turns,
+            max_turns=config.sessions.max_turns,
+            processed_event=(own.platform, own.message_id) if dedup else None,
+            # Kept for a replay after a crash before the post (see _post_again).
+            keep_answer=dedup and outbound is not None and outbound.idempotent,
+        )
+        if text:
+            series.messages_out.inc()
+        callbacks = self.callbacks
+        if deferred is not None and callbacks is not None:
+            await callbacks.defer(message, session.id, deferred, outbound)
+        elif outbound is not None:
+            link = None
+            if files and self.file_link is not None:
+                link = partial(self.file_link, message.tenant_id, session.id, answer_at)
+            await self._deliver(outbound, text, files, actions, link)
+            if dedup and outbound.idempotent and (text or files or actions):
+                await self._answer_posted(own)
+        log.info(
+            "message_handled",
+            outcome=outcome,
+            cause=cause,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return Reply(session, text, outcome, cause, files, actions, answer_at)
 
     def _uncollect(self, key: Hashable, message: NormalizedMessage) -> None:
         waiting = self._collecting.get(key)
