@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Hashable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -361,8 +360,8 @@ class Pipeline:
         on_delta: DeltaSink | None,
         outbound: Outbound | None,
     ) -> Reply:
-        """The admitted message's path: its files, its session's lock (in arrival order), what
-        answers it, then the record and the delivery of the answer."""
+        """The admitted message's path: its files, its session and the session's lock (in
+        arrival order), what answers it, then the record and the delivery of the answer."""
         started = time.monotonic()
         if outbound is not None and on_delta is None:
             on_delta = outbound.append
@@ -373,6 +372,9 @@ class Pipeline:
             if notice and on_delta is not None:
                 on_delta = notice_first(on_delta, notice)
         key = SessionKey.of(message)
+        # Resolve (or create) the session under a per-key lock so two first messages of a
+        # conversation make one session; then hold the session's lock for the agent call so
+        # its messages reach the agent one at a time, in arrival order.
         lock_key: Hashable = session_id or key
         if (
             dedup
@@ -384,9 +386,19 @@ class Pipeline:
         collect = config.sessions.while_answering == "collect" and not new_session
         if collect:  # in arrival order, which is the order the locks below are taken in
             self._collecting.setdefault(lock_key, []).append(message)
-        session, session_lock = await self._lock_session(
-            tenant, message, key, lock_key, session_id, new_session, collect
-        )
+        try:
+            await self._key_locks.acquire(lock_key)
+            try:
+                session = await self._resolve(tenant, message, key, session_id, new_session)
+                # Across instances (coordination: postgres) this also waits for other instances.
+                session_lock = self._session_lock(session.id)
+                await session_lock.__aenter__()
+            finally:
+                self._key_locks.release(lock_key)
+        except BaseException:
+            if collect:
+                self._uncollect(lock_key, message)
+            raise
         try:
             structlog.contextvars.bind_contextvars(
                 tenant_id=message.tenant_id,
@@ -420,36 +432,6 @@ class Pipeline:
         finally:
             structlog.contextvars.unbind_contextvars("tenant_id", "platform", "session_id")
             await session_lock.__aexit__(None, None, None)
-
-    async def _lock_session(
-        self,
-        tenant: TenantRuntime,
-        message: NormalizedMessage,
-        key: SessionKey,
-        lock_key: Hashable,
-        session_id: SessionId | None,
-        new_session: bool,
-        collect: bool,
-    ) -> tuple[Session, AbstractAsyncContextManager[None]]:
-        """Resolve (or create) the message's session and take its lock, which the caller
-        releases; on failure a collected message leaves the session's collection."""
-        # Resolve (or create) the session under a per-key lock so two first messages of a
-        # conversation make one session; then hold the session's lock for the agent call so
-        # its messages reach the agent one at a time, in arrival order.
-        try:
-            await self._key_locks.acquire(lock_key)
-            try:
-                session = await self._resolve(tenant, message, key, session_id, new_session)
-                # Across instances (coordination: postgres) this also waits for other instances.
-                session_lock = self._session_lock(session.id)
-                await session_lock.__aenter__()
-            finally:
-                self._key_locks.release(lock_key)
-        except BaseException:
-            if collect:
-                self._uncollect(lock_key, message)
-            raise
-        return session, session_lock
 
     def _take_batch(
         self, lock_key: Hashable, message: NormalizedMessage
