@@ -385,7 +385,10 @@ class Pipeline:
             return Reply(None, "", "duplicate")
         collect = config.sessions.while_answering == "collect" and not new_session
         if collect:  # in arrival order, which is the order the locks below are taken in
-            self._collecting.setdefault(lock_key, []).append(message)
+            # Keyed by the sender too: a message naming someone else's session (refused below,
+            # once resolved) never joins that session's batch.
+            collect_key = (lock_key, message.tenant_id, message.platform, message.user.id)
+            self._collecting.setdefault(collect_key, []).append(message)
         try:
             await self._key_locks.acquire(lock_key)
             try:
@@ -397,7 +400,7 @@ class Pipeline:
                 self._key_locks.release(lock_key)
         except BaseException:
             if collect:
-                self._uncollect(lock_key, message)
+                self._uncollect(collect_key, message)
             raise
         try:
             structlog.contextvars.bind_contextvars(
@@ -421,7 +424,7 @@ class Pipeline:
             earlier: tuple[NormalizedMessage, ...] = ()
             own = message
             if collect:
-                batch = self._take_batch(lock_key, message)
+                batch = self._take_batch(collect_key, message)
                 if batch is None:
                     return await self._collected(message, session, dedup, config.sessions)
                 message, earlier, own = batch
@@ -434,16 +437,16 @@ class Pipeline:
             await session_lock.__aexit__(None, None, None)
 
     def _take_batch(
-        self, lock_key: Hashable, message: NormalizedMessage
+        self, key: Hashable, message: NormalizedMessage
     ) -> tuple[NormalizedMessage, tuple[NormalizedMessage, ...], NormalizedMessage] | None:
         """Collect mode, under the session's lock: the messages that waited for it with
         `message` first, as (the request's message, its `earlier` ones, the one whose event
         the answer is recorded for); None when an earlier one took `message` along."""
-        batch = self._collecting.pop(lock_key, None)
+        batch = self._collecting.pop(key, None)
         if batch is None or batch[0] is not message:
             # An earlier message of the session took this one to the agent with it.
             if batch is not None:
-                self._collecting[lock_key] = batch
+                self._collecting[key] = batch
             return None
         # What arrived while the agent answered goes in this one call: the newest is
         # the request's message, the others its `earlier` ones; the answer goes where

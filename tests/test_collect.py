@@ -4,6 +4,7 @@ user sent while the agent answered goes to the agent in one call)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -54,3 +55,27 @@ async def test_messages_sent_while_the_agent_answers(make_agent, make_gateway, h
     assert [(t["role"], t["text"]) for t in turns] == [
         ("user", "one"), ("agent", "re: one"), ("user", "two"), ("user", "three"),
         ("agent", "re: three")]
+
+
+async def test_a_message_naming_another_users_session_never_joins_its_batch(
+    make_agent, make_gateway, http
+):
+    agent = await make_agent(prefix="re: ", delay=0.8)
+    gw = await make_gateway({"tenants": [
+        tenant("acme", agent.url, keys=[KEY], sessions={"while_answering": "collect"})]})
+    _, first = await call(http, gw, "POST", "/api/chat", KEY, {"message": "one", "userId": "u"})
+    session = first["sessionId"]
+
+    def send(text: str, user: str) -> asyncio.Task:
+        body = {"message": text, "userId": user, "sessionId": session}
+        return asyncio.create_task(call(http, gw, "POST", "/api/chat", KEY, body))
+
+    busy = send("two", "u")  # the agent answers it for 0.8 s
+    await asyncio.sleep(0.3)
+    mine = send("three", "u")  # waits for the session's lock
+    await asyncio.sleep(0.05)
+    intruder = send("let me in", "v")  # someone else naming u's session
+    (s2, _), (s3, r3), (sv, rv) = await asyncio.gather(busy, mine, intruder)
+    assert (s2, s3) == (200, 200) and sv == 404, rv
+    assert r3["response"] == "re: three"
+    assert all("let me in" not in json.dumps(c.body) for c in agent.calls)
