@@ -11,11 +11,13 @@ flight finishes, and a second adapter resumes from what the first one saved.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
+from discord.gateway import KeepAliveHandler
 
 from adapters.discord.adapter import DiscordAdapter
 from chatgateway.config import DiscordBotConfig
@@ -142,6 +144,12 @@ async def left_while_stopping(
     finally:
         await second.stop()
         await asyncio.wait_for(running, 15)
+        # In this held-RESUME scenario discord.py leaves one heartbeat thread of a replaced
+        # connection running after the client closed (a leak to investigate, noted on the
+        # issue): stop it, or it calls into this test's closed event loop during a later test.
+        for thread in threading.enumerate():
+            if isinstance(thread, KeepAliveHandler):
+                thread.stop()
 
 
 async def test_a_message_arriving_while_stopping_is_replayed_to_the_next_owner(
