@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import aiohttp
 import discord
 import structlog
 import yarl
-from discord.gateway import DiscordWebSocket, ReconnectWebSocket
+from discord.gateway import DiscordWebSocket, KeepAliveHandler, ReconnectWebSocket
 from discord.http import HTTPClient, Route
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
@@ -211,6 +212,11 @@ class _BotClient(discord.Client):
             # session is no longer valid.
             socket = self._bot_http.last_socket
             if socket is not None:
+                # That socket's DiscordWebSocket started its heartbeat thread on HELLO and is
+                # dropped here: stop the thread, or it outlives the socket (up to a heartbeat).
+                for thread in threading.enumerate():
+                    if isinstance(thread, KeepAliveHandler) and thread.ws.socket is socket:
+                        thread.stop()
                 await socket.close()
             self.ws = cast(DiscordWebSocket, point)
             raise ReconnectWebSocket(shard_id, resume=True)
