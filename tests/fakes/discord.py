@@ -475,6 +475,21 @@ class FakeDiscord:
         content = payload.get("content") or ""
         if not content or len(content) > 2000:
             return _json({"message": "Invalid Form Body", "code": 50035}, 400)
+        return await self._create_message(request, bot, payload)
+
+    async def _create_message(
+        self,
+        request: web.Request,
+        bot: FakeBot,
+        payload: dict[str, Any],
+        attachments: list[dict[str, Any]] | None = None,
+        created: Callable[[dict[str, Any]], None] | None = None,
+    ) -> web.Response:
+        """Create the message a bot posts (its content already checked): the nonce, the
+        channel's permissions, recording, the echo on the gateway and the failure switches.
+        Subclasses that read other bodies (files, components) call it too; `created` sees
+        the new message first."""
+        content = str(payload.get("content") or "")
         nonce = payload.get("nonce")
         if nonce is not None and len(str(nonce)) > 25:
             return _json({"message": "Invalid Form Body (nonce)", "code": 50035}, 400)
@@ -502,8 +517,9 @@ class FakeDiscord:
             "mention_everyone": False,
             "mentions": [],
             "mention_roles": [],
-            "attachments": [],
+            "attachments": attachments or [],
             "embeds": [],
+            "components": payload.get("components") or [],
             "pinned": False,
             "type": 19 if reference else 0,
             "flags": 0,
@@ -512,6 +528,8 @@ class FakeDiscord:
             message["nonce"] = nonce
         if reference:
             message["message_reference"] = reference
+        if created is not None:
+            created(message)
         self.posted.append(Posted(bot.token, channel_id, payload, message, next(self._order)))
         if nonce is not None:
             self._nonces[(bot.token, str(nonce))] = message

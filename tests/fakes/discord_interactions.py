@@ -168,48 +168,14 @@ class FakeDiscordRich(FakeDiscord):
         content = str(payload.get("content") or "")
         if (not content and not files and not payload.get("components")) or len(content) > 2000:
             return _json({"message": "Invalid Form Body", "code": 50035}, 400)
-        nonce = payload.get("nonce")
-        if nonce is not None and payload.get("enforce_nonce"):
-            existing = self._nonces.get((bot.token, str(nonce)))
-            if existing is not None:
-                self.nonce_hits += 1
-                await self._notify()
-                return _json(existing)
         channel_id = request.match_info["channel_id"]
-        if channel_id in self.forbidden_channels:
-            return _json({"message": "Missing Permissions", "code": 50013}, 403)
-        reference = payload.get("message_reference")
-        message = {
-            "id": snowflake(),
-            "channel_id": channel_id,
-            "author": bot.user(),
-            "content": content,
-            "timestamp": datetime.now(UTC).isoformat(),
-            "edited_timestamp": None,
-            "tts": False,
-            "mention_everyone": False,
-            "mentions": [],
-            "mention_roles": [],
-            "attachments": self._attachments(channel_id, files),
-            "embeds": [],
-            "components": payload.get("components") or [],
-            "pinned": False,
-            "type": 19 if reference else 0,
-            "flags": 0,
-        }
-        if nonce is not None:
-            message["nonce"] = nonce
-            self._nonces[(bot.token, str(nonce))] = message
-        if reference:
-            message["message_reference"] = reference
-        self.uploads[message["id"]] = files
-        self.posted.append(Posted(bot.token, channel_id, payload, message, next(self._order)))
-        await self._notify()
-        if self.echo_own_messages:
-            session = self.live_session(bot)
-            if session is not None:
-                await self.dispatch(session, "MESSAGE_CREATE", dict(message))
-        return _json(message)
+
+        def keep_files(message: dict[str, Any]) -> None:
+            self.uploads[message["id"]] = files
+
+        return await self._create_message(
+            request, bot, payload, self._attachments(channel_id, files), keep_files
+        )
 
     async def _edit_message(self, request: web.Request) -> web.Response:
         read = await self._read(request)
