@@ -37,6 +37,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack.blocks import ACTION_ID_PATTERN
 from adapters.slack.convert import BotIdentity
+from adapters.slack.outbound import error_code
 from chatgateway.adapter import AdapterState, AdapterStatus
 from chatgateway.config import SlackAppConfig
 from chatgateway.errors import AdapterAuthError, AdapterNotReadyError
@@ -248,7 +249,7 @@ class SlackConnection:
             result = await self._web.auth_test()
         except SlackApiError as exc:
             self._refused("bot_token", exc)
-            raise AdapterNotReadyError(f"auth.test failed: {_error_code(exc)}") from None
+            raise AdapterNotReadyError(f"auth.test failed: {error_code(exc)}") from None
         except (SlackClientError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise AdapterNotReadyError(
                 f"cannot reach the Slack API at {self._base_url}: {type(exc).__name__}"
@@ -265,7 +266,7 @@ class SlackConnection:
         )
 
     def _refused(self, which: str, exc: SlackApiError) -> None:
-        code = _error_code(exc)
+        code = error_code(exc)
         if code in AUTH_ERRORS:
             raise AdapterAuthError(
                 f"Slack refused the {which.replace('_', ' ')} ({code}): "
@@ -280,9 +281,9 @@ class SlackConnection:
             self._wake.set()
 
     def _check_refusal(self, exc: BaseException) -> None:
-        if isinstance(exc, SlackApiError) and _error_code(exc) in AUTH_ERRORS:
+        if isinstance(exc, SlackApiError) and error_code(exc) in AUTH_ERRORS:
             self._park(
-                f"Slack refused the bot token ({_error_code(exc)}): "
+                f"Slack refused the bot token ({error_code(exc)}): "
                 f"check slack.apps[{self.settings.name}].bot_token"
             )
 
@@ -306,7 +307,7 @@ class SlackConnection:
             except SlackApiError as exc:
                 self._refused("app_token", exc)
                 raise AdapterNotReadyError(
-                    f"apps.connections.open failed: {_error_code(exc)}"
+                    f"apps.connections.open failed: {error_code(exc)}"
                 ) from None
             except (SlackClientError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 raise AdapterNotReadyError(
@@ -543,16 +544,7 @@ class SlackConnection:
             await self._close_clients()
 
 
-def _error_code(exc: SlackApiError) -> str:
-    response = getattr(exc, "response", None)
-    try:
-        code = response.get("error") if response is not None else None
-    except Exception:
-        code = None
-    return str(code or "unknown_error")
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, SlackApiError):
-        return _error_code(exc)
+        return error_code(exc)
     return f"{type(exc).__name__}: {exc}"

@@ -22,6 +22,7 @@ import structlog
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.outbound import error_code
 from chatgateway.fetch import CHUNK_BYTES, MAX_BYTES, FetchError, fetch
 from chatgateway.models import OutFile
 
@@ -135,7 +136,7 @@ class SlackFileUploader:
         try:
             ticket = await self._web.files_getUploadURLExternal(filename=file.name, length=size)
         except SlackApiError as exc:
-            raise UploadError(f"files.getUploadURLExternal failed: {_code(exc)}") from exc
+            raise UploadError(f"files.getUploadURLExternal failed: {error_code(exc)}") from exc
         upload_url, file_id = ticket.get("upload_url"), ticket.get("file_id")
         if not isinstance(upload_url, str) or not isinstance(file_id, str):
             raise UploadError("files.getUploadURLExternal returned no upload_url")
@@ -167,15 +168,6 @@ class SlackFileUploader:
                 initial_comment=initial_comment,
             )
         except SlackApiError as exc:
-            raise UploadError(f"files.completeUploadExternal failed: {_code(exc)}") from exc
+            raise UploadError(f"files.completeUploadExternal failed: {error_code(exc)}") from exc
         log.info("slack_file_uploaded", channel=channel, size=size, content_type=file.content_type)
         return Uploaded(file_id, size)
-
-
-def _code(exc: SlackApiError) -> str:
-    response = getattr(exc, "response", None)
-    try:
-        code = response.get("error") if response is not None else None
-    except Exception:
-        code = None
-    return str(code or "unknown_error")
